@@ -1,0 +1,137 @@
+"""Final-answer extraction and normalisation: the one place that decides what an expert answered.
+
+Voting compares normalised answers; evaluation compares them with the gold answer.
+- multiple choice: a letter A..Z ("The answer is (C)", "Answer: c", or the text of one choice)
+- number: canonical decimal ("#### 1,200" -> "1200", "3.50" -> "3.5", "\\boxed{7}" -> "7")
+- text: lower-case, articles and punctuation removed, white space folded
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from decimal import Decimal, InvalidOperation
+
+from coe.questions import LETTERS, AnswerKind, Question
+
+_NUM = r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\.\d+"
+_NUM_RE = re.compile(_NUM)
+
+
+def parse_number(text: str) -> Decimal | None:
+    t = text.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    if t.endswith("%"):
+        t = t[:-1]
+    try:
+        d = Decimal(t)
+    except InvalidOperation:
+        return None
+    return d if d.is_finite() else None
+
+
+def _canonical_number(d: Decimal) -> str:
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+def normalize(answer: str | None, kind: AnswerKind, n_choices: int = len(LETTERS)) -> str | None:
+    if answer is None:
+        return None
+    a = answer.strip()
+    if not a:
+        return None
+    if kind == "mc":
+        m = re.fullmatch(r"\(?([A-Za-z])[\).:]?", a)
+        if m and m.group(1).upper() in LETTERS[:n_choices]:
+            return m.group(1).upper()
+        return None
+    if kind == "number":
+        m = _NUM_RE.search(a)
+        d = parse_number(m.group(0)) if m else None
+        return _canonical_number(d) if d is not None else None
+    d = parse_number(a)
+    if d is not None:
+        return _canonical_number(d)
+    t = a.lower().strip().strip(string.punctuation + " ")
+    t = re.sub(r"\b(a|an|the)\b", " ", t)
+    t = "".join(ch for ch in t if ch not in string.punctuation)
+    return " ".join(t.split()) or None
+
+
+_MC_PATTERNS = [
+    r"answer is:?\s*\(?([A-Z])\b\)?",
+    r"answer:\s*\**\(?([A-Z])\b\)?",
+    r"\\boxed\{\(?([A-Z])\)?\}",
+    r"^\s*\(?([A-Z])\)?(?:[\.\):]|\s*$)",  # the response starts with the letter
+]
+
+
+def _extract_mc(text: str, choices: list[str]) -> str | None:
+    letters = LETTERS[: len(choices)]
+    for pat in _MC_PATTERNS:
+        hits = [h.upper() for h in re.findall(pat, text, flags=re.IGNORECASE | re.MULTILINE)]
+        hits = [h for h in hits if h in letters]
+        if hits:
+            return hits[-1]
+    # The text of exactly one choice appears in the response.
+    low = text.lower()
+    found = [letters[i] for i, ch in enumerate(choices) if ch.strip() and ch.strip().lower() in low]
+    if len(found) == 1:
+        return found[0]
+    hits = [h for h in re.findall(r"\(([A-Z])\)", text) if h in letters]
+    return hits[-1] if hits else None
+
+
+def _extract_number(text: str) -> str | None:
+    for pat in (r"####\s*(" + _NUM + ")", r"\\boxed\{\s*(" + _NUM + r")\s*\}",
+                r"answer is:?\s*\**\s*(" + _NUM + ")", r"answer:\s*\**\s*(" + _NUM + ")"):
+        hits = re.findall(pat, text, flags=re.IGNORECASE)
+        if hits:
+            return hits[-1]
+    hits = _NUM_RE.findall(text)
+    return hits[-1] if hits else None
+
+
+def _extract_text(text: str) -> str | None:
+    hits = re.findall(r"answer(?: is)?:?\s*(.+)", text, flags=re.IGNORECASE)
+    if hits:
+        return hits[-1].strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else None
+
+
+def extract_answer(text: str | None, question: Question) -> str | None:
+    """The normalised final answer in a response, or None if there is none."""
+    if not text or not text.strip():
+        return None
+    kind = question.answer_kind
+    if kind == "mc":
+        raw = _extract_mc(text, question.choices or list(LETTERS))
+        return normalize(raw, "mc", len(question.choices or LETTERS))
+    if kind == "number":
+        return normalize(_extract_number(text), "number")
+    return normalize(_extract_text(text), "text")
+
+
+def gold_answer(question: Question) -> str | None:
+    """The question's gold answer, normalised like an extracted one."""
+    if question.answer is None:
+        return None
+    kind = question.answer_kind
+    return normalize(question.answer, kind, len(question.choices or LETTERS))
+
+
+def is_correct(pred: str | None, question: Question, rel_tol: float = 1e-6) -> bool | None:
+    """None when the question has no gold answer."""
+    gold = gold_answer(question)
+    if gold is None:
+        return None
+    if pred is None:
+        return False
+    if question.answer_kind == "number":
+        a, b = parse_number(pred), parse_number(gold)
+        if a is None or b is None:
+            return False
+        return abs(a - b) <= Decimal(str(rel_tol)) * max(abs(b), Decimal(1))
+    return pred == gold

@@ -1,0 +1,127 @@
+"""The ``coe`` command line. The only module that imports typer.
+
+User errors (``CoeError``) print one line and exit non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from coe.errors import CoeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Composition of Experts: route questions to a team of LLMs and aggregate.")
+
+ConfigOpt = typer.Option(Path("experts.yaml"), "--config", "-c", help="experts yaml")
+
+
+def err(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _load(questions: Path, skip_invalid: bool):
+    from coe.questions import load_questions
+
+    report = load_questions(questions, skip_invalid=skip_invalid)
+    for line in report.skipped:
+        err(f"skipped {line}")
+    return report.questions
+
+
+@app.command()
+def run(
+    questions: Path = typer.Argument(..., help="questions: .jsonl, .json or .csv"),
+    config: Path = ConfigOpt,
+    router: Optional[str] = typer.Option(None, help="all | category | skill (default: yaml)"),
+    aggregator: Optional[str] = typer.Option(None, help="vote | llm | single (default: yaml)"),
+    k: Optional[int] = typer.Option(None, "-k", min=1, help="recruit at most k experts"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="answers JSONL (default: stdout)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="show routes and the plan, generate nothing"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="response cache (makes reruns resume)"),
+    resume: bool = typer.Option(False, "--resume", help="keep answers already in --output"),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="stop at the first failing expert"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="report bad lines and go on"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+):
+    """Answer every question with the recruited experts and aggregate their answers."""
+    from coe.orchestrator import Orchestrator
+
+    qs = _load(questions, skip_invalid)
+    orch = Orchestrator.from_yaml(config, router=router, aggregator=aggregator, k=k,
+                                  cache=cache, progress=not quiet, fail_fast=fail_fast)
+    with orch:
+        if dry_run:
+            dry = orch.dry_run(qs)
+            for r in dry.routes:
+                err(f"{r.question_id}: {', '.join(r.names)}  [{r.reason}]")
+            err(dry.plan.describe())
+            for note in dry.notes:
+                err(note)
+            return
+        result = orch.run(qs, output=output, resume=resume,
+                          on_plan=None if quiet else lambda plan: err(plan.describe()))
+    if output is None:
+        for r in result.results:
+            sys.stdout.write(r.model_dump_json() + "\n")
+    s = result.stats
+    err(f"{len(result.results)} questions answered"
+        + (f" ({result.resumed} already in {output})" if result.resumed else "")
+        + f" in {result.wall_seconds:.1f}s; model loads: {s.loads} "
+        f"(naive per-question order: {s.naive_loads}); generations: {s.generations}, "
+        f"cached: {s.cache_hits}, failed: {s.failed_generations}")
+    if result.accuracy is not None:
+        err(f"accuracy against gold: {result.accuracy:.1%}")
+    for name, msg in s.failures.items():
+        err(f"expert {name!r} failed: {msg}")
+    if s.failures:
+        raise typer.Exit(4)
+
+
+@app.command()
+def experts(config: Path = ConfigOpt,
+            check: bool = typer.Option(False, "--check", help="also resolve every model file "
+                                       "and API key env var (loads nothing)")):
+    """List and validate the expert pool."""
+    from coe.config import load_config
+    from coe.preflight import check_pool
+
+    cfg = load_config(config)
+    for e in cfg.experts:
+        cats = ",".join(e.categories) or "-"
+        typer.echo(f"{e.name:<24} {e.backend:<9} {e.prompt_format:<10} {e.model:<40} {cats}")
+    cmap = {c: cfg.category_experts(c) for c in cfg.category_names()}
+    for c, names in cmap.items():
+        typer.echo(f"category {c}: {', '.join(names) or '(none: default experts)'}")
+    if check:
+        check_pool(cfg)
+        typer.echo(f"{config}: {len(cfg.experts)} experts OK")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except CoeError as e:
+        err(f"error: {e}")
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err("interrupted: finished generations are in the response cache; rerun with --resume")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors arrive here in standalone_mode=False
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""User-facing errors: each renders as one line naming the file, line or expert at fault.
+
+The CLI prints ``str(error)`` and exits non-zero without a traceback; anything that is
+not a ``CoeError`` is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class CoeError(Exception):
+    """An error caused by the user's input, config or environment."""
+
+    exit_code = 1
+
+
+class ConfigError(CoeError):
+    """The experts yaml (or a file it names) is invalid."""
+
+    exit_code = 2
+
+
+class InputError(CoeError):
+    """A question file is malformed."""
+
+    exit_code = 3
+
+
+class ExpertError(CoeError):
+    """An expert failed to load or generate (unreachable API, crashed model...)."""
+
+    exit_code = 4
+
+    def __init__(self, expert: str, message: str):
+        self.expert = expert
+        self.detail = message
+        super().__init__(f"expert {expert!r}: {message}")

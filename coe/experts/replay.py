@@ -1,0 +1,56 @@
+"""Replay: responses come from a recorded JSONL file (``{"id": ..., "text": ...}`` per line).
+
+Used to research routing on recorded outputs of real models with no GPU, and to re-score an
+evaluation exactly. ``coe eval --record DIR`` writes such files.
+"""
+
+from __future__ import annotations
+
+import json
+
+from coe.errors import ExpertError
+from coe.experts.base import Backend, Generation, GenRequest, OnResult
+from coe.experts.model_ref import file_fingerprint, resolve_model_file
+
+
+class ReplayBackend(Backend):
+    cacheable = False  # already a record
+
+    def __init__(self, config, base_dir=None):
+        super().__init__(config, base_dir)
+        self.records: dict[str, dict] | None = None
+
+    @property
+    def path(self):
+        return resolve_model_file(self.config.model, self.base_dir or ".", suffix=".jsonl")
+
+    def fingerprint(self) -> str:
+        return f"replay:{file_fingerprint(self.path)}"
+
+    def load(self) -> None:
+        records: dict[str, dict] = {}
+        with open(self.path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    records[str(rec["id"])] = rec
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ExpertError(self.config.name,
+                                      f"{self.path}:{lineno}: not a {{id, text}} record") from None
+        self.records = records
+
+    def generate(self, requests: list[GenRequest], on_result: OnResult) -> None:
+        for i, r in enumerate(requests):
+            rec = self.records.get(r.question_id)
+            if rec is None:
+                on_result(i, Generation(error=f"no recorded response for question {r.question_id!r}"))
+                continue
+            on_result(i, Generation(text=rec.get("text") or "",
+                                    prompt_tokens=int(rec.get("prompt_tokens", 0)),
+                                    completion_tokens=int(rec.get("completion_tokens", 0)),
+                                    seconds=float(rec.get("seconds", 0.0))))
+
+    def unload(self) -> None:
+        self.records = None

@@ -1,0 +1,79 @@
+"""vLLM on a GPU: one offline ``vllm.LLM`` per load, one call with every prompt, then free it.
+
+Imported lazily (``pip install coe[vllm]``). Kept thin: the engine batches internally, so the
+backend hands it all the prompts assigned to this model in a single ``chat``/``generate`` call,
+and on unload deletes the engine and empties the CUDA cache so the next model fits.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+from coe.errors import ExpertError
+from coe.experts.base import Backend, Generation, GenRequest, OnResult
+
+
+class VLLMBackend(Backend):
+    def __init__(self, config, base_dir=None):
+        super().__init__(config, base_dir)
+        self.llm = None
+        self._vllm = None
+
+    def load(self) -> None:
+        try:
+            import vllm
+        except ImportError:
+            raise ExpertError(self.config.name,
+                              "backend 'vllm' needs the vllm package (pip install 'coe[vllm]')") from None
+        self._vllm = vllm
+        c = self.config
+        kw = dict(model=c.model, tensor_parallel_size=c.tensor_parallel_size,
+                  gpu_memory_utilization=c.gpu_memory_utilization, dtype=c.dtype)
+        if c.max_model_len:
+            kw["max_model_len"] = c.max_model_len
+        try:
+            self.llm = vllm.LLM(**kw)
+        except (RuntimeError, ValueError, MemoryError) as e:  # CUDA OOM is a RuntimeError
+            raise ExpertError(c.name, f"cannot load {c.model} with vLLM: {e}") from None
+
+    def _params(self, r: GenRequest):
+        s = r.sampling
+        return self._vllm.SamplingParams(temperature=s.temperature, top_p=s.top_p,
+                                         max_tokens=s.max_tokens, stop=list(s.stop) or None,
+                                         seed=s.seed)
+
+    @staticmethod
+    def _generation(out, seconds: float) -> Generation:
+        completion = out.outputs[0]
+        return Generation(text=completion.text, seconds=seconds,
+                          prompt_tokens=len(out.prompt_token_ids or ()),
+                          completion_tokens=len(completion.token_ids or ()))
+
+    def generate(self, requests: list[GenRequest], on_result: OnResult) -> None:
+        chat = [i for i, r in enumerate(requests) if r.messages is not None]
+        plain = [i for i, r in enumerate(requests) if r.messages is None]
+        for idx, is_chat in ((chat, True), (plain, False)):
+            if not idx:
+                continue
+            params = [self._params(requests[i]) for i in idx]
+            t0 = time.perf_counter()
+            if is_chat:
+                outs = self.llm.chat([requests[i].chat() for i in idx], params, use_tqdm=False)
+            else:
+                outs = self.llm.generate([requests[i].prompt for i in idx], params, use_tqdm=False)
+            # vLLM batches the whole call; each generation is charged its share of it.
+            share = (time.perf_counter() - t0) / len(idx)
+            for i, out in zip(idx, outs):
+                on_result(i, self._generation(out, share))
+
+    def unload(self) -> None:
+        self.llm = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass

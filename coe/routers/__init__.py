@@ -1,0 +1,22 @@
+"""Routers: ``all``, ``category`` (CoE two-step) and ``skill`` (Symbolic-MoE recruiting)."""
+
+from __future__ import annotations
+
+from coe.routers.base import Recruit, Route, Router
+
+ROUTERS = ("all", "category", "skill")
+
+
+def build_router(kind: str, config, executor=None, k: int | None = None) -> Router:
+    if kind == "all":
+        from coe.routers.all import AllRouter
+
+        return AllRouter(config, k)
+    if kind == "category":
+        from coe.routers.category import CategoryRouter
+
+        return CategoryRouter(config, k)
+    raise ValueError(f"unknown router {kind!r} (expected one of {', '.join(ROUTERS)})")
+
+
+__all__ = ["ROUTERS", "Recruit", "Route", "Router", "build_router"]

@@ -1,0 +1,97 @@
+"""Composition-of-Experts two-step routing: question -> category -> the category's experts.
+
+Step one takes the question's own ``category`` field when it names a known category; otherwise
+it predicts one. Without a trained classifier the prediction is a zero-shot match of the
+question embedding to each category's name and description from the yaml (a softmax over
+cosine similarities gives the confidence). Step two is the yaml's category-to-expert map.
+A confidence below ``threshold``, or a category with no experts, sends the question to the
+``default`` experts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from coe.config import DEFAULT_CATEGORY, PoolConfig
+from coe.embeddings import shared_embedder
+from coe.questions import Question
+from coe.routers.base import Recruit, Route, Router, top_k
+
+ZERO_SHOT_TEMPERATURE = 0.05  # cosine similarities are close together; sharpen the softmax
+
+
+def softmax(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = x / temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class ZeroShotCategoryClassifier:
+    """Predicts a category by embedding similarity to the category names and descriptions."""
+
+    def __init__(self, config: PoolConfig):
+        self.config = config
+        self.categories = [c for c in config.category_names() if c != DEFAULT_CATEGORY]
+        self.embedder = shared_embedder(config.embeddings.model, config.embeddings.batch_size,
+                                        str(config.base_dir))
+        self._proto = None
+
+    def _prototypes(self) -> np.ndarray:
+        if self._proto is None:
+            texts = []
+            for c in self.categories:
+                desc = self.config.categories.get(c)
+                texts.append(f"{c}: {desc.description}" if desc and desc.description else c)
+            self._proto = self.embedder.encode(texts)
+        return self._proto
+
+    def predict_proba(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        sims = self.embedder.encode(texts) @ self._prototypes().T
+        return self.categories, softmax(sims, ZERO_SHOT_TEMPERATURE)
+
+
+class CategoryRouter(Router):
+    name = "category"
+
+    def __init__(self, config: PoolConfig, k: int | None = None, classifier=None,
+                 threshold: float | None = None):
+        self.config = config
+        self.k = k
+        self.threshold = config.router.threshold if threshold is None else threshold
+        self._classifier = classifier
+        self.known = set(config.category_names())
+
+    @property
+    def classifier(self):
+        if self._classifier is None:
+            self._classifier = ZeroShotCategoryClassifier(self.config)
+        return self._classifier
+
+    def _route(self, q: Question, category: str, confidence: float, how: str) -> Route:
+        experts = self.config.category_experts(category)
+        reason = f"category {category!r} ({how}, confidence {confidence:.2f})"
+        if confidence < self.threshold or not experts:
+            why = "low confidence" if experts else "no experts"
+            experts = self.config.default_experts()
+            reason += f" -> default experts ({why})"
+        names = top_k(experts, self.k)
+        n = len(names)
+        return Route(question_id=q.id, category=category, confidence=confidence, reason=reason,
+                     experts=[Recruit(name=e, weight=(n - i) / n) for i, e in enumerate(names)])
+
+    def route(self, questions: list[Question]) -> list[Route]:
+        routes: dict[int, Route] = {}
+        unknown = []
+        for i, q in enumerate(questions):
+            if q.category and q.category in self.known:
+                routes[i] = self._route(q, q.category, 1.0, "given")
+            else:
+                unknown.append(i)
+        if unknown:
+            labels, proba = self.classifier.predict_proba([questions[i].question for i in unknown])
+            for row, i in enumerate(unknown):
+                best = int(np.argmax(proba[row]))
+                routes[i] = self._route(questions[i], labels[best], float(proba[row, best]),
+                                        "predicted")
+        return [routes[i] for i in range(len(questions))]
