@@ -16,6 +16,7 @@ from coe.questions import LETTERS, AnswerKind, Question
 
 _NUM = r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\.\d+"
 _NUM_RE = re.compile(_NUM)
+_NEXT_QUESTION = re.compile(r"\n\s*Question\s*:")
 
 
 def parse_number(text: str) -> Decimal | None:
@@ -105,6 +106,7 @@ def extract_answer(text: str | None, question: Question) -> str | None:
     """The normalised final answer in a response, or None if there is none."""
     if not text or not text.strip():
         return None
+    text = _NEXT_QUESTION.split(text, 1)[0]  # a base model may go on to invent the next question
     kind = question.answer_kind
     if kind == "mc":
         raw = _extract_mc(text, question.choices or list(LETTERS))

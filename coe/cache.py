@@ -23,8 +23,11 @@ def default_cache_path() -> Path:
     return Path(root) / "responses.sqlite"
 
 
-def cache_key(fingerprint: str, request: GenRequest) -> str:
+def cache_key(fingerprint: str, request: GenRequest, by_question: bool = False) -> str:
+    """Identical prompts to identical weights with identical sampling share a key (and so a
+    generation), unless the backend answers per question id (``by_question``)."""
     payload = {
+        "question": request.question_id if by_question else None,
         "model": fingerprint,
         "prompt": request.prompt,
         "messages": request.messages,

@@ -101,7 +101,7 @@ class Executor:
         same_as: dict[int, int] = {}
         for i, r in enumerate(requests):
             backend = self.backend_for(r.expert)
-            key = cache_key(backend.fingerprint(), r)
+            key = cache_key(backend.fingerprint(), r, backend.keyed_by_question)
             keys.append(key)
             lk = self.config.expert(r.expert).load_key()
             g = groups.get(lk)

@@ -54,8 +54,8 @@ class Question(BaseModel):
     @field_validator("choices")
     @classmethod
     def _choices(cls, v):
-        if v is not None and not 2 <= len(v) <= len(LETTERS):
-            raise ValueError(f"needs 2 to {len(LETTERS)} choices")
+        if v is not None and not 1 <= len(v) <= len(LETTERS):
+            raise ValueError(f"needs 1 to {len(LETTERS)} choices")
         return v
 
     @property

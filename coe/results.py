@@ -45,9 +45,15 @@ class QuestionResult(BaseModel):
 
 def response_from(expert: str, gen, question) -> ExpertResponse:
     """An expert's generation with its final answer extracted."""
-    from coe.answers import extract_answer
+    from coe.answers import extract_answer, normalize
 
+    if gen.error:
+        answer = None
+    elif gen.has_recorded_answer:
+        answer = normalize(gen.recorded_answer, question.answer_kind,
+                           len(question.choices or "ABCDEFGHIJKLMNOPQRSTUVWXYZ")) if gen.recorded_answer else None
+    else:
+        answer = extract_answer(gen.text, question)
     return ExpertResponse(expert=expert, text=gen.text, prompt_tokens=gen.prompt_tokens,
                           completion_tokens=gen.completion_tokens, seconds=round(gen.seconds, 4),
-                          cached=gen.cached, error=gen.error,
-                          answer=None if gen.error else extract_answer(gen.text, question))
+                          cached=gen.cached, error=gen.error, answer=answer)

@@ -2,8 +2,9 @@
 
 The answer given by the most experts wins. Ties are common (about one question in five for
 eight 7B models on MMLU-Pro) and how they are broken moves accuracy by two points, so a tie
-goes to the answer backed by the *strongest* expert (profile or yaml ``strength``), then by
-the router's weight, then by the answer itself, never by list or hash order. Confidence is the
+goes to the answer backed by the expert the router weighted highest for this question (its
+rank in the category, its skill score), then by the *strongest* expert (profile or yaml
+``strength``), then by the answer itself, never by list or hash order. Confidence is the
 fraction of answering experts that agree with the winner.
 """
 
@@ -31,8 +32,8 @@ def vote(responses: list[ExpertResponse], strength: dict[str, float] | None = No
 
     def backing(answer: str) -> tuple:
         who = [r.expert for r in answered if r.answer == answer]
-        return (max(strength.get(e, float("-inf")) for e in who),
-                max(weights.get(e, 0.0) for e in who), answer)
+        return (max(weights.get(e, 0.0) for e in who),
+                max(strength.get(e, float("-inf")) for e in who), answer)
 
     winner = max(tied, key=backing)
     return winner, top / len(answered), dict(counts)

@@ -36,6 +36,9 @@ class Generation(BaseModel):
     seconds: float = 0.0
     cached: bool = False
     error: str | None = None
+    # An answer recorded with the text (a replay of a scored run): used as-is, not re-extracted.
+    recorded_answer: str | None = None
+    has_recorded_answer: bool = False
 
 
 OnResult = Callable[[int, Generation], None]
@@ -46,6 +49,8 @@ class Backend(ABC):
 
     #: whether generations should go to the response cache (a replay is already a record)
     cacheable = True
+    #: whether the response depends on the question id, not only on the prompt (a replay)
+    keyed_by_question = False
 
     def __init__(self, config, base_dir=None):
         self.config = config

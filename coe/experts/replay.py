@@ -1,5 +1,8 @@
 """Replay: responses come from a recorded JSONL file (``{"id": ..., "text": ...}`` per line).
 
+A record may also hold ``"answer"``: the answer extracted when it was recorded (null for none).
+It is then used as-is, so re-scoring a recorded run gives exactly the recorded figures.
+
 Used to research routing on recorded outputs of real models with no GPU, and to re-score an
 evaluation exactly. ``coe eval --record DIR`` writes such files.
 """
@@ -15,6 +18,7 @@ from coe.experts.model_ref import file_fingerprint, resolve_model_file
 
 class ReplayBackend(Backend):
     cacheable = False  # already a record
+    keyed_by_question = True
 
     def __init__(self, config, base_dir=None):
         super().__init__(config, base_dir)
@@ -48,6 +52,8 @@ class ReplayBackend(Backend):
                 on_result(i, Generation(error=f"no recorded response for question {r.question_id!r}"))
                 continue
             on_result(i, Generation(text=rec.get("text") or "",
+                                    has_recorded_answer="answer" in rec,
+                                    recorded_answer=rec.get("answer"),
                                     prompt_tokens=int(rec.get("prompt_tokens", 0)),
                                     completion_tokens=int(rec.get("completion_tokens", 0)),
                                     seconds=float(rec.get("seconds", 0.0))))

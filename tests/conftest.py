@@ -1,0 +1,48 @@
+"""Shared fixtures. Every test gets its own response cache (never the user's ~/.cache/coe)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+pytest_plugins = ["tests.openai_server"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("COE_CACHE_DIR", str(tmp_path_factory.mktemp("coe-cache")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def replay_pool(tmp_path):
+    """A small pool of replay experts over 6 questions; returns (yaml path, questions path)."""
+    import yaml
+
+    qs = [{"id": f"r{i}", "question": f"Question number {i}?", "choices": ["w", "x", "y", "z"],
+           "answer": "ABCD"[i % 4]} for i in range(6)]
+    answers = {  # expert -> letters per question
+        "alpha": "ABCDAB",  # all right
+        "beta": "ABCDCC",  # 4 right
+        "gamma": "BBCABD",  # 3 right
+    }
+    experts = []
+    for name, letters in answers.items():
+        write_jsonl(tmp_path / f"{name}.jsonl",
+                    [{"id": q["id"], "text": f"Reasoning... The answer is ({l})."}
+                     for q, l in zip(qs, letters)])
+        experts.append({"name": name, "backend": "replay", "model": f"{name}.jsonl",
+                        "categories": ["default"]})
+    cfg = tmp_path / "pool.yaml"
+    cfg.write_text(yaml.safe_dump({"experts": experts, "router": {"kind": "all"}}))
+    return cfg, write_jsonl(tmp_path / "questions.jsonl", qs)
