@@ -212,7 +212,8 @@ def _describe_error(path: str, raw: Any, err: ValidationError) -> str:
     field = ".".join(str(p) for p in loc)
     msg = first["msg"]
     if first["type"] == "union_tag_invalid":
-        msg = f"unknown backend {first.get('input')!r} (expected one of {', '.join(BACKENDS)})"
+        given = first.get("ctx", {}).get("tag", first.get("input"))
+        msg = f"unknown backend {given!r} (expected one of {', '.join(BACKENDS)})"
         field = field or "backend"
     elif first["type"] == "extra_forbidden":
         msg = "unknown field"

@@ -99,11 +99,18 @@ class Executor:
         keys: list[str] = []
         first: dict[str, int] = {}
         same_as: dict[int, int] = {}
+        # Per plan, each expert's backend and weights fingerprint are looked up once (hashing
+        # a model file per request made planning 48k replayed generations take 90 s).
+        per_expert: dict[str, tuple] = {}
         for i, r in enumerate(requests):
-            backend = self.backend_for(r.expert)
-            key = cache_key(backend.fingerprint(), r, backend.keyed_by_question)
+            hit = per_expert.get(r.expert)
+            if hit is None:
+                backend = self.backend_for(r.expert)
+                hit = per_expert[r.expert] = (backend, backend.fingerprint(),
+                                              self.config.expert(r.expert).load_key())
+            backend, fingerprint, lk = hit
+            key = cache_key(fingerprint, r, backend.keyed_by_question)
             keys.append(key)
-            lk = self.config.expert(r.expert).load_key()
             g = groups.get(lk)
             if g is None:
                 g = groups[lk] = PlanGroup(key=lk, label=backend.label, experts=[], indices=[])

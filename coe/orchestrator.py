@@ -56,7 +56,7 @@ class Orchestrator:
                                   else default_cache_path())
         elif isinstance(cache, (str, Path)):
             cache = ResponseCache(cache)
-        self.cache: ResponseCache | None = cache or None
+        self.cache: ResponseCache | None = None if cache is False else cache
         self.executor = Executor(config, self.cache, progress=progress, fail_fast=fail_fast)
         self.k = k if k is not None else config.router.k
         self.router = (router if isinstance(router, Router)

@@ -154,9 +154,24 @@ class _Collector:
         return LoadReport(self.questions, self.skipped)
 
 
-def _decode(c: _Collector, lineno: int, raw: bytes) -> str | None:
-    if len(raw) > MAX_LINE_BYTES:
-        c.fail(lineno, f"line is {len(raw):,} bytes, over the {MAX_LINE_BYTES:,}-byte limit")
+def _lines(f):
+    """Binary lines, never holding more than MAX_LINE_BYTES of one line in memory;
+    an over-long line is yielded as None after skipping the rest of it."""
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):
+                raw = f.readline(MAX_LINE_BYTES)
+            yield None
+            continue
+        yield raw
+
+
+def _decode(c: _Collector, lineno: int, raw: bytes | None) -> str | None:
+    if raw is None:
+        c.fail(lineno, f"line is over the {MAX_LINE_BYTES:,}-byte limit")
         return None
     try:
         return raw.decode("utf-8")
@@ -167,7 +182,7 @@ def _decode(c: _Collector, lineno: int, raw: bytes) -> str | None:
 
 def _load_jsonl(c: _Collector) -> None:
     with open(c.path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(_lines(f), 1):
             text = _decode(c, lineno, raw)
             if text is None or not text.strip():
                 continue
@@ -207,7 +222,14 @@ def _load_csv(c: _Collector) -> None:
     except UnicodeDecodeError as e:
         line = c.path.read_bytes()[: e.start].count(b"\n") + 1
         raise InputError(f"{c.path}:{line}: not valid UTF-8") from None
-    rows = csv.reader(io.StringIO(text))
+    rows = csv.reader(io.StringIO(text, newline=""))
+    try:
+        _read_csv_rows(c, rows)
+    except csv.Error as e:
+        raise InputError(f"{c.path}:{rows.line_num}: malformed CSV: {e}") from None
+
+
+def _read_csv_rows(c: _Collector, rows) -> None:
     try:
         header = next(rows)
     except StopIteration:

@@ -1,20 +1,42 @@
 """Any OpenAI-compatible endpoint through the official ``openai`` async client.
 
-Bounded concurrency (``max_concurrency``); retries with exponential backoff on 429, 5xx,
-timeouts and connection errors are the client's own (it honours ``Retry-After``), capped by
-``max_retries``. When the endpoint is unreachable after those retries, the remaining requests
-fail at once instead of each retrying against a dead server. The API key is read from the
-environment variable the yaml names and never written anywhere.
+Bounded concurrency (``max_concurrency`` requests in flight). Retries are the client's own:
+on connection errors, timeouts, 408/409/429 and 5xx it retries up to ``max_retries`` times with
+exponential backoff and jitter, honouring ``Retry-After`` (up to two minutes); nothing here
+re-implements that. A request that still fails is reported on its own ``Generation.error``
+(one line, the key redacted) and the batch goes on.
+
+Circuit breaker: when a request fails with a retryable error *after all its retries* and no
+other request has succeeded since it started, the endpoint is taken to be down (stopped,
+killed, rate-limiting everything): the requests not yet sent fail at once instead of each
+spending its own round of retries against it. An endpoint that is merely overloaded (other
+requests keep succeeding) does not trip it. A 200 whose body is not the expected JSON is not
+retried (the client treats it as a valid answer): it fails that request with a clear message.
+
+The API key is read from the environment variable the yaml names (``api_key_env``), never
+from the yaml, and never written anywhere: every error message is redacted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import time
 
 from coe.errors import ExpertError
 from coe.experts.base import Backend, Generation, GenRequest, OnResult
+
+MAX_ERROR_CHARS = 300
+
+
+class BadResponse(ValueError):
+    """The endpoint answered 200 with a body that is not a completion."""
+
+
+def _snippet(value) -> str:
+    return re.sub(r"\s+", " ", str(value)).strip()[:120]
 
 
 class OpenAIBackend(Backend):
@@ -37,12 +59,40 @@ class OpenAIBackend(Backend):
                 raise ExpertError(self.config.name, f"environment variable {env} is not set")
             self._key = key
         else:
-            self._key = "no-key"  # local servers accept any key
+            self._key = "no-key"  # local servers accept any key; never the ambient OPENAI_API_KEY
 
     def redact(self, text: str) -> str:
         if self._key and self._key != "no-key":
             text = text.replace(self._key, "***")
         return text
+
+    def _message(self, text: str) -> str:
+        """One line, bounded, without the key."""
+        text = re.sub(r"\s+", " ", self.redact(str(text))).strip()
+        return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
+
+    def _describe(self, e: Exception) -> tuple[str, bool]:
+        """(message, retryable): retryable errors are the ones the client already retried."""
+        import openai
+
+        n = self.config.max_retries
+        retries = f"after {n} {'retry' if n == 1 else 'retries'}"
+        if isinstance(e, openai.APITimeoutError):
+            return f"timed out ({self.config.timeout:g}s) {retries}: {self.config.base_url}", True
+        if isinstance(e, openai.APIConnectionError):
+            cause = e.__cause__ or e.__context__
+            why = f"{type(cause).__name__}: {cause}" if cause else str(e)
+            return f"connection to {self.config.base_url} failed {retries}: {why}", True
+        if isinstance(e, openai.APIStatusError):
+            code = e.status_code
+            retryable = code in (408, 409, 429) or code >= 500
+            return (f"HTTP {code}{' ' + retries if retryable else ''}: {e.message}"
+                    f" ({self.config.base_url})"), retryable
+        if isinstance(e, BadResponse):
+            return f"{e} ({self.config.base_url})", False
+        if isinstance(e, json.JSONDecodeError):
+            return f"response is not valid JSON ({e}) ({self.config.base_url})", False
+        return f"{type(e).__name__}: {e}", False
 
     async def _one(self, client, r: GenRequest) -> Generation:
         s = self.config.sampling if r.sampling is None else r.sampling
@@ -55,10 +105,17 @@ class OpenAIBackend(Backend):
         t0 = time.perf_counter()
         if r.messages is not None:
             out = await client.chat.completions.create(messages=r.chat(), **kw)
-            text = out.choices[0].message.content or ""
         else:
             out = await client.completions.create(prompt=r.prompt, **kw)
-            text = out.choices[0].text or ""
+        if isinstance(out, str):  # a non-JSON body: the client hands back the raw text
+            raise BadResponse(f"response is not JSON: {_snippet(out)!r}")
+        choices = getattr(out, "choices", None)
+        if not choices:
+            raise BadResponse(f"response has no choices: {_snippet(out)!r}")
+        if r.messages is not None:
+            text = choices[0].message.content or ""
+        else:
+            text = choices[0].text or ""
         usage = out.usage
         return Generation(text=text, seconds=time.perf_counter() - t0,
                           prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
@@ -68,7 +125,8 @@ class OpenAIBackend(Backend):
         import openai
 
         sem = asyncio.Semaphore(self.config.max_concurrency)
-        dead: list[str] = []
+        down: list[str] = []  # set once the endpoint is taken to be down
+        last_ok = [float("-inf")]  # when a request last succeeded
 
         async with openai.AsyncOpenAI(base_url=self.config.base_url, api_key=self._key,
                                       timeout=self.config.timeout,
@@ -76,20 +134,20 @@ class OpenAIBackend(Backend):
 
             async def worker(i: int, r: GenRequest) -> None:
                 async with sem:
-                    if dead:
-                        on_result(i, Generation(error=dead[0]))
+                    if down:
+                        on_result(i, Generation(error=f"not sent, endpoint down: {down[0]}"))
                         return
+                    started = time.monotonic()
                     try:
                         gen = await self._one(client, r)
-                    except openai.APIConnectionError as e:  # includes timeouts
-                        msg = self.redact(f"{type(e).__name__}: {e} ({self.config.base_url})")
-                        if not isinstance(e, openai.APITimeoutError):
-                            dead.append(msg)
+                        last_ok[0] = time.monotonic()
+                    except (openai.OpenAIError, ValueError, AttributeError, IndexError,
+                            TypeError) as e:
+                        msg, retryable = self._describe(e)
+                        msg = self._message(msg)
+                        if retryable and last_ok[0] < started and not down:
+                            down.append(msg)
                         gen = Generation(error=msg)
-                    except openai.APIStatusError as e:
-                        gen = Generation(error=self.redact(f"HTTP {e.status_code}: {e.message}"))
-                    except (openai.OpenAIError, ValueError, AttributeError, IndexError) as e:
-                        gen = Generation(error=self.redact(f"{type(e).__name__}: {e}"))
                     on_result(i, gen)
 
             await asyncio.gather(*(worker(i, r) for i, r in enumerate(requests)))
