@@ -101,14 +101,73 @@ def experts(config: Path = ConfigOpt,
         typer.echo(f"{config}: {len(cfg.experts)} experts OK")
 
 
+@app.command("eval")
+def eval_cmd(
+    questions: Path = typer.Argument(..., help="questions with gold answers: .jsonl, .json, .csv"),
+    config: Path = ConfigOpt,
+    strategies: Optional[str] = typer.Option(
+        None, "--strategies", "-s", help="comma-separated names or patterns, e.g. "
+        "'single:*,best-single,*+vote,oracle' (default: every available strategy)"),
+    validation: Optional[Path] = typer.Option(
+        None, "--validation", help="questions to pick best-single on (default: a seeded split)"),
+    val_fraction: float = typer.Option(0.5, "--val-fraction", min=0.0, max=0.9,
+                                       help="without --validation: share held out to pick "
+                                       "best-single; the rest is the test set"),
+    seed: int = typer.Option(0, "--seed", help="seed of the validation split and random-k"),
+    random_k: int = typer.Option(3, "--random-k", min=1, help="experts of the random baseline"),
+    aggregator_expert: Optional[str] = typer.Option(None, "--aggregator-expert",
+                                                    help="expert of the llm strategies"),
+    out: Path = typer.Option(Path("eval-report"), "--out", "-o", help="report directory"),
+    record: Optional[Path] = typer.Option(None, "--record", help="write replay files here"),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="write the PNG plots"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="response cache"),
+    resume: bool = typer.Option(False, "--resume", help="continue a killed job from the cache"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="report bad lines and go on"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no plan or progress bars"),
+):
+    """Compare strategies (single experts, best single, routers x aggregators, random-k,
+    oracle) on questions with gold answers; each generation is made once and shared."""
+    from coe.eval.job import run_eval_job
+    from coe.eval.report import strategy_table, summary_lines
+
+    result, files, recorded = run_eval_job(
+        questions, config, out_dir=out, validation=validation, record_dir=record, plots=plots,
+        skip_invalid=skip_invalid, log=None if quiet else err, strategies=strategies,
+        val_fraction=val_fraction, seed=seed, random_k=random_k,
+        aggregator_expert=aggregator_expert, cache=cache, resume=resume, progress=not quiet)
+    typer.echo(strategy_table(result))
+    for line in summary_lines(result):
+        err(line)
+    err(f"report: {', '.join(str(f) for f in files)}")
+    if recorded:
+        err(f"recorded replay pool: {recorded['dir']}/experts.yaml "
+            f"({sum(recorded['records'].values())} records)")
+    for name, msg in result.stats.failures.items():
+        err(f"expert {name!r} failed: {msg}")
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # unwind like Ctrl-C: files closed, finished work already on disk
+
+
+INTERRUPTED = "interrupted: finished generations are in the response cache; rerun with --resume"
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C (and our SIGTERM) into a returned 130
+            err(INTERRUPTED)
+        if isinstance(code, int) and code:  # non-standalone click *returns* typer.Exit's code
+            sys.exit(code)
     except CoeError as e:
         err(f"error: {e}")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err("interrupted: finished generations are in the response cache; rerun with --resume")
+        err(INTERRUPTED)
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -118,7 +177,8 @@ def main() -> None:
         if isinstance(e, click.exceptions.ClickException):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, click.exceptions.Abort):  # click's form of Ctrl-C
+            err(INTERRUPTED)
             sys.exit(130)
         raise
 

@@ -98,3 +98,9 @@ def test_readme_command_offline_default_pool(tmp_path):
             assert r["text"] and r["completion_tokens"] > 0 and r["error"] is None
     # questions without a category field were routed by the zero-shot embedding match
     assert any("predicted" in row["route"]["reason"] for row in rows)
+
+
+def test_unknown_router_and_aggregator_are_user_errors(replay_pool):
+    cfg, qs = replay_pool
+    one_line_error(coe("run", qs, "-c", cfg, "--router", "magic"), 2, "unknown router 'magic'")
+    one_line_error(coe("run", qs, "-c", cfg, "--aggregator", "mean"), 2, "unknown aggregator 'mean'")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from coe.errors import ConfigError
 from coe.aggregators.base import Aggregator
 from coe.aggregators.llm import LLMAggregator
 from coe.aggregators.single import SingleAggregator
@@ -17,7 +18,7 @@ def build_aggregator(kind: str, config, executor, strength=None, expert=None) ->
         return LLMAggregator(config, executor, expert=expert, strength=strength)
     if kind == "single":
         return SingleAggregator()
-    raise ValueError(f"unknown aggregator {kind!r} (expected one of {', '.join(AGGREGATORS)})")
+    raise ConfigError(f"unknown aggregator {kind!r} (expected one of {', '.join(AGGREGATORS)})")
 
 
 __all__ = ["AGGREGATORS", "Aggregator", "LLMAggregator", "SingleAggregator", "VoteAggregator",

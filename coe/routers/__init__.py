@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from coe.errors import ConfigError
 from coe.routers.base import Recruit, Route, Router
 
 ROUTERS = ("all", "category", "skill")
@@ -16,7 +17,7 @@ def build_router(kind: str, config, executor=None, k: int | None = None) -> Rout
         from coe.routers.category import CategoryRouter
 
         return CategoryRouter(config, k)
-    raise ValueError(f"unknown router {kind!r} (expected one of {', '.join(ROUTERS)})")
+    raise ConfigError(f"unknown router {kind!r} (expected one of {', '.join(ROUTERS)})")
 
 
 __all__ = ["ROUTERS", "Recruit", "Route", "Router", "build_router"]
