@@ -94,7 +94,10 @@ class Executor:
             self._backends[key] = create_backend(cfg, self.config.base_dir)
         return self._backends[key]
 
-    def plan(self, requests: list[GenRequest]) -> Plan:
+    def plan(self, requests: list[GenRequest], last: str | None = None) -> Plan:
+        """Group ``requests`` by weights. The resident model's group runs first; the group of
+        expert ``last`` (the next stage's model, e.g. the llm aggregator) runs last, so it is
+        still loaded when that stage starts."""
         groups: dict[tuple, PlanGroup] = {}
         keys: list[str] = []
         first: dict[str, int] = {}
@@ -131,7 +134,9 @@ class Executor:
                     hits[i] = found[keys[i]].model_copy(update={"cached": True})
         for g in groups.values():
             g.cached = sum(1 for i in g.indices if i in hits)
-        order = sorted(groups.values(), key=lambda g: g.key != self._resident)  # stable
+        last_key = self.config.expert(last).load_key() if last else None
+        order = sorted(groups.values(),  # stable: otherwise first-come order
+                       key=lambda g: (g.key == last_key, g.key != self._resident))
         return Plan(requests, order, keys, hits, same_as)
 
     # -- running --------------------------------------------------------------------------

@@ -82,9 +82,14 @@ class Orchestrator:
         return [build_request(self.config.expert(name), q)
                 for q, route in zip(questions, routes) for name in route.names]
 
+    def _next_stage_expert(self) -> str | None:
+        """The model the aggregation stage will use, when it is known in advance."""
+        return getattr(self.aggregator, "expert", None)
+
     def dry_run(self, questions: list[Question]) -> DryRun:
         routes = self.route(questions)
-        plan = self.executor.plan(self.expert_requests(questions, routes))
+        plan = self.executor.plan(self.expert_requests(questions, routes),
+                                  last=self._next_stage_expert())
         notes = []
         if self.aggregator.name == "llm":
             notes.append(f"then {len(questions)} aggregation generations "
@@ -108,7 +113,7 @@ class Orchestrator:
             if questions:
                 routes = self.route(questions)
                 requests = self.expert_requests(questions, routes)
-                plan = self.executor.plan(requests)
+                plan = self.executor.plan(requests, last=self._next_stage_expert())
                 if on_plan is not None:
                     on_plan(plan)
                 gens = iter(self.executor.run(requests, plan))
