@@ -117,7 +117,7 @@ def eval_cmd(
     random_k: int = typer.Option(3, "--random-k", min=1, help="experts of the random baseline"),
     aggregator_expert: Optional[str] = typer.Option(None, "--aggregator-expert",
                                                     help="expert of the llm strategies"),
-    out: Path = typer.Option(Path("eval-report"), "--out", "-o", help="report directory"),
+    out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="report directory"),
     record: Optional[Path] = typer.Option(None, "--record", help="write replay files here"),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="write the PNG plots"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="response cache"),

@@ -1,0 +1,83 @@
+"""``coe eval --record DIR``: write every expert generation the job used as replay files.
+
+``DIR/replay/<expert>.jsonl`` holds one ``{"id", "text", "answer", "prompt_tokens",
+"completion_tokens", "seconds"}`` record per question (``answer`` is the normalised answer
+extracted at the time, so a replay re-scores exactly), and ``DIR/experts.yaml`` is the same
+pool with every expert turned into a ``replay`` expert (names, categories, params, prices and
+strengths kept). ``coe eval QUESTIONS -c DIR/experts.yaml`` then re-runs the evaluation with no
+model. Aggregator-LLM generations are not recorded: a replay expert answers per question id,
+so it cannot also stand for an aggregation prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from coe.config import PoolConfig, ReplayExpert
+from coe.questions import Question
+from coe.results import ExpertResponse
+
+_KEEP = set(ReplayExpert.model_fields) - {"backend", "model"}
+
+
+def _record(q: Question, r: ExpertResponse) -> dict:
+    return {"id": q.id, "text": r.text, "answer": r.answer, "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens, "seconds": r.seconds}
+
+
+def write_replay(out_dir: str | Path, config: PoolConfig,
+                 sets: list[tuple[list[Question], dict[tuple[str, str], ExpertResponse]]]) -> dict:
+    """Write the replay pool; ``sets`` are (questions, responses by (question id, expert)).
+    A question id already written for an expert (from an earlier set) is not written again."""
+    out = Path(out_dir)
+    (out / "replay").mkdir(parents=True, exist_ok=True)
+    written: dict[str, int] = {}
+    conflicts = 0
+    for e in config.experts:
+        seen: set[str] = set()
+        lines = []
+        for questions, responses in sets:
+            for q in questions:
+                r = responses.get((q.id, e.name))
+                if r is None or r.error is not None:
+                    continue
+                if q.id in seen:
+                    conflicts += 1
+                    continue
+                seen.add(q.id)
+                lines.append(json.dumps(_record(q, r), ensure_ascii=False) + "\n")
+        if not lines:
+            continue
+        (out / "replay" / f"{e.name}.jsonl").write_text("".join(lines), encoding="utf-8")
+        written[e.name] = len(lines)
+
+    experts = []
+    for e in config.experts:
+        if e.name not in written:
+            continue
+        d = e.model_dump(include=_KEEP, exclude_none=True)
+        experts.append({"name": e.name, "backend": "replay",
+                        "model": f"replay/{e.name}.jsonl", **{k: v for k, v in d.items()
+                                                              if k != "name"}})
+    raw = config.model_dump(include={"categories", "router", "aggregator", "embeddings"},
+                            exclude_none=True)
+    names = set(written)
+    raw["categories"] = {c: {**v, "experts": [n for n in v["experts"] if n in names]}
+                         for c, v in raw.get("categories", {}).items()}
+    for field in ("model_file", "profiles"):
+        if raw["router"].get(field):
+            raw["router"][field] = str(config.resolve_path(raw["router"][field]).resolve())
+    emb = raw["embeddings"]["model"]
+    if not emb.startswith("package:"):
+        raw["embeddings"]["model"] = str(config.resolve_path(emb).resolve())
+    if raw["aggregator"].get("kind") == "llm":  # a replayed aggregator would only repeat itself
+        raw["aggregator"] = {"kind": "vote"}
+    elif raw["aggregator"].get("expert") not in names:
+        raw["aggregator"].pop("expert", None)
+    (out / "experts.yaml").write_text(
+        yaml.safe_dump({"experts": experts, **raw}, sort_keys=False, allow_unicode=True),
+        encoding="utf-8")
+    return {"dir": str(out), "records": written, "duplicate_ids_skipped": conflicts}

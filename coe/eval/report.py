@@ -1,0 +1,262 @@
+"""The report of an evaluation job: a markdown table, a JSON file and matplotlib plots.
+
+- ``report.md``: the strategy table (accuracy with its 95% Wilson interval, active parameters,
+  tokens, cost, generation time, the recruit oracle), then accuracy per category;
+- ``report.json``: the same figures and the job's generation counts, machine-readable;
+- ``outcomes.jsonl``: per question, each strategy's answer and whether it was right;
+- ``accuracy.png``, ``categories.png``, ``usage.png``, ``cost.png``: accuracy per strategy,
+  accuracy per category, expert usage, and accuracy against average active parameters and
+  average cost per question.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from coe.eval.runner import EvalResult
+from coe.eval.scoring import NO_CATEGORY, StrategyScore
+
+CI_METHOD = "Wilson score interval, 95%"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _ci(s: StrategyScore) -> str:
+    ci = s.overall.ci
+    return "-" if ci is None else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def strategy_table(result: EvalResult) -> str:
+    head = ("| strategy | accuracy % | 95% CI | n | experts/q | active params/q (B) | "
+            "tokens/q | cost/q ($) | gen s | recruit oracle % |")
+    rows = [head, "|" + "---|" * 10]
+    for s in result.scores:
+        rows.append(
+            f"| {s.name} | {_pct(s.overall.value)} | {_ci(s)} | {s.overall.n} | "
+            f"{s.avg_experts:.2f} | {_num(s.avg_active_params, '.2f')} | "
+            f"{s.avg_tokens:.0f} | {s.avg_cost:.6f} | {s.gen_seconds + s.route_seconds:.1f} | "
+            f"{_pct(s.recruit_oracle.value)} |")
+    return "\n".join(rows)
+
+
+def category_table(result: EvalResult) -> str:
+    cats = sorted({c for s in result.scores for c in s.per_category})
+    if not cats or cats == [NO_CATEGORY]:
+        return ""
+    head = "| strategy | " + " | ".join(cats) + " |"
+    rows = [head, "|" + "---|" * (len(cats) + 1)]
+    for s in result.scores:
+        cells = [_pct(s.per_category[c].value) if c in s.per_category else "-" for c in cats]
+        rows.append(f"| {s.name} | " + " | ".join(cells) + " |")
+    n = [str(result.scores[0].per_category[c].n) if c in result.scores[0].per_category else "-"
+         for c in cats]
+    rows.append("| *n* | " + " | ".join(n) + " |")
+    return "\n".join(rows)
+
+
+def summary_lines(result: EvalResult) -> list[str]:
+    out = [f"{len(result.questions)} test questions, {len(result.scores)} strategies, "
+           f"{result.wall_seconds:.1f}s wall; accuracy CI: {CI_METHOD}",
+           result.counts_line()]
+    for p in result.phases:
+        out.append(f"  {p.name}: {p.requests} requests, {p.unique} unique, {p.cached} cached, "
+                   f"{p.generations} generated ({p.replayed} replayed), {p.failed} failed, "
+                   f"{p.loads} loads, {p.seconds:.1f}s")
+    if result.best_single:
+        out.append(f"best single on validation ({result.validation_source}, "
+                   f"n={len(result.validation)}): {result.best_single}")
+    src = set(result.strength_source.values())
+    if src:
+        out.append("vote ties broken by expert strength from " + " and ".join(sorted(src)))
+    for name, why in result.skipped.items():
+        out.append(f"skipped {name}: {why}")
+    out += result.notes
+    return out
+
+
+def to_json(result: EvalResult) -> dict:
+    return {
+        "questions": len(result.questions),
+        "config": result.config.source,
+        "ci_method": CI_METHOD,
+        "wall_seconds": round(result.wall_seconds, 3),
+        "seed": result.seed,
+        "generations": result.stats.generations,
+        "replayed": result.replayed,
+        "cache_hits": result.stats.cache_hits,
+        "failed_generations": result.stats.failed_generations,
+        "model_loads": result.stats.loads,
+        "naive_loads": result.stats.naive_loads,
+        "load_seconds": round(result.stats.load_seconds, 3),
+        "phases": [p.to_json() for p in result.phases],
+        "validation": {
+            "source": result.validation_source, "questions": len(result.validation),
+            "accuracy": {n: a.to_json() for n, a in result.validation_accuracy.items()},
+            "best_single": result.best_single,
+        },
+        "strength": result.strength, "strength_source": result.strength_source,
+        "strategies": [s.to_json() for s in result.scores],
+        "skipped": result.skipped,
+        "notes": result.notes,
+        "failures": result.stats.failures,
+    }
+
+
+def markdown(result: EvalResult) -> str:
+    parts = ["# Evaluation report", "", f"Pool: `{result.config.source}`", ""]
+    parts += [f"- {line.strip()}" for line in summary_lines(result)]
+    parts += ["", "## Strategies", "", strategy_table(result), ""]
+    parts += ["*experts/q*: experts recruited per question; *active params/q*: parameters "
+              "(billions) of the distinct experts whose generations the strategy used, plus the "
+              "llm aggregator's pass; *gen s*: routing plus generation seconds of those "
+              "generations (recorded time for cached or replayed ones); *recruit oracle*: "
+              "right if any recruited expert is right.", ""]
+    for s in result.scores:
+        parts.append(f"- **{s.name}**: {s.description}")
+    cat = category_table(result)
+    if cat:
+        parts += ["", "## Accuracy per category (%)", "", cat]
+    return "\n".join(parts) + "\n"
+
+
+def write_outcomes(result: EvalResult, path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for i, q in enumerate(result.questions):
+            row = {"id": q.id, "category": q.category, "strategies": {}}
+            for name, outs in result.outcomes.items():
+                o = outs[i]
+                row["strategies"][name] = {"answer": o.answer, "correct": o.correct,
+                                           "experts": o.recruited}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def plot(result: EvalResult, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    scores = [s for s in result.scores if s.overall.n]
+    if not scores:
+        return []
+    files = []
+    names = [s.name for s in scores]
+    acc = np.array([100 * s.overall.value for s in scores])
+    lo = np.array([100 * s.overall.ci[0] for s in scores])
+    hi = np.array([100 * s.overall.ci[1] for s in scores])
+    h = 0.35 * len(scores) + 1.5
+
+    # accuracy per strategy, with the 95% interval
+    fig, ax = plt.subplots(figsize=(8, h))
+    y = np.arange(len(scores))[::-1]
+    colors = ["#999999" if s.name.startswith("single:") else
+              "#d62728" if s.name == "oracle" else "#1f77b4" for s in scores]
+    err = np.clip([acc - lo, hi - acc], 0, None)  # float noise at 0 % or 100 %
+    ax.barh(y, acc, xerr=err, color=colors, capsize=3)
+    ax.set_yticks(y, names)
+    ax.set_xlabel("accuracy % (95% Wilson interval)")
+    ax.set_title(f"Accuracy per strategy (n={scores[0].overall.n})")
+    for yi, a, top in zip(y, acc, hi):
+        ax.text(top + 0.7, yi, f"{a:.1f}", va="center", fontsize=8)
+    fig.tight_layout()
+    files.append(out / "accuracy.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+
+    # accuracy per category: strategies x categories heat map
+    cats = sorted({c for s in scores for c in s.per_category})
+    if cats:
+        grid = np.array([[100 * s.per_category[c].value if c in s.per_category else np.nan
+                          for c in cats] for s in scores])
+        fig, ax = plt.subplots(figsize=(max(6.0, 3.0 + 0.75 * len(cats)), h))
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=100)
+        ax.set_xticks(range(len(cats)), cats, rotation=45, ha="right")
+        ax.set_yticks(range(len(scores)), names)
+        if grid.size <= 600:
+            for i in range(grid.shape[0]):
+                for j in range(grid.shape[1]):
+                    if not np.isnan(grid[i, j]):
+                        ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center",
+                                fontsize=7, color="w" if grid[i, j] < 60 else "k")
+        fig.colorbar(im, ax=ax, label="accuracy %")
+        ax.set_title("Accuracy per category")
+        fig.tight_layout()
+        files.append(out / "categories.png")
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+
+    # expert usage: fraction of questions each expert was recruited for (+ as aggregator)
+    experts = [e.name for e in result.config.experts]
+    use = np.array([[s.usage.get(e, 0) / max(s.questions, 1) for e in experts] for s in scores])
+    agg = np.array([[s.aggregator_usage.get(e, 0) / max(s.questions, 1) for e in experts]
+                    for s in scores])
+    fig, ax = plt.subplots(figsize=(max(6.0, 3.0 + 0.7 * len(experts)), h))
+    im = ax.imshow(use, aspect="auto", cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right")
+    ax.set_yticks(range(len(scores)), names)
+    for i in range(use.shape[0]):
+        for j in range(use.shape[1]):
+            label = f"{use[i, j]:.2f}" if use[i, j] else ""
+            if agg[i, j]:
+                label += f"\nagg {agg[i, j]:.2f}"
+            if label:
+                ax.text(j, i, label, ha="center", va="center", fontsize=6,
+                        color="w" if use[i, j] > 0.6 else "k")
+    fig.colorbar(im, ax=ax, label="fraction of questions recruited")
+    ax.set_title("Expert usage")
+    fig.tight_layout()
+    files.append(out / "usage.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+
+    # accuracy against average active parameters and average cost per question
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for ax, attr, label in ((axes[0], "avg_active_params", "average active parameters (B)"),
+                            (axes[1], "avg_cost", "average cost per question ($)")):
+        pts = [(getattr(s, attr), 100 * s.overall.value, s) for s in scores
+               if getattr(s, attr) is not None]
+        if attr == "avg_cost" and not any(p[0] for p in pts):
+            ax.text(0.5, 0.5, "no cost: the yaml gives no prices\n(or no tokens were counted)",
+                    ha="center", va="center", transform=ax.transAxes)
+            pts = []
+        elif not pts:
+            ax.text(0.5, 0.5, "no 'params' in the yaml", ha="center", va="center",
+                    transform=ax.transAxes)
+        for x, a, s in pts:
+            c = s.overall.ci
+            ax.errorbar([x], [a], yerr=[[max(0.0, a - 100 * c[0])], [max(0.0, 100 * c[1] - a)]],
+                        fmt="o",
+                        color="#999999" if s.name.startswith("single:") else "#1f77b4",
+                        capsize=2)
+            ax.annotate(s.name, (x, a), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy %")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Accuracy vs active parameters")
+    axes[1].set_title("Accuracy vs cost")
+    fig.tight_layout()
+    files.append(out / "cost.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+    return files
+
+
+def write_report(result: EvalResult, out_dir: str | Path, plots: bool = True) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "report.md", out / "report.json", out / "outcomes.jsonl"]
+    files[0].write_text(markdown(result), encoding="utf-8")
+    files[1].write_text(json.dumps(to_json(result), indent=1, ensure_ascii=False),
+                        encoding="utf-8")
+    write_outcomes(result, files[2])
+    if plots:
+        files += plot(result, out)
+    return files

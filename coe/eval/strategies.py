@@ -1,0 +1,117 @@
+"""The strategies an evaluation compares, and how each one recruits experts per question.
+
+Names (``--strategies`` takes a comma-separated list of names or shell patterns):
+
+- ``single:<expert>``  every expert alone;
+- ``best-single``      the expert most accurate on the *validation* questions, never the test;
+- ``<router>+<agg>``   each available router (``all``, ``category``, ``skill``) with each
+                       aggregator (``vote``, ``llm``); ``all+vote`` is the all-experts vote;
+- ``<router>@1``       the router's first expert only (CoE's one-expert route);
+- ``random<k>+vote``   k experts drawn at random per question (seeded), voting;
+- ``oracle``           right when any expert of the pool is right: the upper bound.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import random
+from dataclasses import dataclass
+
+from coe.config import DEFAULT_CATEGORY, PoolConfig
+from coe.questions import Question
+from coe.routers import Recruit, Route
+
+ROUTER_KINDS = ("all", "category", "skill")
+AGGREGATOR_KINDS = ("vote", "llm")
+
+
+@dataclass
+class StrategySpec:
+    name: str
+    kind: str  # single | best-single | router | random | oracle
+    description: str
+    router: str | None = None
+    aggregator: str | None = None  # vote | llm | single; None for the oracle
+    k: int | None = None
+    expert: str | None = None  # for single
+
+
+def all_specs(config: PoolConfig, random_k: int = 3) -> list[StrategySpec]:
+    """Every strategy the pool could support, before availability checks."""
+    specs = [StrategySpec(f"single:{e.name}", "single", f"{e.name} alone",
+                          aggregator="single", expert=e.name) for e in config.experts]
+    specs.append(StrategySpec("best-single", "best-single",
+                              "the expert most accurate on the validation questions",
+                              aggregator="single"))
+    for router in ROUTER_KINDS:
+        for agg in AGGREGATOR_KINDS:
+            what = "all experts" if router == "all" else f"{router} router's experts"
+            how = "majority vote (ties: router weight, then strength)" if agg == "vote" \
+                else "an aggregator LLM reads their responses"
+            specs.append(StrategySpec(f"{router}+{agg}", "router", f"{what}; {how}",
+                                      router=router, aggregator=agg))
+        if router != "all":
+            specs.append(StrategySpec(f"{router}@1", "router",
+                                      f"{router} router's first expert only",
+                                      router=router, aggregator="vote", k=1))
+    k = max(1, min(random_k, len(config.experts)))
+    specs.append(StrategySpec(f"random{k}+vote", "random",
+                              f"{k} experts drawn at random per question (seeded), voting; "
+                              "ties to the first drawn",
+                              aggregator="vote", k=k))
+    specs.append(StrategySpec("oracle", "oracle", "right if any expert of the pool is right"))
+    return specs
+
+
+def select(specs: list[StrategySpec], patterns: str | list[str] | None) -> list[StrategySpec]:
+    """The specs matching any of the comma-separated names or shell patterns (all if None)."""
+    if not patterns:
+        return list(specs)
+    if isinstance(patterns, str):
+        patterns = [p.strip() for p in patterns.split(",") if p.strip()]
+    chosen = [s for s in specs if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(s.name, p) for s in specs)]
+    if unmatched:
+        from coe.errors import ConfigError
+
+        known = ", ".join(s.name for s in specs)
+        raise ConfigError(f"--strategies: {', '.join(unmatched)} matches no strategy "
+                          f"(known: {known})")
+    return chosen
+
+
+def has_categories(config: PoolConfig) -> bool:
+    return any(c != DEFAULT_CATEGORY for c in config.category_names())
+
+
+def single_routes(questions: list[Question], expert: str, reason: str) -> list[Route]:
+    return [Route(question_id=q.id, experts=[Recruit(name=expert)], confidence=1.0,
+                  reason=reason) for q in questions]
+
+
+def random_routes(questions: list[Question], names: list[str], k: int, seed: int) -> list[Route]:
+    """k distinct experts per question, drawn with a generator seeded by (seed, question id),
+    so a question's draw does not depend on which other questions are in the set.
+
+    The baseline knows nothing about the experts: the recruits are weighted by draw order, so
+    a vote tie goes to the first expert drawn (a random tie-break), not to the strongest."""
+    out = []
+    for q in questions:
+        drawn = random.Random(f"{seed}:{q.id}").sample(names, k)
+        out.append(Route(question_id=q.id, confidence=None, reason=f"random {k} (seed {seed})",
+                         experts=[Recruit(name=n, weight=(k - i) / k)
+                                  for i, n in enumerate(drawn)]))
+    return out
+
+
+def split_validation(questions: list[Question], fraction: float,
+                     seed: int) -> tuple[list[Question], list[Question]]:
+    """(validation, test): a seeded shuffle of the question ids, the first ``fraction`` held
+    out for validation. Both keep the file's order."""
+    ids = sorted(q.id for q in questions)
+    random.Random(seed).shuffle(ids)
+    n_val = int(round(len(ids) * fraction))
+    n_val = min(max(n_val, 1), len(ids) - 1)
+    val_ids = set(ids[:n_val])
+    return ([q for q in questions if q.id in val_ids],
+            [q for q in questions if q.id not in val_ids])
