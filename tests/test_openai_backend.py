@@ -1,0 +1,130 @@
+"""The openai backend against a REAL OpenAI-compatible server (llama_cpp.server + SmolLM2 on
+127.0.0.1, started by ``tests/openai_server.py``), through the real ``openai`` client.
+
+A loopback proxy (``tests/proxy.py``) in front of the server only observes here: it records the
+requests the client sends and how many are in flight at once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from coe.orchestrator import Orchestrator
+from tests.openai_server import (MODEL_ALIAS, arithmetic_questions, cached_generations,
+                                 openai_expert, run_cli, stop_when, write_pool)
+
+
+def test_chat_and_completion_formats_through_orchestrator_and_cache(openai_server, proxy, tmp_path):
+    pool = write_pool(tmp_path, [
+        openai_expert("smol-chat", proxy.base_url, prompt_format="chat",
+                      system_prompt="You are a careful arithmetician."),
+        openai_expert("smol-base", proxy.base_url, prompt_format="completion"),
+    ])
+    qs = arithmetic_questions(2)
+    with Orchestrator.from_yaml(pool) as orch:
+        run = orch.run(qs, output=tmp_path / "out.jsonl")
+        s = run.stats
+        assert s.failures == {} and s.failed_generations == 0
+        # same endpoint and model: one "load" serves both prompt formats
+        assert s.loads == 1 and s.generations == 4 and s.cache_hits == 0
+        for r in run.results:
+            assert [x.expert for x in r.responses] == ["smol-chat", "smol-base"]
+            assert r.route.failed == {}
+            for x in r.responses:
+                assert x.error is None and x.text.strip()
+                assert 0 < x.completion_tokens <= 8 and x.prompt_tokens > 0 and x.seconds > 0
+
+        # what went over the wire: the right endpoints, model alias, prompt shape, sampling
+        sent = [(r.path, r.json()) for r in proxy.requests]
+        chat = [b for p, b in sent if p == "/v1/chat/completions"]
+        comp = [b for p, b in sent if p == "/v1/completions"]
+        assert len(chat) == 2 and len(comp) == 2 and len(sent) == 4
+        for b in chat + comp:
+            assert b["model"] == MODEL_ALIAS and b["max_tokens"] == 8 and b["temperature"] == 0
+        for b in chat:  # requests run concurrently: any order
+            assert b["messages"][0] == {"role": "system",
+                                        "content": "You are a careful arithmetician."}
+        assert sorted(b["messages"][1]["content"][:13] for b in chat) == ["What is 0 + 1", "What is 1 + 2"]
+        assert sorted(b["prompt"] for b in comp) == ["Question: What is 0 + 1?\nAnswer:",
+                                                     "Question: What is 1 + 2?\nAnswer:"]
+        assert all("\nQuestion:" in b["stop"] for b in comp)
+
+        lines = [json.loads(x) for x in open(tmp_path / "out.jsonl")]
+        assert [x["id"] for x in lines] == ["q0", "q1"]
+        assert all(len(x["responses"]) == 2 and x["route"]["failed"] == {} for x in lines)
+
+        # a rerun is served by the response cache: nothing reaches the server
+        again = orch.run(qs)
+    assert again.stats.generations == 0 and again.stats.cache_hits == 4
+    assert again.stats.loads == 0 and proxy.count == 4
+    assert ([[x.text for x in r.responses] for r in again.results]
+            == [[x.text for x in r.responses] for r in run.results])
+    assert all(x.cached for r in again.results for x in r.responses)
+
+
+def test_max_concurrency_bounds_requests_in_flight(openai_server, proxy, tmp_path):
+    pool = write_pool(tmp_path, [openai_expert("smol", proxy.base_url, max_concurrency=2)])
+    with Orchestrator.from_yaml(pool) as orch:
+        run = orch.run(arithmetic_questions(5))
+    assert run.stats.generations == 5 and run.stats.failures == {}
+    assert proxy.count == 5
+    # the server answers one request at a time, so the client's requests pile up in the
+    # proxy: exactly max_concurrency of them at once, never more
+    assert proxy.max_inflight == 2
+
+
+def _summary(stderr: str) -> dict[str, int]:
+    m = re.search(r"generations: (\d+), cached: (\d+), failed: (\d+)", stderr)
+    assert m, stderr
+    return dict(zip(("generations", "cached", "failed"), map(int, m.groups())))
+
+
+@pytest.mark.slow
+def test_server_stopped_mid_run_keeps_completed_answers(fresh_openai_server, tmp_path):
+    """Issue 2: the server goes away mid-run -> one clear line naming the expert, every
+    finished answer kept (cache and -o file), and a rerun makes only the missing ones."""
+    server = fresh_openai_server
+    n = 4
+    pool = write_pool(tmp_path, [openai_expert("smol", server.base_url, max_concurrency=1,
+                                               max_retries=1, prompt_format="chat")])
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps({"id": q.id, "question": q.question, "answer": q.answer})
+                             + "\n" for q in arithmetic_questions(n)))
+    out, cache = tmp_path / "out.jsonl", tmp_path / "cache.sqlite"
+
+    proc = run_cli("run", qfile, "-c", pool, "-o", out, "-q", wait=False)
+    killer = stop_when(lambda: cached_generations(cache) >= 2 or proc.poll() is not None,
+                       server.stop)
+    stdout, stderr = proc.communicate(timeout=300)
+    killer.join(timeout=30)
+    assert killer.fired and not server.alive
+
+    assert proc.returncode == 4, stderr
+    assert "Traceback" not in stderr
+    failed_lines = [x for x in stderr.splitlines() if x.startswith("expert 'smol' failed: ")]
+    assert len(failed_lines) == 1, stderr
+    assert f"connection to {server.base_url} failed after 1 retry" in failed_lines[0]
+
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"q{i}" for i in range(n)]  # every question reported
+    done = [r for r in rows if r["responses"][0]["error"] is None]
+    lost = [r for r in rows if r["responses"][0]["error"] is not None]
+    assert 2 <= len(done) < n and lost, "the stop should land mid-run"
+    assert all(r["responses"][0]["text"] for r in done)
+    assert all(set(r["route"]["failed"]) == {"smol"} for r in lost)
+    assert cached_generations(cache) == len(done)  # nothing finished was lost
+    s = _summary(stderr)
+    assert s["generations"] == len(done) and s["failed"] == len(lost)
+
+    # the server comes back (same address): a rerun completes only the missing ones
+    server.start()
+    rerun = run_cli("run", qfile, "-c", pool, "-o", out, "-q")
+    assert rerun.returncode == 0, rerun.stderr
+    assert _summary(rerun.stderr) == {"generations": len(lost), "cached": len(done), "failed": 0}
+    rows2 = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows2) == n and all(r["responses"][0]["error"] is None for r in rows2)
+    before = {r["id"]: r["responses"][0]["text"] for r in done}
+    assert {r["id"]: r["responses"][0]["text"] for r in rows2 if r["id"] in before} == before
