@@ -146,6 +146,40 @@ def eval_cmd(
         err(f"expert {name!r} failed: {msg}")
 
 
+@app.command()
+def profile(
+    validation: Path = typer.Argument(..., help="questions with gold answers"),
+    config: Path = ConfigOpt,
+    output: Path = typer.Option(Path("profiles.json"), "--output", "-o", help="profiles JSON"),
+    skills: Optional[str] = typer.Option(None, help="vocabulary | keywords (default: yaml router.skills)"),
+    aggregators: Optional[str] = typer.Option(
+        None, help="comma-separated experts to measure as aggregators (default: all non-replay)"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="response cache"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="report bad lines and go on"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+):
+    """Build (or extend) model profiles: per-skill and global accuracy of every expert, and
+    each aggregator candidate's aggregation accuracy, on a validation set."""
+    from coe.config import load_config
+    from coe.profiles import Profiles, build_profiles
+
+    cfg = load_config(config)
+    qs = _load(validation, skip_invalid)
+    existing = Profiles.load(output) if output.exists() else None
+    aggs = [a.strip() for a in aggregators.split(",") if a.strip()] if aggregators is not None else None
+    prof = build_profiles(cfg, qs, existing=existing, skills=skills, aggregators=aggs, cache=cache,
+                          progress=not quiet, log=err)
+    prof.save(output)
+    typer.echo(f"{'expert':<28} {'accuracy':>8} {'n':>6}  strongest skills")
+    for name, p in prof.experts.items():
+        norm = {s: v / p.seen[s] for s, v in p.skills.items() if p.seen[s] >= 1}
+        best = sorted(norm, key=lambda s: -norm[s])[:3]
+        typer.echo(f"{name:<28} {p.accuracy:>8.1%} {p.total:>6}  {', '.join(best)}")
+    for name, a in prof.aggregators.items():
+        typer.echo(f"aggregator {name:<17} {a.accuracy:>8.1%} {a.total:>6}")
+    typer.echo(f"{output}: {len(prof.questions)} questions, skills from {prof.skill_source}")
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt  # unwind like Ctrl-C: files closed, finished work already on disk
 

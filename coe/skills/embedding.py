@@ -1,0 +1,41 @@
+"""Skills without an LLM call: the question's embedding against the vocabulary's
+("name: description") embeddings; the closest ``max_skills`` skills, weighted by a softmax of
+their similarities. One batched embedding call per batch of questions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from coe.embeddings import shared_embedder
+from coe.skills.vocabulary import load_vocabulary
+
+SKILL_TEMPERATURE = 0.05
+
+
+class VocabularySkills:
+    source = "vocabulary"
+
+    def __init__(self, config, max_skills: int | None = None, vocabulary: dict[str, str] | None = None):
+        self.names = list((vocabulary or load_vocabulary(config)))
+        self.vocabulary = vocabulary or load_vocabulary(config)
+        self.max_skills = max_skills or config.router.max_skills
+        self.embedder = shared_embedder(config.embeddings.model, config.embeddings.batch_size,
+                                        str(config.base_dir))
+        self._vecs = None
+
+    def _vocab_vecs(self) -> np.ndarray:
+        if self._vecs is None:
+            self._vecs = self.embedder.encode([f"{n}: {d}" for n, d in self.vocabulary.items()])
+        return self._vecs
+
+    def infer(self, questions) -> list[dict[str, float]]:
+        if not questions:
+            return []
+        sims = self.embedder.encode([q.question for q in questions]) @ self._vocab_vecs().T
+        top = np.argsort(-sims, axis=1)[:, : self.max_skills]
+        out = []
+        for row, idx in zip(sims, top):
+            z = np.exp((row[idx] - row[idx].max()) / SKILL_TEMPERATURE)
+            w = z / z.sum()
+            out.append({self.names[i]: round(float(x), 4) for i, x in zip(idx, w)})
+        return out
