@@ -73,7 +73,10 @@ class OpenAIExpert(_ExpertBase):
     max_retries: int = Field(4, ge=0)
 
     def load_key(self) -> tuple:
-        return ("openai", self.base_url, self.model, self.api_key_env)
+        # Loading an endpoint costs nothing, so experts share a backend only when every
+        # connection option agrees (each keeps its own concurrency, timeout and retries).
+        return ("openai", self.base_url, self.model, self.api_key_env, self.max_concurrency,
+                self.timeout, self.max_retries)
 
 
 class VLLMExpert(_ExpertBase):

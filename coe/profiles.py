@@ -119,7 +119,11 @@ def build_profiles(config, questions, existing: Profiles | None = None, skills: 
     graded = [q for q in questions if q.answer is not None]
     if not graded:
         raise ConfigError("profiling needs questions with gold answers")
-    with Orchestrator(config, router="all", aggregator="vote", cache=cache, progress=progress) as orch:
+    from coe.routers.all import AllRouter
+
+    # every expert on every question, whatever k the yaml sets for routing
+    with Orchestrator(config, router=AllRouter(config), aggregator="vote", cache=cache,
+                      progress=progress) as orch:
         inferrer = build_skill_inferrer(config, orch.executor, skills)
         prof = existing or Profiles(skill_source=inferrer.source)
         if prof.skill_source != inferrer.source:

@@ -52,7 +52,9 @@ def build_request(expert, q: Question, stage: str = "expert",
                           messages=msgs, stage=stage)
     text = prompt if prompt is not None else completion_prompt(q, expert.system_prompt)
     if messages and prompt is None:  # a chat-shaped request sent to a completion model
-        text = "\n\n".join(c for _, c in messages) + "\nAnswer:"
+        text = "\n\n".join(c for _, c in messages)
+        if not text.rstrip().endswith(":"):  # the request brings its own cue ("Skills:")
+            text += "\nAnswer:"
     stop = list(dict.fromkeys([*sampling.stop, *COMPLETION_STOP]))
     return GenRequest(expert=expert.name, question_id=q.id, stage=stage, prompt=text,
                       sampling=sampling.model_copy(update={"stop": stop}))

@@ -104,3 +104,35 @@ def test_unknown_router_and_aggregator_are_user_errors(replay_pool):
     cfg, qs = replay_pool
     one_line_error(coe("run", qs, "-c", cfg, "--router", "magic"), 2, "unknown router 'magic'")
     one_line_error(coe("run", qs, "-c", cfg, "--aggregator", "mean"), 2, "unknown aggregator 'mean'")
+
+
+def test_resume_reanswers_questions_an_expert_failed_on(replay_pool, tmp_path):
+    cfg, qs = replay_pool
+    import yaml
+
+    pool = yaml.safe_load(cfg.read_text())
+    # gamma's record of r3 is missing: its route records the failure
+    gamma = cfg.parent / "gamma.jsonl"
+    lines = gamma.read_text().splitlines()
+    gamma.write_text("\n".join(ln for ln in lines if '"r3"' not in ln) + "\n")
+    out = tmp_path / "a.jsonl"
+    first = coe("run", qs, "-c", cfg, "-q", "-o", out)
+    assert first.returncode == 4 and "expert 'gamma' failed: no recorded response for question 'r3'" in first.stderr
+    gamma.write_text("\n".join(lines) + "\n")  # the record is back
+    again = coe("run", qs, "-c", cfg, "-q", "-o", out, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "1 questions answered (5 already in" in again.stderr
+    rows = {json.loads(x)["id"]: json.loads(x) for x in out.read_text().splitlines()}
+    assert len(rows) == 6 and rows["r3"]["route"]["failed"] == {}
+    assert pool["router"] == {"kind": "all"}
+
+
+def test_failed_run_keeps_the_previous_answers_file(replay_pool, tmp_path):
+    cfg, qs = replay_pool
+    out = tmp_path / "a.jsonl"
+    out.write_text('{"id": "old"}\n')
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experts:\n  - {name: x, backend: replay, model: missing.jsonl}\n")
+    proc = coe("run", qs, "-c", bad, "-o", out, "--fail-fast")
+    assert proc.returncode != 0
+    assert out.read_text() == '{"id": "old"}\n'

@@ -45,8 +45,21 @@ class OpenAIBackend(Backend):
         self._key: str | None = None
 
     @property
+    def shown_url(self) -> str:
+        """The endpoint as printed: credentials in the URL (user:password@, ?key=) hidden."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        u = urlsplit(self.config.base_url)
+        host = u.hostname or ""
+        if u.port:
+            host += f":{u.port}"
+        if u.username or u.password:
+            host = "***@" + host
+        return urlunsplit((u.scheme, host, u.path, "***" if u.query else "", ""))
+
+    @property
     def label(self) -> str:
-        return f"openai:{self.config.model}@{self.config.base_url}"
+        return f"openai:{self.config.model}@{self.shown_url}"
 
     def fingerprint(self) -> str:
         return f"openai:{self.config.base_url.rstrip('/')}:{self.config.model}"
@@ -62,8 +75,13 @@ class OpenAIBackend(Backend):
             self._key = "no-key"  # local servers accept any key; never the ambient OPENAI_API_KEY
 
     def redact(self, text: str) -> str:
-        if self._key and self._key != "no-key":
-            text = text.replace(self._key, "***")
+        """Hide the API key and any credentials written into base_url."""
+        from urllib.parse import urlsplit
+
+        u = urlsplit(self.config.base_url)
+        secrets = [self._key if self._key != "no-key" else None, u.password, u.query or None]
+        for secret in filter(None, secrets):
+            text = text.replace(secret, "***")
         return text
 
     def _message(self, text: str) -> str:
@@ -78,11 +96,11 @@ class OpenAIBackend(Backend):
         n = self.config.max_retries
         retries = f"after {n} {'retry' if n == 1 else 'retries'}"
         if isinstance(e, openai.APITimeoutError):
-            return f"timed out ({self.config.timeout:g}s) {retries}: {self.config.base_url}", True
+            return f"timed out ({self.config.timeout:g}s) {retries}: {self.shown_url}", True
         if isinstance(e, openai.APIConnectionError):
             cause = e.__cause__ or e.__context__
             why = f"{type(cause).__name__}: {cause}" if cause else str(e)
-            return f"connection to {self.config.base_url} failed {retries}: {why}", True
+            return f"connection to {self.shown_url} failed {retries}: {why}", True
         if isinstance(e, openai.APIStatusError):
             code = e.status_code
             retryable = code in (408, 409, 429) or code >= 500
@@ -90,11 +108,11 @@ class OpenAIBackend(Backend):
             if isinstance(e.body, str) and e.body:  # not JSON (a proxy's HTML page)
                 detail += f" - {_snippet(e.body)}"
             return (f"HTTP {code}{' ' + retries if retryable else ''}: {detail}"
-                    f" ({self.config.base_url})"), retryable
+                    f" ({self.shown_url})"), retryable
         if isinstance(e, BadResponse):
-            return f"{e} ({self.config.base_url})", False
+            return f"{e} ({self.shown_url})", False
         if isinstance(e, json.JSONDecodeError):
-            return f"response is not valid JSON ({e}) ({self.config.base_url})", False
+            return f"response is not valid JSON ({e}) ({self.shown_url})", False
         return f"{type(e).__name__}: {e}", False
 
     async def _one(self, client, r: GenRequest) -> Generation:

@@ -13,10 +13,16 @@ from coe.skills.merge import SkillCanon
 
 MAX_WORDS = 5
 
-SYSTEM = "You name the areas of knowledge a question requires."
-INSTRUCTION = ("List at most {n} short skill keywords (1-3 words each) needed to answer the "
-               "question above, for example: algebra, organic chemistry, contract law. "
-               "Reply with the keywords only, separated by commas.")
+SYSTEM = ("You name the areas of knowledge a question requires: at most {n} short skill "
+          "keywords, separated by commas. You never answer the question itself.")
+# Few-shot examples: small models otherwise answer the question instead of naming skills.
+SHOTS = (
+    ("What is the derivative of x^2 + 3x?", "calculus, derivatives"),
+    ("Which treaty ended World War I?", "modern history, international relations"),
+    ("What is the pH of a 0.01 M HCl solution?", "chemistry, acids and bases"),
+    ("Is a promise made without consideration enforceable?", "contract law"),
+    ("Which organ produces insulin?", "physiology, endocrinology"),
+)
 
 
 def parse_keywords(text: str, cap: int) -> list[str]:
@@ -27,7 +33,8 @@ def parse_keywords(text: str, cap: int) -> list[str]:
         p = re.sub(r"^\s*(?:[-*]|\d+[.)]|[a-z][.)])\s+", "", p.strip())  # bullets, numbering
         p = p.strip(" \t\"'`*.:[]()").lower()
         p = re.sub(r"\s+", " ", p)
-        if not p or len(p.split()) > MAX_WORDS or not re.search(r"[a-z]", p):
+        if (not p or len(p.split()) > MAX_WORDS or not re.search(r"[a-z]", p)
+                or re.search(r"[=?!]", p)):  # an answer or a question, not a skill
             continue
         if p not in out:
             out.append(p)
@@ -56,9 +63,12 @@ class KeywordSkills:
     def infer(self, questions) -> list[dict[str, float]]:
         cfg = self.config.expert(self.expert)
         reqs = []
+        shots = tuple(m for ask, skills in SHOTS
+                      for m in (("user", f"Question: {ask}\nSkills:"), ("assistant", skills)))
+        system = ("system", SYSTEM.format(n=self.max_skills))
         for q in questions:
-            user = f"Question: {format_question(q)}\n\n{INSTRUCTION.format(n=self.max_skills)}"
-            reqs.append(build_request(cfg, q, stage="skills", messages=(("system", SYSTEM), ("user", user))))
+            ask = ("user", f"Question: {format_question(q)}\nSkills:")
+            reqs.append(build_request(cfg, q, stage="skills", messages=(system, *shots, ask)))
         gens = self.executor.run(reqs)
         raw = [parse_keywords(g.text, self.max_skills) if g.error is None else [] for g in gens]
         merged = self.canon.canonical_batch(raw)
