@@ -10,7 +10,8 @@
    cross-validation *inside the train half*; the test half is touched once, at the end.
 4. Profiles from the whole train half; the test half routed by ``SkillRouter`` and answered
    by ``Orchestrator.run`` (replay + vote), next to best single (picked on train), all-8
-   vote, the true category's top-3 vote, and top-p (dynamic k).
+   vote, the true category's top-3 vote, the *predicted* category's top-3 vote (the learned
+   CoE router, trained on the train half), and top-p (dynamic k).
 """
 
 from __future__ import annotations
@@ -122,6 +123,16 @@ def main() -> None:
     run("best single (picked on train)", _single(cfg, best_single), best_single)
     run("all 8, vote", "all")
     run("true category -> its top 3, vote", "category", "the category field is given")
+    from coe.routers.category import CategoryRouter
+    from coe.routers.learned import train_category_router
+
+    clf, rep = train_category_router(train, test, estimator="logreg")
+    hidden = [q.model_copy(update={"category": None}) for q in test]
+    with Orchestrator(cfg, router=CategoryRouter(cfg, 3, classifier=clf), aggregator="vote",
+                      cache=False) as orch:
+        r = orch.run(hidden)
+    rows.append(("predicted category (learned router) -> top 3, vote", r.accuracy,
+                 r.stats.generations / len(test), f"category accuracy {rep.accuracy:.1%}"))
     default = SkillRouter(cfg, profiles(train, 3), Fixed(skills[3]), k=3)
     run("skill recruiting k=3, vote (default settings)", default, "temperature 0.1, global 0.5, 3 skills")
     run("skill recruiting k=3, vote (CV-tuned)",

