@@ -2,7 +2,7 @@
 against the figures the data README computed directly from the recorded files.
 
     python benchmarks/eval_mmlu_pro.py [--data ../shared/data/mmlu-pro-outputs]
-                                       [--pool /work/runs/mmlu-pro] [--out runs/eval-mmlu-pro]
+                                       [--pool runs/mmlu-pro] [--out runs/eval-mmlu-pro]
 
 Builds the pool (train/test halves, replay files, experts.yaml) if it is not there, evaluates
 every strategy on the test half with best-single picked on the train half, writes the report
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from coe.eval.job import run_eval_job  # noqa: E402
-from coe.eval.mmlu_pro import build_pool  # noqa: E402
+from coe.eval.mmlu_pro import ensure_pool  # noqa: E402
 from coe.eval.report import strategy_table, summary_lines  # noqa: E402
 
 # Figures in ../shared/data/mmlu-pro-outputs/README.md (computed there from the recorded
@@ -39,15 +39,12 @@ README = {
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mmlu-pro-outputs"))
-    ap.add_argument("--pool", default="/work/runs/mmlu-pro")
+    ap.add_argument("--pool", default=str(REPO / "runs" / "mmlu-pro"))
     ap.add_argument("--out", default=str(REPO / "runs" / "eval-mmlu-pro"))
     ap.add_argument("--random-seeds", type=int, default=5,
                     help="also run the random baseline with this many seeds")
     args = ap.parse_args()
-    pool = Path(args.pool)
-    if not (pool / "experts.yaml").exists():
-        print(f"building the replay pool in {pool} ...", file=sys.stderr)
-        build_pool(args.data, pool)
+    pool = ensure_pool(args.data, args.pool)
     t0 = time.perf_counter()
     result, files, _ = run_eval_job(pool / "test.jsonl", pool / "experts.yaml",
                                     validation=pool / "train.jsonl", out_dir=args.out)

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from coe.config import load_config  # noqa: E402
+from coe.eval.mmlu_pro import ensure_pool  # noqa: E402
 from coe.embeddings import Embedder  # noqa: E402
 from coe.questions import load_questions  # noqa: E402
 from coe.routers.category import CategoryRouter  # noqa: E402
@@ -31,11 +32,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mmlu-pro-outputs"))
     ap.add_argument("--throughput-questions", type=int, default=1000)
     args = ap.parse_args()
-    pool = Path(args.pool)
-    if not (pool / "experts.yaml").exists():
-        from coe.eval.mmlu_pro import build_pool
-
-        build_pool(args.data, pool)
+    pool = ensure_pool(args.data, args.pool)
     cfg = load_config(pool / "experts.yaml")
     train = load_questions(pool / "train.jsonl").questions
     test = load_questions(pool / "test.jsonl").questions

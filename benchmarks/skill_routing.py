@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from coe.aggregators import vote  # noqa: E402
 from coe.answers import is_correct  # noqa: E402
 from coe.config import load_config  # noqa: E402
+from coe.eval.mmlu_pro import ensure_pool  # noqa: E402
 from coe.orchestrator import Orchestrator  # noqa: E402
 from coe.profiles import Profiles, add_expert_results  # noqa: E402
 from coe.questions import load_questions  # noqa: E402
@@ -67,11 +68,7 @@ def main() -> None:
     ap.add_argument("--pool", default=str(REPO / "runs" / "mmlu-pro"))
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mmlu-pro-outputs"))
     args = ap.parse_args()
-    pool = Path(args.pool)
-    if not (pool / "experts.yaml").exists():
-        from coe.eval.mmlu_pro import build_pool
-
-        build_pool(args.data, pool)
+    pool = ensure_pool(args.data, args.pool)
     cfg = load_config(pool / "experts.yaml")
     train = load_questions(pool / "train.jsonl").questions
     test = load_questions(pool / "test.jsonl").questions

@@ -46,3 +46,19 @@ def replay_pool(tmp_path):
     cfg = tmp_path / "pool.yaml"
     cfg.write_text(yaml.safe_dump({"experts": experts, "router": {"kind": "all"}}))
     return cfg, write_jsonl(tmp_path / "questions.jsonl", qs)
+
+
+def cached_generations(path: Path) -> int:
+    """Rows in a response cache, read from outside the process writing it (0 if none yet)."""
+    import sqlite3
+
+    if not Path(path).exists():
+        return 0
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            return db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 0

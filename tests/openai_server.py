@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import cached_generations  # noqa: F401  (re-exported for the API tests)
+
 MODEL_ALIAS = "smollm2-test"
 START_TIMEOUT = 90.0  # seconds for the server to load the model and answer /v1/models
 
@@ -179,22 +181,6 @@ def arithmetic_questions(n: int) -> list:
 
     return [Question(id=f"q{i}", question=f"What is {i} + {i + 1}?", answer=str(2 * i + 1))
             for i in range(n)]
-
-
-def cached_generations(path: Path) -> int:
-    """Rows in a response cache, read from outside the process writing it (0 if none yet)."""
-    import sqlite3
-
-    if not Path(path).exists():
-        return 0
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
-        try:
-            return db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return 0
 
 
 def stop_when(predicate, action, timeout: float = 120.0, interval: float = 0.05):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import write_jsonl
+from tests.conftest import cached_generations, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = [json.loads(x) for x in (REPO / "examples" / "questions.jsonl").read_text().splitlines()]
@@ -94,15 +93,6 @@ def test_local_models_every_strategy_then_zero_generations(tmp_path):
            [ln.split("|")[1:4] for ln in first.stdout.splitlines()]
 
 
-def cached_count(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db, timeout=5) as c:
-            return c.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
 
 @pytest.mark.slow
 def test_killed_eval_resumes_with_only_the_missing_generations(tmp_path):
@@ -116,12 +106,12 @@ def test_killed_eval_resumes_with_only_the_missing_generations(tmp_path):
                              tmp_path / "killed"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while cached_count(db) < 5 and time.time() < deadline and proc.poll() is None:
+    while cached_generations(db) < 5 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)  # no handler, no cleanup: a real kill
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    done = cached_count(db)
+    done = cached_generations(db)
     resumed = coe(*args, "--resume", "-o", tmp_path / "resumed", env=env)
     assert resumed.returncode == 0, resumed.stderr
     r = report(tmp_path / "resumed")

@@ -4,7 +4,6 @@ file holds only whole lines, and --resume makes only the missing generations."""
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -13,17 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import cached_generations
+
 REPO = Path(__file__).resolve().parents[1]
 
-
-def cached_count(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db, timeout=5) as c:
-            return c.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
 
 
 @pytest.mark.slow
@@ -46,13 +38,13 @@ def test_killed_run_resumes_with_only_missing_generations(tmp_path, sig, code):
     cmd = [sys.executable, "-m", "coe.cli", "run", str(qs), "-c", str(cfg), "-o", str(out), "-q"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while cached_count(db) < 5 and time.time() < deadline and proc.poll() is None:
+    while cached_generations(db) < 5 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert "Traceback" not in err and "interrupted" in err
-    done = cached_count(db)
+    done = cached_generations(db)
     assert 5 <= done < 24, "the kill should land mid-job"
     # the output file only ever holds whole lines
     assert not out.exists() or all(line.endswith("}") for line in out.read_text().splitlines())

@@ -7,7 +7,7 @@ import yaml
 
 from coe.config import parse_config
 from coe.orchestrator import Orchestrator
-from coe.profiles import Profiles, add_expert_results, build_profiles
+from coe.profiles import Profiles, add_expert_results
 from coe.questions import Question
 from coe.results import ExpertResponse
 from coe.routers.skill import SkillRouter

@@ -117,3 +117,11 @@ def build_pool(data_dir: str | Path, out_dir: str | Path, seed: int = 0,
     (out / "experts.yaml").write_text(yaml.safe_dump(pool, sort_keys=False), encoding="utf-8")
     return {"questions": len(questions), "train": len(train), "test": len(test),
             "strength": strength}
+
+
+def ensure_pool(data_dir: str | Path, out_dir: str | Path) -> Path:
+    """The pool folder, built from the recorded outputs first if it is not there yet."""
+    out = Path(out_dir)
+    if not (out / "experts.yaml").exists():
+        build_pool(data_dir, out)
+    return out
