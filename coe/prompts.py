@@ -46,8 +46,11 @@ def build_request(expert, q: Question, stage: str = "expert",
     sampling = expert.sampling
     if expert.prompt_format == "chat":
         msgs = messages or chat_messages(q, expert.system_prompt)
-        if messages and expert.system_prompt and messages[0][0] != "system":
-            msgs = (("system", expert.system_prompt), *messages)
+        if messages and expert.system_prompt:  # the persona stays; a task's own system follows
+            if messages[0][0] == "system":
+                msgs = (("system", f"{expert.system_prompt}\n\n{messages[0][1]}"), *messages[1:])
+            else:
+                msgs = (("system", expert.system_prompt), *messages)
         return GenRequest(expert=expert.name, question_id=q.id, sampling=sampling,
                           messages=msgs, stage=stage)
     text = prompt if prompt is not None else completion_prompt(q, expert.system_prompt)

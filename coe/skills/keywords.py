@@ -30,7 +30,7 @@ def parse_keywords(text: str, cap: int) -> list[str]:
     parts = re.split(r"[,\n;]|\s-\s|\u2022", text)
     out: list[str] = []
     for p in parts:
-        p = re.sub(r"^\s*(?:[-*]|\d+[.)]|[a-z][.)])\s+", "", p.strip())  # bullets, numbering
+        p = re.sub(r"^\s*(?:[-*]|\d+[.)]|[a-z][.)])\s+", "", p.strip(), flags=re.IGNORECASE)  # bullets, numbering, option letters
         p = p.strip(" \t\"'`*.:[]()").lower()
         p = re.sub(r"\s+", " ", p)
         if (not p or len(p.split()) > MAX_WORDS or not re.search(r"[a-z]", p)
