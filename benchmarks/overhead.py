@@ -1,6 +1,6 @@
 """Orchestration overhead: a run's wall time against the summed backend generation time.
 
-    python benchmarks/overhead.py [--questions 20] [--max-tokens 48]
+    python benchmarks/overhead.py [--questions 20] [--max-tokens N] [--zero-shot]
 
 Runs the default pool (experts.yaml: 3 experts, two of them personas of one GGUF) over N
 questions with the response cache off, and prints a table: wall time of
@@ -47,12 +47,14 @@ def questions(n: int, zero_shot: bool) -> list[Question]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--questions", type=int, default=20)
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="cap every expert's max_tokens (default: the pool's own sampling)")
     ap.add_argument("--zero-shot", action="store_true", help="route by embedding, not by field")
     args = ap.parse_args()
     pool = yaml.safe_load((REPO / "experts.yaml").read_text())
-    for e in pool["experts"]:
-        e["sampling"]["max_tokens"] = min(e["sampling"]["max_tokens"], args.max_tokens)
+    if args.max_tokens:
+        for e in pool["experts"]:
+            e["sampling"]["max_tokens"] = min(e["sampling"]["max_tokens"], args.max_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "experts.yaml"
         cfg.write_text(yaml.safe_dump(pool))
