@@ -73,10 +73,6 @@ def test_twenty_questions_three_experts_two_personas_make_two_loads(tmp_path):
         assert [r.final_answer for r in again.results] == [r.final_answer for r in run.results]
 
 
-class Exploding:
-    """A backend whose model raises after two generations (a crash mid-batch)."""
-
-
 def test_model_crash_mid_batch_keeps_finished_generations(tmp_path, replay_pool, monkeypatch):
     cfg_path, qpath = replay_pool
     qs = load_questions(qpath).questions

@@ -137,6 +137,15 @@ def write_outcomes(result: EvalResult, path: Path) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(result: EvalResult, out: Path) -> list[Path]:
     import matplotlib
 
@@ -166,10 +175,7 @@ def plot(result: EvalResult, out: Path) -> list[Path]:
     ax.set_title(f"Accuracy per strategy (n={scores[0].overall.n})")
     for yi, a, top in zip(y, acc, hi):
         ax.text(top + 0.7, yi, f"{a:.1f}", va="center", fontsize=8)
-    fig.tight_layout()
-    files.append(out / "accuracy.png")
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    files.append(_save(fig, out / "accuracy.png"))
 
     # accuracy per category: strategies x categories heat map
     cats = sorted({c for s in scores for c in s.per_category})
@@ -188,10 +194,7 @@ def plot(result: EvalResult, out: Path) -> list[Path]:
                                 fontsize=7, color="w" if grid[i, j] < 60 else "k")
         fig.colorbar(im, ax=ax, label="accuracy %")
         ax.set_title("Accuracy per category")
-        fig.tight_layout()
-        files.append(out / "categories.png")
-        fig.savefig(files[-1], dpi=110)
-        plt.close(fig)
+        files.append(_save(fig, out / "categories.png"))
 
     # expert usage: fraction of questions each expert was recruited for (+ as aggregator)
     experts = [e.name for e in result.config.experts]
@@ -212,10 +215,7 @@ def plot(result: EvalResult, out: Path) -> list[Path]:
                         color="w" if use[i, j] > 0.6 else "k")
     fig.colorbar(im, ax=ax, label="fraction of questions recruited")
     ax.set_title("Expert usage")
-    fig.tight_layout()
-    files.append(out / "usage.png")
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    files.append(_save(fig, out / "usage.png"))
 
     # accuracy against average active parameters and average cost per question
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
@@ -242,10 +242,7 @@ def plot(result: EvalResult, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0].set_title("Accuracy vs active parameters")
     axes[1].set_title("Accuracy vs cost")
-    fig.tight_layout()
-    files.append(out / "cost.png")
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    files.append(_save(fig, out / "cost.png"))
     return files
 
 

@@ -16,8 +16,8 @@ class VocabularySkills:
     source = "vocabulary"
 
     def __init__(self, config, max_skills: int | None = None, vocabulary: dict[str, str] | None = None):
-        self.names = list((vocabulary or load_vocabulary(config)))
         self.vocabulary = vocabulary or load_vocabulary(config)
+        self.names = list(self.vocabulary)
         self.max_skills = max_skills or config.router.max_skills
         self.embedder = shared_embedder(config.embeddings.model, config.embeddings.batch_size,
                                         str(config.base_dir))
