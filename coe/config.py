@@ -123,6 +123,9 @@ class RouterConfig(_Strict):
     model_file: str | None = Field(None, description="trained router (coe train-router)")
     profiles: str | None = Field(None, description="model profiles (coe profile)")
     threshold: float = Field(0.0, ge=0.0, le=1.0, description="below it: default experts")
+    use_given_category: bool = Field(
+        True, description="category router: take a question's own category field when it names "
+        "a pool category; false: always predict (to evaluate a trained router on labelled data)")
     # skill router (Symbolic-MoE recruiting)
     skills: Literal["vocabulary", "keywords"] = Field(
         "vocabulary", description="how skills are inferred: embedding match or an LLM's keywords")

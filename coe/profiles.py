@@ -16,9 +16,10 @@ file adds to it (questions already in it are skipped).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 from coe.errors import ConfigError
 
@@ -31,6 +32,7 @@ class ExpertProfile(BaseModel):
     skills: dict[str, float] = Field(default_factory=dict)  # +w right, -w wrong
     seen: dict[str, float] = Field(default_factory=dict)  # summed weights per skill
 
+    @computed_field  # written to the file for the reader; recomputed on load
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
@@ -47,6 +49,7 @@ class AggregatorProfile(BaseModel):
     correct: int = 0
     total: int = 0
 
+    @computed_field
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
@@ -55,9 +58,9 @@ class AggregatorProfile(BaseModel):
 class Profiles(BaseModel):
     version: int = FORMAT_VERSION
     skill_source: str
-    questions: list[str] = Field(default_factory=list)  # ids profiled so far
     experts: dict[str, ExpertProfile] = Field(default_factory=dict)
     aggregators: dict[str, AggregatorProfile] = Field(default_factory=dict)
+    questions: list[str] = Field(default_factory=list)  # ids profiled so far
 
     def skill_names(self) -> list[str]:
         names: dict[str, None] = {}
@@ -70,7 +73,13 @@ class Profiles(BaseModel):
         return max(scored)[2] if scored else None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.model_dump_json(indent=1), encoding="utf-8")
+        """Indented JSON, the profiles first and the (long) list of question ids last, on one
+        line, so the file reads from the top."""
+        data = json.loads(self.model_dump_json())
+        ids = data.pop("questions")
+        text = json.dumps({**data, "questions": "__ids__"}, indent=1, ensure_ascii=False)
+        head, _, tail = text.rpartition('"__ids__"')
+        Path(path).write_text(head + json.dumps(ids) + tail + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> "Profiles":

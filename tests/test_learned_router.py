@@ -3,6 +3,7 @@
 import json
 import random
 
+import numpy as np
 import pytest
 import yaml
 
@@ -54,6 +55,35 @@ def test_train_report_save_load_and_route(tmp_path, labelled):
     assert law.names[0] == "law" and "predicted" in law.reason
 
 
+def test_given_category_is_used_unless_the_yaml_asks_to_predict(tmp_path, labelled):
+    clf, report = train_category_router(labelled[:180], labelled[180:])
+    clf.save(tmp_path / "r.joblib")
+    held = labelled[180:] + [Question(id="odd", question=labelled[0].question, category="astrology")]
+    given = build_router("category", pool(tmp_path, "r.joblib")).route(held)
+    assert [r.category for r in given[:-1]] == [q.category for q in held[:-1]]
+    assert all("given" in r.reason for r in given[:-1])
+    assert given[-1].category == labelled[0].category and "predicted" in given[-1].reason
+    cfg = pool(tmp_path, "r.joblib")
+    cfg.router.use_given_category = False
+    predicted = build_router("category", cfg).route(held)
+    assert all("predicted" in r.reason for r in predicted)
+    assert [r.category for r in predicted[:-1]] == clf.predict([q.question for q in held[:-1]])
+    right = sum(r.category == q.category for r, q in zip(predicted, held[:-1]))
+    assert right / 60 == pytest.approx(report.accuracy)
+
+
+def test_split_from_the_training_file_then_refit_on_everything(labelled):
+    clf, report = train_category_router(labelled[:180], test_fraction=0.25, seed=1)
+    assert (report.n_train, report.n_test) == (135, 45)
+    assert report.confusion.sum() == 45 and sorted(clf.labels) == sorted(CATS)
+    again, same = train_category_router(labelled[:180], test_fraction=0.25, seed=1)
+    assert same.accuracy == report.accuracy and (same.confusion == report.confusion).all()
+    texts = [q.question for q in labelled[180:]]
+    assert clf.predict(texts) == again.predict(texts)
+    on_all, _ = train_category_router(labelled[:180], labelled[180:])  # fitted on all 180
+    assert np.allclose(clf.estimator.coef_, on_all.estimator.coef_)
+
+
 def test_threshold_sends_unsure_questions_to_default(tmp_path, labelled):
     clf, _ = train_category_router(labelled[:180], labelled[180:])
     clf.save(tmp_path / "r.joblib")
@@ -81,20 +111,38 @@ def test_router_trained_on_other_categories_is_refused_before_any_load(tmp_path,
 
 
 def test_cli_train_router_and_route(tmp_path, labelled):
-    data = tmp_path / "labelled.jsonl"
-    data.write_text("".join(q.model_dump_json() + "\n" for q in labelled))
-    proc = coe("train-router", data, "-o", tmp_path / "router.joblib", "--test-fraction", "0.25")
+    """train-router prints the same held-out figures as the API; coe route shows the trained
+    router's choice. The held-out questions' embeddings are in the cache train-router filled,
+    so routing them loads no encoder (the test stays fast)."""
+    train, held = labelled[:60], labelled[60:90]
+    (tmp_path / "train.jsonl").write_text("".join(q.model_dump_json() + "\n" for q in train))
+    (tmp_path / "held.jsonl").write_text("".join(q.model_dump_json() + "\n" for q in held))
+    proc = coe("train-router", tmp_path / "train.jsonl", "--test", tmp_path / "held.jsonl",
+               "-o", tmp_path / "router.joblib")
     assert proc.returncode == 0, proc.stderr
-    assert "held-out accuracy:" in proc.stdout and "(train 180, test 60)" in proc.stdout
-    assert "confusion matrix" in proc.stdout and "router.joblib: logreg over 3 categories" in proc.stdout
+    clf, report = train_category_router(train, held)
+    assert f"held-out accuracy: {report.accuracy:.1%} (train 60, test 30)" in proc.stdout
+    matrix = proc.stdout.split("confusion matrix (rows: true, columns: predicted):\n")[1].splitlines()
+    assert matrix[0].split() == [c[:6] for c in sorted(CATS)]
+    for row, cat, counts in zip(matrix[1:4], sorted(CATS), report.confusion):
+        assert row.split() == [cat, *map(str, counts)]
+    assert "router.joblib: logreg over 3 categories" in proc.stdout
     cfg = tmp_path / "e.yaml"
     cfg.write_text(yaml.safe_dump({"experts": [
         {"name": c[:4], "backend": "replay", "model": "x.jsonl", "categories": [c]} for c in CATS],
         "router": {"kind": "category", "model_file": "router.joblib"}}))
     qs = tmp_path / "q.jsonl"
-    qs.write_text(json.dumps({"id": "a", "question": "Is the oral contract for land enforceable under the statute of frauds?"}) + "\n")
-    routed = coe("route", qs, "-c", cfg, "--json")
+    qs.write_text("".join(json.dumps({"id": q.id, "question": q.question}) + "\n" for q in held[:5]))
+    expected = clf.predict([q.question for q in held[:5]])
+    routed = coe("route", qs, "-c", cfg, "--json", "-k", "1")
     assert routed.returncode == 0, routed.stderr
-    r = json.loads(routed.stdout)
-    assert r["category"] == "law" and r["experts"][0]["name"] == "law"
-    assert "model loads for routing: 0" in routed.stderr
+    routes = [json.loads(line) for line in routed.stdout.splitlines()]
+    assert [r["category"] for r in routes] == expected
+    assert [[e["name"] for e in r["experts"]] for r in routes] == [[c[:4]] for c in expected]
+    assert all("predicted" in r["reason"] and 0 < r["confidence"] <= 1 for r in routes)
+    assert "5 routes; model loads for routing: 0" in routed.stderr
+    table = coe("route", qs, "-c", cfg)
+    assert table.returncode == 0, table.stderr
+    first = table.stdout.splitlines()[0].split("\t")
+    assert first[0] == held[0].id and first[1].startswith(f"{expected[0][:4]} 1.00")
+    assert f"category '{expected[0]}' (predicted" in first[3]

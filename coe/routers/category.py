@@ -1,7 +1,8 @@
 """Composition-of-Experts two-step routing: question -> category -> the category's experts.
 
-Step one takes the question's own ``category`` field when it names a known category; otherwise
-it predicts one. Without a trained classifier the prediction is a zero-shot match of the
+Step one takes the question's own ``category`` field when it names a known category (unless
+``router.use_given_category`` is false, to evaluate the prediction on labelled questions);
+otherwise it predicts one. Without a trained classifier the prediction is a zero-shot match of the
 question embedding to each category's name and description from the yaml (a softmax over
 cosine similarities gives the confidence). Step two is the yaml's category-to-expert map.
 A confidence below ``threshold``, or a category with no experts, sends the question to the
@@ -61,6 +62,7 @@ class CategoryRouter(Router):
         self.threshold = config.router.threshold if threshold is None else threshold
         self._classifier = classifier
         self.known = set(config.category_names())
+        self.use_given = config.router.use_given_category
 
     @property
     def classifier(self):
@@ -84,7 +86,7 @@ class CategoryRouter(Router):
         routes: dict[int, Route] = {}
         unknown = []
         for i, q in enumerate(questions):
-            if q.category and q.category in self.known:
+            if self.use_given and q.category and q.category in self.known:
                 routes[i] = self._route(q, q.category, 1.0, "given")
             else:
                 unknown.append(i)
