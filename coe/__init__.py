@@ -3,11 +3,14 @@ run each model once over all its questions, and aggregate the answers."""
 
 from coe.config import PoolConfig, load_config
 from coe.errors import CoeError, ConfigError, ExpertError, InputError
+from coe.executor import Executor, LocalExecutor, RunStats
 from coe.orchestrator import Orchestrator, RunResult
-from coe.questions import Question, load_questions
-from coe.results import ExpertResponse, QuestionResult
+from coe.questions import load_questions
+from coe.registry import AGGREGATORS, BACKENDS, EXECUTORS, ROUTERS
+from coe.types import ExpertResponse, Question, QuestionResult, Route
 
-__all__ = ["CoeError", "ConfigError", "ExpertError", "ExpertResponse", "InputError",
-           "Orchestrator", "PoolConfig", "Question", "QuestionResult", "RunResult",
+__all__ = ["AGGREGATORS", "BACKENDS", "CoeError", "ConfigError", "EXECUTORS", "Executor",
+           "ExpertError", "ExpertResponse", "InputError", "LocalExecutor", "Orchestrator",
+           "PoolConfig", "Question", "QuestionResult", "ROUTERS", "Route", "RunResult", "RunStats",
            "load_config", "load_questions"]
 __version__ = "0.1.0"

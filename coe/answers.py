@@ -10,24 +10,13 @@ from __future__ import annotations
 
 import re
 import string
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
-from coe.questions import LETTERS, AnswerKind, Question
+from coe.types import LETTERS, AnswerKind, ExpertResponse, Generation, Question, parse_number
 
 _NUM = r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\.\d+"
 _NUM_RE = re.compile(_NUM)
 _NEXT_QUESTION = re.compile(r"\n\s*Question\s*:")
-
-
-def parse_number(text: str) -> Decimal | None:
-    t = text.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
-    if t.endswith("%"):
-        t = t[:-1]
-    try:
-        d = Decimal(t)
-    except InvalidOperation:
-        return None
-    return d if d.is_finite() else None
 
 
 def _canonical_number(d: Decimal) -> str:
@@ -137,3 +126,18 @@ def is_correct(pred: str | None, question: Question, rel_tol: float = 1e-6) -> b
             return False
         return abs(a - b) <= Decimal(str(rel_tol)) * max(abs(b), Decimal(1))
     return pred == gold
+
+
+def response_from(expert: str, gen: Generation, question: Question) -> ExpertResponse:
+    """An expert's generation with its final answer extracted (or the answer recorded with a
+    replayed generation, normalised)."""
+    if gen.error:
+        answer = None
+    elif gen.has_recorded_answer:
+        answer = (normalize(gen.recorded_answer, question.answer_kind,
+                            len(question.choices or LETTERS)) if gen.recorded_answer else None)
+    else:
+        answer = extract_answer(gen.text, question)
+    return ExpertResponse(expert=expert, text=gen.text, prompt_tokens=gen.prompt_tokens,
+                          completion_tokens=gen.completion_tokens, seconds=round(gen.seconds, 4),
+                          cached=gen.cached, error=gen.error, answer=answer)

@@ -12,11 +12,14 @@ from typing import Optional
 import typer
 
 from coe.errors import CoeError
+from coe.registry import AGGREGATORS, ROUTERS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Composition of Experts: route questions to a team of LLMs and aggregate.")
 
 ConfigOpt = typer.Option(Path("experts.yaml"), "--config", "-c", help="experts yaml")
+ROUTER_HELP = f"{' | '.join(ROUTERS.names())} (default: yaml)"
+AGGREGATOR_HELP = f"{' | '.join(AGGREGATORS.names())} (default: yaml)"
 
 
 def err(msg: str) -> None:
@@ -36,8 +39,8 @@ def _load(questions: Path, skip_invalid: bool):
 def run(
     questions: Path = typer.Argument(..., help="questions: .jsonl, .json or .csv"),
     config: Path = ConfigOpt,
-    router: Optional[str] = typer.Option(None, help="all | category | skill (default: yaml)"),
-    aggregator: Optional[str] = typer.Option(None, help="vote | llm | single (default: yaml)"),
+    router: Optional[str] = typer.Option(None, help=ROUTER_HELP),
+    aggregator: Optional[str] = typer.Option(None, help=AGGREGATOR_HELP),
     k: Optional[int] = typer.Option(None, "-k", min=1, help="recruit at most k experts"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="answers JSONL (default: stdout)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="show routes and the plan, generate nothing"),
@@ -161,7 +164,8 @@ def profile(
     """Build (or extend) model profiles: per-skill and global accuracy of every expert, and
     each aggregator candidate's aggregation accuracy, on a validation set."""
     from coe.config import load_config
-    from coe.profiles import Profiles, build_profiles
+    from coe.profiles import Profiles
+    from coe.profiling import build_profiles
 
     cfg = load_config(config)
     qs = _load(validation, skip_invalid)
@@ -214,7 +218,7 @@ def train_router(
 def route(
     questions: Path = typer.Argument(..., help="questions: .jsonl, .json or .csv"),
     config: Path = ConfigOpt,
-    router: Optional[str] = typer.Option(None, help="all | category | skill (default: yaml)"),
+    router: Optional[str] = typer.Option(None, help=ROUTER_HELP),
     k: Optional[int] = typer.Option(None, "-k", min=1, help="recruit at most k experts"),
     as_json: bool = typer.Option(False, "--json", help="one JSON route per line"),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="report bad lines and go on"),
@@ -225,8 +229,9 @@ def route(
 
     qs = _load(questions, skip_invalid)
     with Orchestrator.from_yaml(config, router=router, k=k, cache=False) as orch:
-        routes = orch.route(qs)
-        loads = orch.executor.stats.loads
+        with orch.executor.session() as stats:
+            routes = orch.route(qs)
+        loads = stats.loads
     for r in routes:
         if as_json:
             typer.echo(r.model_dump_json())

@@ -1,6 +1,8 @@
 """The experts yaml: the pool of experts, the categories they serve, router and aggregator.
 
-Every field is declared here as a pydantic model; ``load_config`` turns any problem into a
+Every field is declared as a pydantic model: the fields common to all experts here, each
+backend's own options beside the backend (its ``config_model``, found through the backend
+registry, so a plugin backend brings its own schema). ``load_config`` turns any problem into a
 single-line ``ConfigError`` naming the file, the expert and the field.
 """
 
@@ -8,26 +10,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
+                      SerializeAsAny, ValidationError, model_validator)
+from pydantic_core import PydanticCustomError
 
 from coe.errors import ConfigError
+from coe.registry import AGGREGATORS, BACKENDS, EXECUTORS, ROUTERS
+from coe.types import Sampling
+
+__all__ = ["AggregatorConfig", "CategoryConfig", "DEFAULT_CATEGORY", "EmbeddingConfig",
+           "ExecutorConfig", "ExpertConfig", "PoolConfig", "Price", "RouterConfig", "Sampling",
+           "load_config", "parse_config"]
 
 DEFAULT_CATEGORY = "default"
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class Sampling(_Strict):
-    temperature: float = Field(0.0, ge=0.0)
-    max_tokens: int = Field(256, gt=0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = 0
 
 
 class Price(_Strict):
@@ -37,8 +39,13 @@ class Price(_Strict):
     output_per_mtok: float = Field(0.0, ge=0.0)
 
 
-class _ExpertBase(_Strict):
+class ExpertConfig(_Strict):
+    """The fields every expert has. Each backend extends it with its own options in a subclass
+    (``config_model`` of the backend class, e.g. ``LlamaCppExpert`` in ``coe.experts.llamacpp``)
+    whose ``backend`` is a ``Literal`` of its registered name."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    backend: str
     model: str = Field(min_length=1, description="package:NAME, a local path, or an API model id")
     prompt_format: Literal["chat", "completion"] = "chat"
     system_prompt: str | None = None
@@ -51,65 +58,35 @@ class _ExpertBase(_Strict):
     )
 
     def load_key(self) -> tuple:
-        """What identifies the weights: experts with equal keys share one load."""
-        raise NotImplementedError
+        """What identifies the weights: experts with equal keys share one load. Backends with
+        load options add them."""
+        return (self.backend, self.model)
 
 
-class LlamaCppExpert(_ExpertBase):
-    backend: Literal["llamacpp"]
-    n_ctx: int = Field(2048, gt=0)
-    n_threads: int | None = Field(None, gt=0)
-
-    def load_key(self) -> tuple:
-        return ("llamacpp", self.model, self.n_ctx, self.n_threads)
-
-
-class OpenAIExpert(_ExpertBase):
-    backend: Literal["openai"]
-    base_url: str = Field(min_length=1)
-    api_key_env: str | None = None
-    max_concurrency: int = Field(8, gt=0)
-    timeout: float = Field(60.0, gt=0)
-    max_retries: int = Field(4, ge=0)
-
-    def load_key(self) -> tuple:
-        # Loading an endpoint costs nothing, so experts share a backend only when every
-        # connection option agrees (each keeps its own concurrency, timeout and retries).
-        return ("openai", self.base_url, self.model, self.api_key_env, self.max_concurrency,
-                self.timeout, self.max_retries)
+def _expert_config(value: Any) -> ExpertConfig:
+    """Validate one yaml expert with the options model of its backend (from the registry)."""
+    if isinstance(value, ExpertConfig):
+        return value
+    if not isinstance(value, dict):
+        raise PydanticCustomError("expert_type", "expected a mapping of expert fields")
+    name = value.get("backend")
+    if name is None:
+        raise PydanticCustomError("backend_missing", "field 'backend' is required")
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise PydanticCustomError("backend_unknown", "{msg}", {"msg": BACKENDS.unknown(str(name))})
+    try:
+        model = BACKENDS.get(name).config_model
+    except ConfigError as e:  # a plugin that does not load
+        raise PydanticCustomError("backend_broken", "{msg}", {"msg": str(e)}) from None
+    return model.model_validate(value)
 
 
-class VLLMExpert(_ExpertBase):
-    backend: Literal["vllm"]
-    tensor_parallel_size: int = Field(1, gt=0)
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    max_model_len: int | None = Field(None, gt=0)
-    dtype: str = "auto"
-
-    def load_key(self) -> tuple:
-        return (
-            "vllm",
-            self.model,
-            self.tensor_parallel_size,
-            self.gpu_memory_utilization,
-            self.max_model_len,
-            self.dtype,
-        )
-
-
-class ReplayExpert(_ExpertBase):
-    """Responses come from a recorded JSONL file: one ``{"id", "text"}`` per question."""
-
-    backend: Literal["replay"]
-
-    def load_key(self) -> tuple:
-        return ("replay", self.model)
-
-
-ExpertConfig = Annotated[
-    Union[LlamaCppExpert, OpenAIExpert, VLLMExpert, ReplayExpert], Field(discriminator="backend")
-]
-BACKENDS = ("llamacpp", "openai", "vllm", "replay")
+def _registered(registry):
+    def check(name: str) -> str:
+        if name not in registry:
+            raise PydanticCustomError("kind_unknown", "{msg}", {"msg": registry.unknown(name)})
+        return name
+    return check
 
 
 class CategoryConfig(_Strict):
@@ -118,7 +95,7 @@ class CategoryConfig(_Strict):
 
 
 class RouterConfig(_Strict):
-    kind: Literal["all", "category", "skill"] = "category"
+    kind: Annotated[str, AfterValidator(_registered(ROUTERS))] = "category"
     k: int | None = Field(None, gt=0)
     model_file: str | None = Field(None, description="trained router (coe train-router)")
     profiles: str | None = Field(None, description="model profiles (coe profile)")
@@ -127,8 +104,9 @@ class RouterConfig(_Strict):
         True, description="category router: take a question's own category field when it names "
         "a pool category; false: always predict (to evaluate a trained router on labelled data)")
     # skill router (Symbolic-MoE recruiting)
-    skills: Literal["vocabulary", "keywords"] = Field(
-        "vocabulary", description="how skills are inferred: embedding match or an LLM's keywords")
+    skills: Literal["vocabulary", "keywords"] | None = Field(
+        None, description="how skills are inferred: embedding match or an LLM's keywords "
+        "(default: as the profiles were built; coe profile: vocabulary)")
     keyword_expert: str | None = Field(None, description="expert that writes skill keywords")
     max_skills: int = Field(3, gt=0, le=20)
     temperature: float = Field(0.1, gt=0.0, description="softmax temperature over expert scores")
@@ -136,14 +114,33 @@ class RouterConfig(_Strict):
                                 description="dynamic k: recruit until this cumulative probability")
     min_prob: float = Field(0.02, ge=0.0, lt=1.0, description="drop recruits below this probability")
     global_weight: float = Field(0.5, ge=0.0, description="weight of global competence")
-    seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict, description="a plugin router's own options")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "seed" in data:
+            raise PydanticCustomError(
+                "removed", "field 'seed' was removed: recruiting is deterministic (top-k or "
+                "top-p); delete the line")
+        return data
 
 
 class AggregatorConfig(_Strict):
-    kind: Literal["vote", "llm", "single"] = "vote"
-    # llm: the aggregator expert; when unset, the router's choice (the skill router picks the
-    # best aggregator from the profiles), else the question's top recruit
+    kind: Annotated[str, AfterValidator(_registered(AGGREGATORS))] = "vote"
+    # llm: the aggregator expert. It wins over the router's suggestion (the skill router picks
+    # the best aggregator from the profiles), which wins over the question's top recruit.
     expert: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="a plugin aggregator's own options")
+
+
+class ExecutorConfig(_Strict):
+    """Where and how generations run: ``local`` (this process, one model resident at a time)."""
+
+    kind: Annotated[str, AfterValidator(_registered(EXECUTORS))] = "local"
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="a plugin executor's own options")
 
 
 class EmbeddingConfig(_Strict):
@@ -152,11 +149,13 @@ class EmbeddingConfig(_Strict):
 
 
 class PoolConfig(_Strict):
-    experts: list[ExpertConfig] = Field(min_length=1)
+    experts: list[Annotated[SerializeAsAny[ExpertConfig], BeforeValidator(_expert_config)]] = \
+        Field(min_length=1)
     categories: dict[str, CategoryConfig] = Field(default_factory=dict)
     router: RouterConfig = Field(default_factory=RouterConfig)
     aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig)
     embeddings: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     skills: dict[str, str] = Field(default_factory=dict,
                                    description="skill vocabulary additions: name -> description")
     cache: str | None = Field(None, description="response cache file; default ~/.cache/coe")
@@ -182,10 +181,10 @@ class PoolConfig(_Strict):
 
     # -- lookups ----------------------------------------------------------------------
     @property
-    def by_name(self) -> dict[str, Any]:
+    def by_name(self) -> dict[str, ExpertConfig]:
         return {e.name: e for e in self.experts}
 
-    def expert(self, name: str):
+    def expert(self, name: str) -> ExpertConfig:
         try:
             return self.by_name[name]
         except KeyError:
@@ -228,14 +227,11 @@ def _describe_error(path: str, raw: Any, err: ValidationError) -> str:
             pass
         where = f"expert {name!r}" if name else f"expert #{idx + 1}"
         loc = loc[2:]
-        if loc and loc[0] in BACKENDS:  # discriminated-union tag, not a user field
-            loc = loc[1:]
     field = ".".join(str(p) for p in loc)
     msg = first["msg"]
-    if first["type"] == "union_tag_invalid":
-        given = first.get("ctx", {}).get("tag", first.get("input"))
-        msg = f"unknown backend {given!r} (expected one of {', '.join(BACKENDS)})"
-        field = field or "backend"
+    if first["type"] in ("backend_unknown", "backend_missing"):
+        field = "backend"
+        msg = msg if first["type"] == "backend_unknown" else "Field required"
     elif first["type"] == "extra_forbidden":
         msg = "unknown field"
     parts = [path]

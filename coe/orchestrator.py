@@ -3,31 +3,39 @@
     orch = Orchestrator.from_yaml("experts.yaml", router="category", aggregator="vote")
     run = orch.run(questions, output="answers.jsonl")
     for r in run.results: print(r.id, r.final_answer, r.confidence)
+
+An ``Orchestrator`` holds the pool, a router, an aggregator and an executor, and nothing about
+any one run: ``run`` keeps its state in local variables, so one orchestrator may serve several
+threads at once (a server), and the executor is the one place that serialises access to each
+model. The executor is injectable (``executor=``: an ``Executor`` or a registered name; by
+default the yaml's ``executor.kind``, ``local``). Whether models stay loaded after a run is
+the executor's policy (``keep_resident``): a batch run frees them at the end, a server keeps
+them for the next request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from coe.aggregators import Aggregator, build_aggregator
-from coe.answers import gold_answer, is_correct
+from coe.answers import gold_answer, is_correct, response_from
 from coe.cache import ResponseCache, default_cache_path
 from coe.config import PoolConfig, load_config
 from coe.executor import Executor, Plan, RunStats
-from coe.experts.base import GenRequest
 from coe.output import ResultWriter
 from coe.prompts import build_request
-from coe.questions import Question
-from coe.results import QuestionResult, response_from
-from coe.routers import Route, Router, build_router
+from coe.registry import EXECUTORS
+from coe.routers import Router, build_router
+from coe.types import ExpertResponse, FinalAnswer, GenRequest, Question, QuestionResult, Route
 
 
 @dataclass
 class RunResult:
     results: list[QuestionResult]
-    stats: RunStats
+    stats: RunStats  # every executor call of this run: routing, experts, aggregation
     wall_seconds: float = 0.0
     resumed: int = 0  # questions already in the output file, not rerun
     plan: Plan | None = None
@@ -45,25 +53,44 @@ class DryRun:
     notes: list[str] = field(default_factory=list)
 
 
+def open_cache(config: PoolConfig, cache: bool | str | Path | ResponseCache) -> ResponseCache | None:
+    """The response cache ``cache`` names: True for the yaml's (or the default) file, a path,
+    an open cache, or False for none."""
+    if cache is False:
+        return None
+    if cache is True:
+        return ResponseCache(config.resolve_path(config.cache) if config.cache
+                             else default_cache_path())
+    if isinstance(cache, (str, Path)):
+        return ResponseCache(cache)
+    return cache
+
+
 class Orchestrator:
     def __init__(self, config: PoolConfig, router: str | Router | None = None,
                  aggregator: str | Aggregator | None = None, k: int | None = None,
                  cache: bool | str | Path | ResponseCache = True, progress: bool = False,
-                 fail_fast: bool = False):
+                 fail_fast: bool = False, executor: str | Executor | None = None,
+                 keep_resident: bool = False):
+        """``cache``, ``progress``, ``fail_fast`` and ``keep_resident`` configure the executor
+        the orchestrator builds; an ``Executor`` passed in comes configured (and is not closed
+        by ``close``)."""
         self.config = config
-        if cache is True:
-            cache = ResponseCache(config.resolve_path(config.cache) if config.cache
-                                  else default_cache_path())
-        elif isinstance(cache, (str, Path)):
-            cache = ResponseCache(cache)
-        self.cache: ResponseCache | None = None if cache is False else cache
-        self.executor = Executor(config, self.cache, progress=progress, fail_fast=fail_fast)
         self.k = k if k is not None else config.router.k
+        self._owns_executor = not isinstance(executor, Executor)
+        if isinstance(executor, Executor):
+            self.executor = executor
+            self.cache = getattr(executor, "cache", None)
+        else:
+            self.cache = open_cache(config, cache)
+            self.executor = EXECUTORS.get(executor or config.executor.kind).from_config(
+                config, cache=self.cache, progress=progress, fail_fast=fail_fast,
+                keep_resident=keep_resident)
         self.router = (router if isinstance(router, Router)
                        else build_router(router or config.router.kind, config, self.executor, self.k))
         self.aggregator = (aggregator if isinstance(aggregator, Aggregator)
                            else build_aggregator(aggregator or config.aggregator.kind, config,
-                                                 self.executor, strength=self.strength))
+                                                 strength=self.strength))
 
     @classmethod
     def from_yaml(cls, path: str | Path, **kwargs) -> "Orchestrator":
@@ -82,18 +109,41 @@ class Orchestrator:
         return [build_request(self.config.expert(name), q)
                 for q, route in zip(questions, routes) for name in route.names]
 
-    def _next_stage_expert(self) -> str | None:
-        """The model the aggregation stage will use, when it is known in advance."""
-        return getattr(self.aggregator, "expert", None)
+    def plan(self, questions: list[Question], routes: list[Route]) -> Plan:
+        """The experts' plan; the aggregation stage's model (if any) goes last, so it is still
+        loaded when aggregation starts."""
+        after = self.aggregator.experts(routes).most_common(1)
+        return self.executor.plan(self.expert_requests(questions, routes),
+                                  last=after[0][0] if after else None)
+
+    def answer(self, questions: list[Question], routes: list[Route],
+               plan: Plan | None = None) -> list[list[ExpertResponse]]:
+        """Every recruited expert's response, per question; failures recorded in the route."""
+        plan = plan or self.plan(questions, routes)
+        gens = iter(self.executor.run(plan.requests, plan).generations)
+        out = []
+        for q, route in zip(questions, routes):
+            resp = [response_from(name, next(gens), q) for name in route.names]
+            route.failed = {r.expert: r.error for r in resp if r.error}
+            out.append(resp)
+        return out
+
+    def aggregate(self, questions: list[Question], routes: list[Route],
+                  responses: list[list[ExpertResponse]]) -> list[FinalAnswer]:
+        """Final answers; an aggregator's own generations go through the executor."""
+        requests = self.aggregator.requests(questions, routes, responses)
+        gens = self.executor.run(requests).generations if requests else None
+        return self.aggregator.aggregate(questions, routes, responses, gens)
 
     def dry_run(self, questions: list[Question]) -> DryRun:
-        routes = self.route(questions)
-        plan = self.executor.plan(self.expert_requests(questions, routes),
-                                  last=self._next_stage_expert())
+        with self.executor.session():
+            routes = self.route(questions)
+            plan = self.plan(questions, routes)
         notes = []
-        if self.aggregator.name == "llm":
-            notes.append(f"then {len(questions)} aggregation generations "
-                         f"(aggregator: {self.config.aggregator.expert or 'chosen per route'})")
+        after = self.aggregator.experts(routes)
+        if after:
+            notes.append(f"then {sum(after.values())} aggregation generations "
+                         f"(aggregator: {', '.join(n for n, _ in after.most_common())})")
         return DryRun(routes, plan, notes)
 
     def run(self, questions: list[Question], output: str | Path | None = None,
@@ -101,48 +151,50 @@ class Orchestrator:
         """Answer ``questions``; with ``output``, append each result to that JSONL file.
         ``on_plan(plan)`` is called once the expert plan is known, before any model loads."""
         t0 = time.perf_counter()
-        self.executor.stats = RunStats()
         writer = ResultWriter(output, resume=resume) if output else None
-        resumed = 0
-        try:
-            if writer and writer.done:
-                resumed = sum(1 for q in questions if q.id in writer.done)
-                questions = [q for q in questions if q.id not in writer.done]
-            results: list[QuestionResult] = []
-            plan = None
-            if questions:
-                routes = self.route(questions)
-                requests = self.expert_requests(questions, routes)
-                plan = self.executor.plan(requests, last=self._next_stage_expert())
-                if on_plan is not None:
-                    on_plan(plan)
-                gens = iter(self.executor.run(requests, plan))
-                responses = []
-                for q, route in zip(questions, routes):
-                    resp = [response_from(name, next(gens), q) for name in route.names]
-                    route.failed = {r.expert: r.error for r in resp if r.error}
-                    responses.append(resp)
-                finals = self.aggregator.aggregate(questions, routes, responses)
-                for q, route, resp, final in zip(questions, routes, responses, finals):
-                    result = QuestionResult(
-                        id=q.id, question=q.question, category=q.category, gold=gold_answer(q),
-                        route=route, responses=resp, final_answer=final.answer,
-                        aggregator=final.aggregator, confidence=round(final.confidence, 4),
-                        votes=final.votes, aggregator_response=final.response, note=final.note,
-                        correct=is_correct(final.answer, q))
-                    results.append(result)
-                    if writer:
-                        writer.write(result)
-        finally:
-            if writer:
-                writer.close()
-            self.executor.close()
-        return RunResult(results, self.executor.stats, time.perf_counter() - t0, resumed, plan)
+        results: list[QuestionResult] = []
+        resumed, plan = 0, None
+        with self.executor.session() as stats:
+            try:
+                if writer and writer.done:
+                    resumed = sum(1 for q in questions if q.id in writer.done)
+                    questions = [q for q in questions if q.id not in writer.done]
+                if questions:
+                    routes = self.route(questions)
+                    plan = self.plan(questions, routes)
+                    if on_plan is not None:
+                        on_plan(plan)
+                    responses = self.answer(questions, routes, plan)
+                    finals = self.aggregate(questions, routes, responses)
+                    for q, route, resp, final in zip(questions, routes, responses, finals):
+                        results.append(self._result(q, route, resp, final))
+                        if writer:
+                            writer.write(results[-1])
+            finally:
+                if writer:
+                    writer.close()
+        return RunResult(results, stats, time.perf_counter() - t0, resumed, plan)
+
+    async def arun(self, questions: list[Question], **kwargs) -> RunResult:
+        """``run`` for async code (a server, a notebook): it runs in a worker thread, so the
+        event loop keeps serving while the models work."""
+        return await asyncio.to_thread(self.run, questions, **kwargs)
+
+    @staticmethod
+    def _result(q: Question, route: Route, resp: list[ExpertResponse],
+                final: FinalAnswer) -> QuestionResult:
+        return QuestionResult(
+            id=q.id, question=q.question, category=q.category, gold=gold_answer(q), route=route,
+            responses=resp, final_answer=final.answer, aggregator=final.aggregator,
+            confidence=round(final.confidence, 4), votes=final.votes,
+            aggregator_response=final.response, note=final.note,
+            correct=is_correct(final.answer, q))
 
     def close(self) -> None:
-        self.executor.close()
-        if self.cache is not None:
-            self.cache.close()
+        if self._owns_executor:
+            self.executor.close()
+            if self.cache is not None:
+                self.cache.close()
 
     def __enter__(self):
         return self

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from coe.results import QuestionResult
+from coe.types import QuestionResult
 
 
 def _keep_for_resume(path: Path) -> set[str]:

@@ -1,8 +1,10 @@
 """Model profiles (Symbolic-MoE): what each expert is good at, learned on a validation set.
 
-``coe profile VALIDATION.jsonl -o profiles.json`` runs every expert of the pool on questions
-with gold answers (one load per model, through the executor and its cache), infers each
-question's skills, and keeps per expert:
+This module is the data: the file format, loading, checking against a pool, and adding
+graded answers. Building profiles runs experts, so it lives above the orchestrator, in
+``coe.profiling`` (``coe profile VALIDATION.jsonl -o profiles.json``), which runs every expert
+of the pool on questions with gold answers, infers each question's skills, and keeps per
+expert:
 
 - ``skills``: for every skill, +w for each question needing it that the expert got right and
   -w for each it got wrong (w is the skill's weight in the question: 1 for a keyword among n,
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, computed_field
 
+from coe.answers import is_correct
 from coe.errors import ConfigError
 
 FORMAT_VERSION = 1
@@ -103,62 +106,8 @@ class Profiles(BaseModel):
 def add_expert_results(prof: Profiles, questions, skills, responses) -> Profiles:
     """Add each expert's right/wrong answers on ``questions`` (with their inferred ``skills``
     and the experts' ``responses``) to the profiles. Failed generations do not count."""
-    from coe.answers import is_correct
-
     for q, sk, resp in zip(questions, skills, responses):
         for r in resp:
             if r.error is None:
                 prof.experts.setdefault(r.expert, ExpertProfile()).add(sk, bool(is_correct(r.answer, q)))
-    return prof
-
-
-def build_profiles(config, questions, existing: Profiles | None = None, skills: str | None = None,
-                   aggregators: list[str] | None = None, cache=True, progress: bool = False,
-                   log=None) -> Profiles:
-    """Profile every expert of ``config`` on ``questions`` (which need gold answers).
-
-    ``aggregators``: experts to measure as aggregators (default: every expert that is not a
-    replay, since a replay can only repeat its recorded answer)."""
-    from coe.aggregators import LLMAggregator
-    from coe.answers import is_correct
-    from coe.orchestrator import Orchestrator
-    from coe.skills import build_skill_inferrer
-
-    log = log or (lambda msg: None)
-    graded = [q for q in questions if q.answer is not None]
-    if not graded:
-        raise ConfigError("profiling needs questions with gold answers")
-    from coe.routers.all import AllRouter
-
-    # every expert on every question, whatever k the yaml sets for routing
-    with Orchestrator(config, router=AllRouter(config), aggregator="vote", cache=cache,
-                      progress=progress) as orch:
-        inferrer = build_skill_inferrer(config, orch.executor, skills)
-        prof = existing or Profiles(skill_source=inferrer.source)
-        if prof.skill_source != inferrer.source:
-            raise ConfigError(f"profiles were built with skills from {prof.skill_source}, "
-                              f"not {inferrer.source}")
-        done = set(prof.questions)
-        todo = [q for q in graded if q.id not in done]
-        log(f"{len(todo)} new questions to profile ({len(graded) - len(todo)} already in the profiles)")
-        if not todo:
-            return prof
-        run = orch.run(todo)
-        add_expert_results(prof, todo, inferrer.infer(todo), [r.responses for r in run.results])
-        if aggregators is None:
-            aggregators = [e.name for e in config.experts if e.backend != "replay"]
-        routes = [r.route for r in run.results]
-        responses = [r.responses for r in run.results]
-        for name in aggregators:
-            config.expert(name)
-            finals = LLMAggregator(config, orch.executor, expert=name).aggregate(todo, routes, responses)
-            agg = prof.aggregators.setdefault(name, AggregatorProfile())
-            for q, f in zip(todo, finals):
-                if f.response is not None and f.response.error is None:
-                    agg.total += 1
-                    agg.correct += int(bool(is_correct(f.response.answer, q)))
-        prof.questions.extend(q.id for q in todo)
-        stats = orch.executor.stats
-        log(f"profiled {len(todo)} questions: {stats.generations} generations, "
-            f"{stats.cache_hits} cached, {stats.loads} model loads")
     return prof

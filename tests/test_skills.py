@@ -80,9 +80,6 @@ def test_skill_router_recruits_the_specialist_and_is_deterministic():
     assert [r.names for r in routes] == [["mathy"], ["lawyer"]]
     assert routes[0].skills[0] == "algebra" and "mathy" in routes[0].reason
     assert [r.model_dump() for r in router.route(new)] == [r.model_dump() for r in routes]
-    # sampling is reproducible under a seed and changes with it
-    s1 = SkillRouter(cfg, specialist_profiles(cfg), VocabularySkills(cfg), k=2, sample=True, seed=1)
-    assert [r.names for r in s1.route(new)] == [r.names for r in s1.route(new)]
 
 
 def test_top_p_recruits_more_experts_when_less_certain_and_min_prob_drops_tiny_ones():
@@ -133,6 +130,41 @@ def test_coe_profile_then_skill_routing_over_a_replay_pool(tmp_path):
     with Orchestrator.from_yaml(cfg, cache=False) as orch:
         run = orch.run(test)
     assert [r.route.names for r in run.results] == [["mathy"], ["lawyer"]]
+
+
+def test_router_skills_must_agree_with_the_profiles_and_seed_is_refused(tmp_path):
+    """router.skills is honoured: unset it follows the profiles, set it must match how they
+    were built; the removed router.seed is a clear error, not silently ignored."""
+    from coe.errors import ConfigError
+    from coe.routers import build_router
+    from coe.skills import KeywordSkills
+
+    specialist_profiles(pool_cfg()).save(tmp_path / "profiles.json")  # skills: vocabulary
+    experts = [{"name": n, "backend": "replay", "model": f"{n}.jsonl"}
+               for n in ("mathy", "lawyer", "middling")]
+
+    def cfg(**router):
+        return parse_config({"experts": experts, "router": {"kind": "skill",
+                             "profiles": "profiles.json", **router}}, base_dir=tmp_path)
+
+    for skills in ({}, {"skills": "vocabulary"}):
+        router = build_router("skill", cfg(**skills))
+        assert isinstance(router.inferrer, VocabularySkills)
+    with pytest.raises(ConfigError) as e:
+        build_router("skill", cfg(skills="keywords", keyword_expert="mathy"))
+    assert "router.skills is 'keywords' but" in str(e.value)
+    assert "was built with skills from vocabulary" in str(e.value) and "\n" not in str(e.value)
+    # profiles built from keywords: the router infers keywords with the same expert
+    prof = Profiles.load(tmp_path / "profiles.json")
+    prof.skill_source = "keywords:lawyer"
+    prof.save(tmp_path / "profiles.json")
+    router = build_router("skill", cfg(), executor=object())
+    assert isinstance(router.inferrer, KeywordSkills) and router.inferrer.expert == "lawyer"
+    with pytest.raises(ConfigError, match="keyword_expert is 'mathy' but .* keywords from 'lawyer'"):
+        build_router("skill", cfg(keyword_expert="mathy"), executor=object())
+    with pytest.raises(ConfigError) as e:
+        cfg(seed=3)
+    assert "field 'seed' was removed" in str(e.value)
 
 
 @pytest.mark.slow

@@ -1,18 +1,43 @@
-"""The aggregator interface: the experts' responses to a question in, one final answer out."""
+"""The aggregator interface: the experts' responses to a batch of questions in, one final
+answer per question out.
+
+An aggregator that needs a model (the llm aggregator) does not call one. It says which
+generations it needs (``requests``), whoever drives it (the orchestrator, an evaluation job,
+profiling, a server) runs them through the executor with everything else, and ``aggregate``
+turns the generations into answers. An aggregator without a model asks for nothing.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 
-from coe.questions import Question
-from coe.results import ExpertResponse, FinalAnswer
-from coe.routers.base import Route
+from coe.types import ExpertResponse, FinalAnswer, Generation, GenRequest, Question, Route
 
 
 class Aggregator(ABC):
     name: str = "aggregator"
 
+    @classmethod
+    def from_config(cls, config, *, strength: dict[str, float] | None = None,
+                    expert: str | None = None) -> "Aggregator":
+        """The aggregator for this pool. ``strength`` (expert -> prior accuracy) breaks ties;
+        ``expert`` is an explicit aggregator expert (``--aggregator-expert``), for those that
+        use one."""
+        return cls()
+
+    def requests(self, questions: list[Question], routes: list[Route],
+                 responses: list[list[ExpertResponse]]) -> list[GenRequest]:
+        """The generations ``aggregate`` needs, in the order it expects them back."""
+        return []
+
+    def experts(self, routes: list[Route]) -> Counter:
+        """How many generations ``requests`` will ask of each expert, known from the routes
+        before any expert has answered: the plan keeps the most used one loaded."""
+        return Counter()
+
     @abstractmethod
     def aggregate(self, questions: list[Question], routes: list[Route],
-                  responses: list[list[ExpertResponse]]) -> list[FinalAnswer]:
-        """One final answer per question, for the whole batch at once."""
+                  responses: list[list[ExpertResponse]],
+                  generations: list[Generation] | None = None) -> list[FinalAnswer]:
+        """One final answer per question. ``generations`` answer ``requests(...)``."""

@@ -1,6 +1,11 @@
 """An aggregator LLM reads the question and the experts' responses and writes the final answer
-(Symbolic-MoE style). Its generations go through the executor like any expert's, so they are
-batched (one load of the aggregator's weights for the whole batch) and cached.
+(Symbolic-MoE style). It asks for one generation per question (``requests``); they go through
+the executor like any expert's, so they are batched (one load of the aggregator's weights for
+the whole batch) and cached.
+
+Which expert aggregates, for each question: the one chosen explicitly (``--aggregator-expert``,
+else the yaml's ``aggregator.expert``), else the one the router suggests (the skill router's
+best aggregator by the profiles), else the question's top recruit.
 
 If the aggregator's own generation fails or gives no answer, the experts' vote stands in and
 the result notes it.
@@ -8,12 +13,13 @@ the result notes it.
 
 from __future__ import annotations
 
+from collections import Counter
+
 from coe.aggregators.base import Aggregator
 from coe.aggregators.vote import vote
+from coe.answers import response_from
 from coe.prompts import build_request, format_question
-from coe.questions import Question
-from coe.results import ExpertResponse, FinalAnswer, response_from
-from coe.routers.base import Route
+from coe.types import ExpertResponse, FinalAnswer, Generation, GenRequest, Question, Route
 
 MAX_RESPONSE_CHARS = 1500
 
@@ -42,27 +48,43 @@ def aggregation_prompt(q: Question, responses: list[ExpertResponse]) -> str:
 class LLMAggregator(Aggregator):
     name = "llm"
 
-    def __init__(self, config, executor, expert: str | None = None,
+    def __init__(self, config, expert: str | None = None,
                  strength: dict[str, float] | None = None):
         self.config = config
-        self.executor = executor
-        self.expert = expert or config.aggregator.expert
+        self.expert = expert or config.aggregator.expert  # the explicit choice, if any
+        if self.expert is not None:
+            config.expert(self.expert)  # unknown name: one-line ConfigError
         self.strength = strength or {}
 
-    def _expert_for(self, route: Route) -> str:
-        return route.aggregator or self.expert or route.experts[0].name
+    @classmethod
+    def from_config(cls, config, *, strength=None, expert=None) -> "LLMAggregator":
+        return cls(config, expert=expert, strength=strength)
+
+    def expert_for(self, route: Route) -> str:
+        return self.expert or route.aggregator or route.experts[0].name
+
+    def experts(self, routes: list[Route]) -> Counter:
+        return Counter(self.expert_for(r) for r in routes)
+
+    def requests(self, questions: list[Question], routes: list[Route],
+                 responses: list[list[ExpertResponse]]) -> list[GenRequest]:
+        out = []
+        for q, route, resp in zip(questions, routes, responses):
+            cfg = self.config.expert(self.expert_for(route))
+            msgs = (("system", SYSTEM), ("user", aggregation_prompt(q, resp)))
+            out.append(build_request(cfg, q, stage="aggregate", messages=msgs))
+        return out
 
     def aggregate(self, questions: list[Question], routes: list[Route],
-                  responses: list[list[ExpertResponse]]) -> list[FinalAnswer]:
-        requests = []
-        for q, route, resp in zip(questions, routes, responses):
-            cfg = self.config.expert(self._expert_for(route))
-            msgs = (("system", SYSTEM), ("user", aggregation_prompt(q, resp)))
-            requests.append(build_request(cfg, q, stage="aggregate", messages=msgs))
-        gens = self.executor.run(requests)
+                  responses: list[list[ExpertResponse]],
+                  generations: list[Generation] | None = None) -> list[FinalAnswer]:
+        if generations is None or len(generations) != len(questions):
+            raise ValueError("the llm aggregator needs the generations of its requests(), "
+                             "one per question")
         out = []
-        for q, route, resp, req, gen in zip(questions, routes, responses, requests, gens):
-            mine = response_from(req.expert, gen, q)
+        for q, route, resp, gen in zip(questions, routes, responses, generations):
+            expert = self.expert_for(route)
+            mine = response_from(expert, gen, q)
             answer, _, votes = vote(resp, self.strength, {r.name: r.weight for r in route.experts})
             note = ""
             if mine.answer is not None:
@@ -73,6 +95,6 @@ class LLMAggregator(Aggregator):
             answered = [r for r in resp if r.answer is not None and r.error is None]
             agree = sum(1 for r in answered if r.answer == answer)
             conf = agree / len(answered) if answered else 0.0
-            out.append(FinalAnswer(answer=answer, aggregator=f"llm:{req.expert}", confidence=conf,
+            out.append(FinalAnswer(answer=answer, aggregator=f"llm:{expert}", confidence=conf,
                                    votes=votes, response=mine, note=note))
         return out

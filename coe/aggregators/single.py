@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from coe.aggregators.base import Aggregator
-from coe.questions import Question
-from coe.results import ExpertResponse, FinalAnswer
-from coe.routers.base import Route
+from coe.types import ExpertResponse, FinalAnswer, Generation, Question, Route
 
 
 class SingleAggregator(Aggregator):
     name = "single"
 
     def aggregate(self, questions: list[Question], routes: list[Route],
-                  responses: list[list[ExpertResponse]]) -> list[FinalAnswer]:
+                  responses: list[list[ExpertResponse]],
+                  generations: list[Generation] | None = None) -> list[FinalAnswer]:
         out = []
         for route, resp in zip(routes, responses):
             by_name = {r.expert: r for r in resp}

@@ -13,9 +13,7 @@ from __future__ import annotations
 from collections import Counter
 
 from coe.aggregators.base import Aggregator
-from coe.questions import Question
-from coe.results import ExpertResponse, FinalAnswer
-from coe.routers.base import Route
+from coe.types import ExpertResponse, FinalAnswer, Generation, Question, Route
 
 
 def vote(responses: list[ExpertResponse], strength: dict[str, float] | None = None,
@@ -45,8 +43,13 @@ class VoteAggregator(Aggregator):
     def __init__(self, strength: dict[str, float] | None = None):
         self.strength = strength or {}
 
+    @classmethod
+    def from_config(cls, config, *, strength=None, expert=None) -> "VoteAggregator":
+        return cls(strength)
+
     def aggregate(self, questions: list[Question], routes: list[Route],
-                  responses: list[list[ExpertResponse]]) -> list[FinalAnswer]:
+                  responses: list[list[ExpertResponse]],
+                  generations: list[Generation] | None = None) -> list[FinalAnswer]:
         out = []
         for route, resp in zip(routes, responses):
             weights = {r.name: r.weight for r in route.experts}

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from coe.config import PoolConfig, ReplayExpert
-from coe.questions import Question
-from coe.results import ExpertResponse
+from coe.config import ExpertConfig, PoolConfig
+from coe.types import ExpertResponse, Question
 
-_KEEP = set(ReplayExpert.model_fields) - {"backend", "model"}
+_KEEP = set(ExpertConfig.model_fields) - {"backend", "model"}
 
 
 def _record(q: Question, r: ExpertResponse) -> dict:
@@ -37,34 +36,46 @@ def write_replay(out_dir: str | Path, config: PoolConfig,
     written: dict[str, int] = {}
     conflicts = 0
     for e in config.experts:
-        seen: set[str] = set()
-        lines = []
-        for questions, responses in sets:
-            for q in questions:
-                r = responses.get((q.id, e.name))
-                if r is None or r.error is not None:
-                    continue
-                if q.id in seen:
-                    conflicts += 1
-                    continue
-                seen.add(q.id)
-                lines.append(json.dumps(_record(q, r), ensure_ascii=False) + "\n")
-        if not lines:
-            continue
-        (out / "replay" / f"{e.name}.jsonl").write_text("".join(lines), encoding="utf-8")
-        written[e.name] = len(lines)
+        lines, skipped = _records(e.name, sets)
+        conflicts += skipped
+        if lines:
+            (out / "replay" / f"{e.name}.jsonl").write_text("".join(lines), encoding="utf-8")
+            written[e.name] = len(lines)
+    (out / "experts.yaml").write_text(
+        yaml.safe_dump(replay_pool(config, set(written)), sort_keys=False, allow_unicode=True),
+        encoding="utf-8")
+    return {"dir": str(out), "records": written, "duplicate_ids_skipped": conflicts}
 
+
+def _records(expert: str, sets) -> tuple[list[str], int]:
+    """One expert's JSONL record lines, and how many repeated question ids were skipped."""
+    seen: set[str] = set()
+    lines, conflicts = [], 0
+    for questions, responses in sets:
+        for q in questions:
+            r = responses.get((q.id, expert))
+            if r is None or r.error is not None:
+                continue
+            if q.id in seen:
+                conflicts += 1
+                continue
+            seen.add(q.id)
+            lines.append(json.dumps(_record(q, r), ensure_ascii=False) + "\n")
+    return lines, conflicts
+
+
+def replay_pool(config: PoolConfig, names: set[str]) -> dict:
+    """The pool as replay experts (those in ``names``): names, categories, params, prices and
+    strengths kept; file paths the yaml names made absolute; an llm aggregator turned into a
+    vote, since a replayed aggregator could only repeat itself."""
     experts = []
     for e in config.experts:
-        if e.name not in written:
-            continue
-        d = e.model_dump(include=_KEEP, exclude_none=True)
-        experts.append({"name": e.name, "backend": "replay",
-                        "model": f"replay/{e.name}.jsonl", **{k: v for k, v in d.items()
-                                                              if k != "name"}})
+        if e.name in names:
+            d = e.model_dump(include=_KEEP, exclude_none=True)
+            experts.append({"name": e.name, "backend": "replay", "model": f"replay/{e.name}.jsonl",
+                            **{k: v for k, v in d.items() if k != "name"}})
     raw = config.model_dump(include={"categories", "router", "aggregator", "embeddings"},
                             exclude_none=True)
-    names = set(written)
     raw["categories"] = {c: {**v, "experts": [n for n in v["experts"] if n in names]}
                          for c, v in raw.get("categories", {}).items()}
     for field in ("model_file", "profiles"):
@@ -73,11 +84,8 @@ def write_replay(out_dir: str | Path, config: PoolConfig,
     emb = raw["embeddings"]["model"]
     if not emb.startswith("package:"):
         raw["embeddings"]["model"] = str(config.resolve_path(emb).resolve())
-    if raw["aggregator"].get("kind") == "llm":  # a replayed aggregator would only repeat itself
+    if raw["aggregator"].get("kind") == "llm":
         raw["aggregator"] = {"kind": "vote"}
     elif raw["aggregator"].get("expert") not in names:
         raw["aggregator"].pop("expert", None)
-    (out / "experts.yaml").write_text(
-        yaml.safe_dump({"experts": experts, **raw}, sort_keys=False, allow_unicode=True),
-        encoding="utf-8")
-    return {"dir": str(out), "records": written, "duplicate_ids_skipped": conflicts}
+    return {"experts": experts, **raw}

@@ -11,31 +11,33 @@ The job
    one more executor call, and gives each strategy its own generations back;
 4. scores each strategy on its own subset of the shared generations.
 
-Step 3 uses the aggregators unchanged: they are built on a stand-in executor that first only
-records the requests they make, then serves the real generations for the same requests.
+Aggregators are driven the way the orchestrator drives them: ``requests`` (what generations
+they need), one executor call for all of them, then ``aggregate`` with those generations.
+
+``EvaluationJob`` runs the stages in that order, one method each; ``evaluate`` is the job as a
+function.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from coe.aggregators import build_aggregator, vote
-from coe.answers import gold_answer, is_correct
+from coe.aggregators import Aggregator, build_aggregator, vote
+from coe.answers import gold_answer, is_correct, response_from
 from coe.config import PoolConfig
 from coe.errors import CoeError, ConfigError
 from coe.eval.scoring import Accuracy, Outcome, StrategyScore, score_strategy
 from coe.eval.strategies import (StrategySpec, all_specs, has_categories, random_routes,
                                  select, single_routes, split_validation)
 from coe.executor import RunStats
-from coe.experts.base import Generation, GenRequest
 from coe.orchestrator import Orchestrator
-from coe.questions import Question
-from coe.results import ExpertResponse, FinalAnswer, response_from
-from coe.routers import Recruit, Route, build_router
+from coe.routers import build_router
+from coe.types import (ExpertResponse, FinalAnswer, Generation, GenRequest, Question, Recruit,
+                       Route)
 
 
 @dataclass
@@ -116,53 +118,14 @@ class EvalResult:
                 f"model loads: {s.loads} (naive per-question order: {s.naive_loads})")
 
 
-def _request_key(r: GenRequest) -> tuple:
-    return (r.expert, r.question_id, r.stage, r.prompt, r.messages,
-            r.sampling.model_dump_json())
-
-
-class _DeferredExecutor:
-    """Stands in for the executor inside aggregators: first records the requests and answers
-    with placeholders, then (``serve``) returns the real generations for the same requests."""
-
-    def __init__(self):
-        self.pending: list[GenRequest] = []
-        self._served: dict[tuple, Generation] | None = None
-
-    def run(self, requests: list[GenRequest], plan=None) -> list[Generation]:
-        if self._served is None:
-            self.pending.extend(requests)
-            return [Generation(error="deferred") for _ in requests]
-        return [self._served[_request_key(r)] for r in requests]
-
-    def serve(self, generations: list[Generation]) -> None:
-        self._served = {_request_key(r): g for r, g in zip(self.pending, generations)}
-
-
 def _log(opts: EvalOptions, msg: str) -> None:
     if opts.log:
         opts.log(msg)
 
 
-def _run_phase(name: str, orch: Orchestrator, requests: list[GenRequest], opts: EvalOptions,
-               last: str | None = None) -> tuple[list[Generation], Phase]:
-    ex = orch.executor
-    before = replace(ex.stats, failures=dict(ex.stats.failures))
-    t0 = time.perf_counter()
-    plan = ex.plan(requests, last=last)  # ``last``'s weights stay loaded for the next phase
-    replay = {e.name for e in orch.config.experts if e.backend == "replay"}
-    unique = [i for g in plan.groups for i in g.indices]
-    phase = Phase(name, requests=len(requests), unique=len(unique), cached=len(plan.hits))
-    phase.replayed = sum(1 for i in unique if requests[i].expert in replay)
-    if requests:
-        _log(opts, f"[{name}] " + plan.describe().replace("\n", f"\n[{name}] "))
-    gens = ex.run(requests, plan) if requests else []  # the last model stays loaded
-    phase.generations = ex.stats.generations - before.generations
-    phase.failed = ex.stats.failed_generations - before.failed_generations
-    phase.loads = ex.stats.loads - before.loads
-    phase.replayed = min(phase.replayed, phase.generations)
-    phase.seconds = time.perf_counter() - t0
-    return gens, phase
+def _all_routes(questions: list[Question], names: list[str], reason: str = "") -> list[Route]:
+    return [Route(question_id=q.id, experts=[Recruit(name=n) for n in names], reason=reason)
+            for q in questions]
 
 
 def _union_routes(questions: list[Question], per_spec: list[list[Route]],
@@ -185,235 +148,276 @@ def _responses(questions, routes, gens) -> dict[tuple[str, str], ExpertResponse]
     return out
 
 
-def _llm_expert_for(route: Route, opts: EvalOptions, config: PoolConfig) -> str:
-    # the choice LLMAggregator makes: the router's pick, the configured one, the first recruit
-    return route.aggregator or opts.aggregator_expert or config.aggregator.expert \
-        or route.experts[0].name
+class EvaluationJob:
+    """Every selected strategy over ``questions`` (which need gold answers). ``run`` calls the
+    stages in order; each reads what the previous ones left on the job."""
+
+    def __init__(self, config: PoolConfig, questions: list[Question],
+                 opts: EvalOptions | None = None):
+        self.config = config
+        self.opts = opts or EvalOptions()
+        self.questions = list(questions)
+        self.names = [e.name for e in config.experts]
+        self.replay = {e.name for e in config.experts if e.backend == "replay"}
+        self.specs = select(all_specs(config, self.opts.random_k), self.opts.strategies)
+        self.skipped: dict[str, str] = {}
+        self.notes: list[str] = []
+        self.validation: list[Question] = []
+        self.val_source = ""
+        self.orch: Orchestrator | None = None
+        self.phases: list[Phase] = []
+        self.routes_of: dict[str, list[Route]] = {}  # strategy -> its routes on the test set
+        self.route_seconds: dict[str, float] = {}
+        self.responses: dict[tuple[str, str], ExpertResponse] = {}  # (question id, expert)
+        self.val_resp: dict[tuple[str, str], ExpertResponse] = {}
+        self.val_acc: dict[str, Accuracy] = {}
+        self.best: str | None = None
+        self.strength: dict[str, float] = {}
+        self.strength_source: dict[str, str] = {}
+        self.finals: dict[str, list[FinalAnswer]] = {}
+
+    def run(self) -> EvalResult:
+        t0 = time.perf_counter()
+        self.check()
+        self.hold_out_validation()
+        with Orchestrator(self.config, router="all", aggregator="vote", cache=self.opts.cache,
+                          progress=self.opts.progress) as orch, orch.executor.session() as stats:
+            self.orch = orch
+            if self.opts.resume:
+                _log(self.opts, "resuming: generations already in the response cache are not redone")
+            self.route_strategies()
+            self.answer_experts()
+            self.break_ties()
+            self.aggregate()
+        scores, outcomes = self.score()
+        kept = [s for s in self.specs if s.name in self.routes_of]
+        return EvalResult(
+            config=self.config, questions=self.questions, specs=kept, scores=scores,
+            outcomes=outcomes, skipped={s.name: self.skipped[s.name] for s in self.specs
+                                        if s.name in self.skipped},
+            validation=self.validation, validation_source=self.val_source,
+            validation_accuracy=self.val_acc, best_single=self.best, strength=self.strength,
+            strength_source=self.strength_source, stats=stats, phases=self.phases,
+            wall_seconds=time.perf_counter() - t0, responses=self.responses,
+            val_responses=self.val_resp, seed=self.opts.seed, notes=self.notes)
+
+    # -- 1. inputs --------------------------------------------------------------------------
+    def check(self) -> None:
+        if self.opts.resume and self.opts.cache is False:
+            raise ConfigError("--resume needs the response cache (drop --no-cache)")
+        if not any(gold_answer(q) is not None for q in self.questions):
+            raise CoeError("no question has a gold answer: nothing to score")
+        if self.opts.aggregator_expert:
+            self.config.expert(self.opts.aggregator_expert)  # unknown name: one-line error
+
+    def hold_out_validation(self) -> None:
+        """The questions best-single is picked on: ``--validation``, else a seeded split of
+        the question file (then left out of the test)."""
+        if not any(s.kind == "best-single" for s in self.specs):
+            pass
+        elif self.opts.validation:
+            self.validation = list(self.opts.validation)
+            self.val_source = self.opts.validation_source or "file"
+        elif self.opts.val_fraction > 0 and len(self.questions) >= 2:
+            self.validation, self.questions = split_validation(
+                self.questions, self.opts.val_fraction, self.opts.seed)
+            self.val_source = (f"seeded split of the question file (seed {self.opts.seed}, "
+                               f"{len(self.validation)} validation / {len(self.questions)} test)")
+            self.notes.append(f"best-single is picked on {self.val_source}; every strategy is "
+                              f"scored on the {len(self.questions)} test questions only")
+        else:
+            self.skipped["best-single"] = "no validation questions (--validation or --val-fraction)"
+        if not self.questions:
+            raise CoeError("no test questions left to score")
+
+    # -- 2. routes --------------------------------------------------------------------------
+    def route_strategies(self) -> None:
+        """The routes of every strategy on the test questions. A router that cannot serve
+        this pool, or a model-using aggregator that would be a replay, is skipped with why."""
+        routed: dict[tuple[str, int | None], tuple[list[Route] | None, float, str]] = {}
+        for s in self.specs:
+            if s.name in self.skipped or s.kind == "best-single":
+                continue
+            if s.kind == "single":
+                self.routes_of[s.name] = single_routes(self.questions, s.expert, "single expert")
+            elif s.kind == "random":
+                self.routes_of[s.name] = random_routes(self.questions, self.names, s.k,
+                                                       self.opts.seed)
+            elif s.kind == "oracle":
+                self.routes_of[s.name] = _all_routes(self.questions, self.names,
+                                                     "every expert (oracle)")
+            else:
+                k = s.k or (None if s.router == "all" else self.config.router.k)
+                key = (s.router, k)
+                if key not in routed:
+                    routed[key] = self._route_with(s.router, k)
+                routes, secs, why = routed[key]
+                why = why or self._replayed_aggregator(s, routes)
+                if why:
+                    self.skipped[s.name] = why
+                    continue
+                self.routes_of[s.name] = [r.model_copy(deep=True) for r in routes]
+                self.route_seconds[s.name] = secs
+
+    def _route_with(self, kind: str, k: int | None) -> tuple[list[Route] | None, float, str]:
+        if kind == "category" and not has_categories(self.config):
+            return None, 0.0, "the pool declares no categories"
+        t0 = time.perf_counter()
+        try:
+            routes = build_router(kind, self.config, self.orch.executor, k).route(self.questions)
+        except Exception as e:  # an unavailable or unfit router: skip, say why
+            return None, 0.0, f"{kind} router unavailable: {type(e).__name__}: {e}"
+        return routes, time.perf_counter() - t0, ""
+
+    def _aggregator(self, spec: StrategySpec) -> Aggregator:
+        return build_aggregator(spec.aggregator, self.config, strength=self.strength,
+                                expert=self.opts.aggregator_expert)
+
+    def _replayed_aggregator(self, spec: StrategySpec, routes: list[Route]) -> str:
+        """Why a strategy whose aggregator would generate with a replay expert is skipped."""
+        replayed = sorted(set(self._aggregator(spec).experts(routes)) & self.replay)
+        if not replayed:
+            return ""
+        return (f"the {spec.aggregator} aggregator would be a replay expert "
+                f"({', '.join(replayed)}), which can only repeat its recorded answers "
+                f"(use --aggregator-expert)")
+
+    # -- 3. expert generations: the union, in one executor call -------------------------------
+    def answer_experts(self) -> None:
+        """Every (question, expert) pair any strategy needs, plus every expert on the
+        validation questions for best-single, in one executor call. When best-single's pick
+        would add test generations no other strategy needs, validation runs first."""
+        best_spec = next((s for s in self.specs if s.kind == "best-single"
+                          and s.name not in self.skipped), None)
+        val_routes = _all_routes(self.validation, self.names) if best_spec else []
+        union = _union_routes(self.questions, list(self.routes_of.values()), self.names)
+        if best_spec and not all(len(r.experts) == len(self.names) for r in union):
+            gens = self._phase("validation", self.orch.expert_requests(self.validation, val_routes))
+            self.val_resp = _responses(self.validation, val_routes, gens)
+            self.pick_best(best_spec)
+            union = _union_routes(self.questions, list(self.routes_of.values()), self.names)
+            val_routes = []
+        val_requests = self.orch.expert_requests(self.validation, val_routes)
+        gens = self._phase("experts", val_requests + self.orch.expert_requests(self.questions, union),
+                           last=self._aggregation_model())
+        if val_requests:
+            self.val_resp = _responses(self.validation, val_routes, gens[:len(val_requests)])
+        self.responses = _responses(self.questions, union, gens[len(val_requests):])
+        if best_spec and self.best is None:
+            self.pick_best(best_spec)
+
+    def pick_best(self, spec: StrategySpec) -> None:
+        """The expert most accurate on the validation questions (ties: the stronger prior,
+        then pool order) becomes best-single's route."""
+        for n in self.names:
+            acc = self.val_acc.setdefault(n, Accuracy())
+            for q in self.validation:
+                ok = is_correct(self.val_resp[(q.id, n)].answer, q)
+                if ok is not None:
+                    acc.add(ok)
+        prior = {e.name: e.strength or 0.0 for e in self.config.experts}
+        self.best = max(self.names, key=lambda n: (self.val_acc[n].value or 0.0, prior[n],
+                                                    -self.names.index(n)))
+        self.routes_of[spec.name] = single_routes(self.questions, self.best,
+                                                  f"best on validation: {self.best}")
+        spec.description = (f"{self.best} (validation accuracy "
+                            f"{self.val_acc[self.best].value:.1%} on {self.val_acc[self.best].n})")
+
+    def _aggregation_model(self) -> str | None:
+        """The model most aggregations will use: its weights go last and stay loaded."""
+        used: Counter = Counter()
+        for s in self.specs:
+            if s.name in self.routes_of and s.kind != "oracle":
+                used += self._aggregator(s).experts(self.routes_of[s.name])
+        top = used.most_common(1)
+        return top[0][0] if top else None
+
+    def _phase(self, name: str, requests: list[GenRequest],
+               last: str | None = None) -> list[Generation]:
+        """One executor call of the job, recorded as a ``Phase``."""
+        t0 = time.perf_counter()
+        ex = self.orch.executor
+        plan = ex.plan(requests, last=last)  # ``last``'s weights stay loaded for the next phase
+        unique = [i for g in plan.groups for i in g.indices]
+        phase = Phase(name, requests=len(requests), unique=len(unique), cached=len(plan.hits))
+        if requests:
+            _log(self.opts, f"[{name}] " + plan.describe().replace("\n", f"\n[{name}] "))
+        done = ex.run(requests, plan) if requests else None
+        if done is not None:
+            phase.generations = done.stats.generations
+            phase.failed = done.stats.failed_generations
+            phase.loads = done.stats.loads
+        replayed = sum(1 for i in unique if requests[i].expert in self.replay)
+        phase.replayed = min(replayed, phase.generations)
+        phase.seconds = time.perf_counter() - t0
+        self.phases.append(phase)
+        return done.generations if done is not None else []
+
+    # -- 4. tie-breaks and aggregation --------------------------------------------------------
+    def break_ties(self) -> None:
+        """Vote ties go to the stronger expert: the yaml's strength, else validation accuracy."""
+        for e in self.config.experts:
+            if e.strength is not None:
+                self.strength[e.name], self.strength_source[e.name] = e.strength, "yaml"
+            elif e.name in self.val_acc and self.val_acc[e.name].n:
+                self.strength[e.name] = self.val_acc[e.name].value
+                self.strength_source[e.name] = "validation"
+
+    def _per_question(self, name: str) -> list[list[ExpertResponse]]:
+        return [[self.responses[(q.id, n)] for n in r.names]
+                for q, r in zip(self.questions, self.routes_of[name])]
+
+    def aggregate(self) -> None:
+        """Each strategy's final answers. Aggregators that need generations get them from one
+        executor call for all strategies."""
+        work = {s.name: (self._aggregator(s), self.routes_of[s.name], self._per_question(s.name))
+                for s in self.specs if s.name in self.routes_of and s.kind != "oracle"}
+        asked = {name: agg.requests(self.questions, routes, resp)
+                 for name, (agg, routes, resp) in work.items()}
+        flat = [r for reqs in asked.values() for r in reqs]
+        gens = iter(self._phase("aggregation", flat) if flat else [])
+        for name, (agg, routes, resp) in work.items():
+            mine = [next(gens) for _ in asked[name]] or None
+            self.finals[name] = agg.aggregate(self.questions, routes, resp, mine)
+        if self.replay and not any(r.prompt_tokens or r.completion_tokens for (_, n), r in
+                                   self.responses.items() if n in self.replay):
+            self.notes.append("the replay records carry no token counts: tokens and cost of "
+                              "replay experts show as 0")
+
+    # -- 5. scores ----------------------------------------------------------------------------
+    def score(self) -> tuple[list[StrategyScore], dict[str, list[Outcome]]]:
+        scores, outcomes = [], {}
+        for s in self.specs:
+            if s.name not in self.routes_of:
+                continue
+            outcomes[s.name] = self._outcomes(s)
+            score = score_strategy(s.name, s.description, outcomes[s.name], self.config,
+                                   self.route_seconds.get(s.name, 0.0))
+            if s.kind in ("single", "best-single"):
+                score.recruit_oracle = Accuracy()  # same as the accuracy: not informative
+            scores.append(score)
+        return scores, outcomes
+
+    def _outcomes(self, s: StrategySpec) -> list[Outcome]:
+        rows = []
+        for i, (q, route, resp) in enumerate(zip(self.questions, self.routes_of[s.name],
+                                                 self._per_question(s.name))):
+            any_right = None if gold_answer(q) is None else \
+                any(bool(is_correct(r.answer, q)) for r in resp if r.error is None)
+            if s.kind == "oracle":
+                answer = gold_answer(q) if any_right else vote(resp, self.strength)[0]
+                correct, note, agg_response = any_right, "", None
+            else:
+                final = self.finals[s.name][i]
+                answer, note, agg_response = final.answer, final.note, final.response
+                correct = is_correct(answer, q)
+            rows.append(Outcome(question_id=q.id, category=q.category, answer=answer,
+                                correct=correct, recruited=route.names, used=list(resp),
+                                any_right=any_right, aggregator=agg_response, note=note))
+        return rows
 
 
 def evaluate(config: PoolConfig, questions: list[Question],
              opts: EvalOptions | None = None) -> EvalResult:
     """Run every selected strategy over ``questions`` (which need gold answers)."""
-    opts = opts or EvalOptions()
-    t_start = time.perf_counter()
-    if opts.resume and opts.cache is False:
-        raise ConfigError("--resume needs the response cache (drop --no-cache)")
-    if not any(gold_answer(q) is not None for q in questions):
-        raise CoeError("no question has a gold answer: nothing to score")
-    if opts.aggregator_expert:
-        config.expert(opts.aggregator_expert)  # unknown name: one-line ConfigError
-    specs = select(all_specs(config, opts.random_k), opts.strategies)
-    skipped: dict[str, str] = {}
-    notes: list[str] = []
-
-    # -- validation questions (best-single only) ------------------------------------------
-    validation: list[Question] = []
-    val_source = ""
-    if any(s.kind == "best-single" for s in specs):
-        if opts.validation:
-            validation, val_source = list(opts.validation), opts.validation_source or "file"
-        elif opts.val_fraction > 0 and len(questions) >= 2:
-            validation, questions = split_validation(questions, opts.val_fraction, opts.seed)
-            val_source = (f"seeded split of the question file (seed {opts.seed}, "
-                          f"{len(validation)} validation / {len(questions)} test)")
-            notes.append(f"best-single is picked on {val_source}; every strategy is scored on "
-                         f"the {len(questions)} test questions only")
-        else:
-            skipped["best-single"] = "no validation questions (--validation or --val-fraction)"
-    if not questions:
-        raise CoeError("no test questions left to score")
-
-    orch = Orchestrator(config, router="all", aggregator="vote", cache=opts.cache,
-                        progress=opts.progress)
-    try:
-        return _evaluate(orch, config, questions, validation, val_source, specs, skipped,
-                         notes, opts, t_start)
-    finally:
-        orch.close()
-
-
-def _evaluate(orch, config, questions, validation, val_source, specs, skipped, notes, opts,
-              t_start) -> EvalResult:
-    names = [e.name for e in config.experts]
-    ex = orch.executor
-    ex.stats = RunStats()
-    if opts.resume:
-        _log(opts, "resuming: generations already in the response cache are not redone")
-
-    # -- routes per strategy --------------------------------------------------------------
-    routers: dict[tuple[str, int | None], tuple[list[Route] | None, float, str]] = {}
-
-    def routed(kind: str, k: int | None):
-        key = (kind, k)
-        if key not in routers:
-            if kind == "category" and not has_categories(config):
-                routers[key] = (None, 0.0, "the pool declares no categories")
-            else:
-                t0 = time.perf_counter()
-                try:
-                    router = build_router(kind, config, ex, k)
-                    routes = router.route(questions)
-                    routers[key] = (routes, time.perf_counter() - t0, "")
-                except Exception as e:  # an unavailable or unfit router: skip, say why
-                    routers[key] = (None, 0.0, f"{kind} router unavailable: "
-                                               f"{type(e).__name__}: {e}")
-        return routers[key]
-
-    routes_of: dict[str, list[Route]] = {}
-    route_seconds: dict[str, float] = {}
-    for s in specs:
-        if s.name in skipped:
-            continue
-        if s.kind == "single":
-            routes_of[s.name] = single_routes(questions, s.expert, "single expert")
-        elif s.kind == "random":
-            routes_of[s.name] = random_routes(questions, names, s.k, opts.seed)
-        elif s.kind == "oracle":
-            routes_of[s.name] = [Route(question_id=q.id, experts=[Recruit(name=n) for n in names],
-                                       reason="every expert (oracle)") for q in questions]
-        elif s.kind == "router":
-            k = s.k or (None if s.router == "all" else config.router.k)
-            routes, secs, why = routed(s.router, k)
-            if routes is None:
-                skipped[s.name] = why
-                continue
-            if s.aggregator == "llm":
-                replayed = sorted({_llm_expert_for(r, opts, config) for r in routes}
-                                  & {e.name for e in config.experts if e.backend == "replay"})
-                if replayed:
-                    skipped[s.name] = (f"the llm aggregator would be a replay expert "
-                                       f"({', '.join(replayed)}), which can only repeat its "
-                                       f"recorded answers (use --aggregator-expert)")
-                    continue
-            routes_of[s.name] = [r.model_copy(deep=True) for r in routes]
-            route_seconds[s.name] = secs
-
-    best_spec = next((s for s in specs if s.kind == "best-single" and s.name not in skipped),
-                     None)
-
-    # -- expert generations: the union, in one executor call ------------------------------
-    union = _union_routes(questions, list(routes_of.values()), names)
-    all_covered = all(len(r.experts) == len(names) for r in union)
-    val_routes = [Route(question_id=q.id, experts=[Recruit(name=n) for n in names])
-                  for q in validation] if best_spec else []
-    val_requests = orch.expert_requests(validation, val_routes) if best_spec else []
-    phases: list[Phase] = []
-    val_resp: dict[tuple[str, str], ExpertResponse] = {}
-    if best_spec and not all_covered:
-        # The test generations depend on the pick: validate first, then add the pick.
-        gens, phase = _run_phase("validation", orch, val_requests, opts)
-        phases.append(phase)
-        val_resp = _responses(validation, val_routes, gens)
-        val_requests = []
-    val_acc: dict[str, Accuracy] = {}
-    best: str | None = None
-
-    def pick_best() -> str:
-        for n in names:
-            acc = val_acc.setdefault(n, Accuracy())
-            for q in validation:
-                ok = is_correct(val_resp[(q.id, n)].answer, q)
-                if ok is not None:
-                    acc.add(ok)
-        strength = {e.name: e.strength or 0.0 for e in config.experts}
-        # highest validation accuracy; ties to the stronger prior, then pool order
-        return max(names, key=lambda n: (val_acc[n].value or 0.0, strength[n], -names.index(n)))
-
-    if best_spec and val_resp:
-        best = pick_best()
-        routes_of[best_spec.name] = single_routes(questions, best, f"best on validation: {best}")
-        union = _union_routes(questions, list(routes_of.values()), names)
-    test_requests = orch.expert_requests(questions, union)
-    # the aggregator most llm strategies will use: its weights go last and stay loaded
-    agg_experts = Counter(_llm_expert_for(r, opts, config) for s in specs
-                          if s.aggregator == "llm" and s.name in routes_of
-                          for r in routes_of[s.name])
-    last = agg_experts.most_common(1)[0][0] if agg_experts else None
-    gens, phase = _run_phase("experts", orch, val_requests + test_requests, opts, last=last)
-    phases.append(phase)
-    if val_requests:
-        val_resp = _responses(validation, val_routes, gens[:len(val_requests)])
-        gens = gens[len(val_requests):]
-    responses = _responses(questions, union, gens)
-    if best_spec and best is None:
-        best = pick_best()
-        routes_of[best_spec.name] = single_routes(questions, best, f"best on validation: {best}")
-    if best_spec:
-        best_spec.description = (f"{best} (validation accuracy "
-                                 f"{val_acc[best].value:.1%} on {val_acc[best].n})")
-
-    # -- vote tie-breaks: yaml strength, else validation accuracy -------------------------
-    strength: dict[str, float] = {}
-    strength_source: dict[str, str] = {}
-    for e in config.experts:
-        if e.strength is not None:
-            strength[e.name], strength_source[e.name] = e.strength, "yaml"
-        elif e.name in val_acc and val_acc[e.name].n:
-            strength[e.name], strength_source[e.name] = val_acc[e.name].value, "validation"
-
-    # -- aggregation ----------------------------------------------------------------------
-    per_q = {name: [[responses[(q.id, n)] for n in r.names] for q, r in zip(questions, rs)]
-             for name, rs in routes_of.items()}
-    finals: dict[str, list[FinalAnswer]] = {}
-    deferred = _DeferredExecutor()
-    llm_aggs = {}
-    for s in specs:
-        if s.name not in routes_of or s.kind == "oracle":
-            continue
-        if s.aggregator == "llm":
-            agg = build_aggregator("llm", config, deferred, strength=strength,
-                                   expert=opts.aggregator_expert)
-            agg.aggregate(questions, routes_of[s.name], per_q[s.name])  # records requests
-            llm_aggs[s.name] = agg
-        else:
-            agg = build_aggregator(s.aggregator, config, None, strength=strength)
-            finals[s.name] = agg.aggregate(questions, routes_of[s.name], per_q[s.name])
-    if llm_aggs:
-        gens, phase = _run_phase("aggregation", orch, deferred.pending, opts)
-        phases.append(phase)
-        deferred.serve(gens)
-        for name, agg in llm_aggs.items():
-            finals[name] = agg.aggregate(questions, routes_of[name], per_q[name])
-
-    replay = {e.name for e in config.experts if e.backend == "replay"}
-    if replay and not any(r.prompt_tokens or r.completion_tokens for (_, n), r in
-                          responses.items() if n in replay):
-        notes.append("the replay records carry no token counts: tokens and cost of replay "
-                     "experts show as 0")
-
-    # -- outcomes and scores --------------------------------------------------------------
-    outcomes: dict[str, list[Outcome]] = {}
-    scores: list[StrategyScore] = []
-    kept = [s for s in specs if s.name in routes_of]
-    for s in kept:
-        rows = []
-        for i, (q, route) in enumerate(zip(questions, routes_of[s.name])):
-            resp = per_q[s.name][i]
-            judged = [is_correct(r.answer, q) for r in resp if r.error is None]
-            any_right = None if gold_answer(q) is None else any(bool(j) for j in judged)
-            agg_response = None
-            note = ""
-            if s.kind == "oracle":
-                answer = gold_answer(q) if any_right else vote(resp, strength)[0]
-                correct = any_right
-            else:
-                final = finals[s.name][i]
-                answer, note = final.answer, final.note
-                agg_response = final.response
-                correct = is_correct(answer, q)
-            rows.append(Outcome(question_id=q.id, category=q.category, answer=answer,
-                                correct=correct, recruited=route.names, used=list(resp),
-                                any_right=any_right, aggregator=agg_response, note=note))
-        outcomes[s.name] = rows
-        score = score_strategy(s.name, s.description, rows, config,
-                               route_seconds.get(s.name, 0.0))
-        if s.kind == "single" or s.kind == "best-single":
-            score.recruit_oracle = Accuracy()  # same as the accuracy: not informative
-        scores.append(score)
-    return EvalResult(
-        config=config, questions=questions, specs=kept, scores=scores, outcomes=outcomes,
-        skipped={s.name: skipped[s.name] for s in specs if s.name in skipped},
-        validation=validation, validation_source=val_source, validation_accuracy=val_acc,
-        best_single=best, strength=strength, strength_source=strength_source,
-        stats=ex.stats, phases=phases, wall_seconds=time.perf_counter() - t_start,
-        responses=responses, val_responses=val_resp, seed=opts.seed, notes=notes)
+    return EvaluationJob(config, questions, opts).run()

@@ -8,31 +8,25 @@ handles multiple-choice letters, numbers with tolerance and normalised short tex
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from coe.config import PoolConfig
-from coe.results import ExpertResponse
+from scipy.stats import binomtest
 
-Z95 = 1.959963984540054
+from coe.config import PoolConfig
+from coe.types import ExpertResponse
+
 NO_CATEGORY = "(none)"
 
 
-def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval for a binomial proportion (95% by default).
-
-    Unlike the normal approximation it stays inside [0, 1] and behaves for small n and for
-    proportions near 0 or 1 (a strategy right on 3 of 3 questions gets [0.44, 1.0])."""
+def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval for a binomial proportion (scipy's, without continuity
+    correction). Unlike the normal approximation it stays inside [0, 1] and behaves for small
+    n and for proportions near 0 or 1 (right on 3 of 3 questions gives [0.44, 1.0])."""
     if n <= 0:
         return 0.0, 1.0
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if correct == 0 else max(0.0, centre - half)
-    hi = 1.0 if correct == n else min(1.0, centre + half)
-    return lo, hi
+    ci = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 @dataclass

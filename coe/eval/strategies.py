@@ -4,8 +4,9 @@ Names (``--strategies`` takes a comma-separated list of names or shell patterns)
 
 - ``single:<expert>``  every expert alone;
 - ``best-single``      the expert most accurate on the *validation* questions, never the test;
-- ``<router>+<agg>``   each available router (``all``, ``category``, ``skill``) with each
-                       aggregator (``vote``, ``llm``); ``all+vote`` is the all-experts vote;
+- ``<router>+<agg>``   each registered router (``all``, ``category``, ``skill``, plugins) with
+                       each registered aggregator but ``single`` (``vote``, ``llm``,
+                       plugins); ``all+vote`` is the all-experts vote;
 - ``<router>@1``       the router's first expert only (CoE's one-expert route);
 - ``random<k>+vote``   k experts drawn at random per question (seeded), voting;
 - ``oracle``           right when any expert of the pool is right: the upper bound.
@@ -18,11 +19,21 @@ import random
 from dataclasses import dataclass
 
 from coe.config import DEFAULT_CATEGORY, PoolConfig
-from coe.questions import Question
-from coe.routers import Recruit, Route
+from coe.errors import ConfigError
+from coe.registry import AGGREGATORS, ROUTERS
+from coe.types import Question, Recruit, Route
 
-ROUTER_KINDS = ("all", "category", "skill")
-AGGREGATOR_KINDS = ("vote", "llm")
+DESCRIBE_AGGREGATOR = {"vote": "majority vote (ties: router weight, then strength)",
+                       "llm": "an aggregator LLM reads their responses"}
+
+
+def router_kinds() -> list[str]:
+    return ROUTERS.names()
+
+
+def aggregator_kinds() -> list[str]:
+    """Aggregators combined with every router (``single`` is the single-expert strategies')."""
+    return [a for a in AGGREGATORS.names() if a != "single"]
 
 
 @dataclass
@@ -43,11 +54,10 @@ def all_specs(config: PoolConfig, random_k: int = 3) -> list[StrategySpec]:
     specs.append(StrategySpec("best-single", "best-single",
                               "the expert most accurate on the validation questions",
                               aggregator="single"))
-    for router in ROUTER_KINDS:
-        for agg in AGGREGATOR_KINDS:
+    for router in router_kinds():
+        for agg in aggregator_kinds():
             what = "all experts" if router == "all" else f"{router} router's experts"
-            how = "majority vote (ties: router weight, then strength)" if agg == "vote" \
-                else "an aggregator LLM reads their responses"
+            how = DESCRIBE_AGGREGATOR.get(agg, f"the {agg} aggregator")
             specs.append(StrategySpec(f"{router}+{agg}", "router", f"{what}; {how}",
                                       router=router, aggregator=agg))
         if router != "all":
@@ -72,8 +82,6 @@ def select(specs: list[StrategySpec], patterns: str | list[str] | None) -> list[
     chosen = [s for s in specs if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(s.name, p) for s in specs)]
     if unmatched:
-        from coe.errors import ConfigError
-
         known = ", ".join(s.name for s in specs)
         raise ConfigError(f"--strategies: {', '.join(unmatched)} matches no strategy "
                           f"(known: {known})")

@@ -1,22 +1,16 @@
-"""Expert backends. ``create_backend`` maps a yaml ``backend`` name to its class."""
+"""Expert backends: llama.cpp (CPU, in process), any OpenAI-compatible API, vLLM (GPU), and
+replays of recorded outputs. ``create_backend`` makes the backend a yaml expert names through
+the backend registry (``coe.registry.BACKENDS``), where plugins add their own."""
 
 from __future__ import annotations
 
-from coe.experts.base import Backend, Generation, GenRequest
+from coe.experts.base import Backend, run_sync
+from coe.registry import BACKENDS
+from coe.types import Generation, GenRequest
 
 
 def create_backend(config, base_dir=None) -> Backend:
-    if config.backend == "llamacpp":
-        from coe.experts.llamacpp import LlamaCppBackend as cls
-    elif config.backend == "openai":
-        from coe.experts.openai_api import OpenAIBackend as cls
-    elif config.backend == "vllm":
-        from coe.experts.vllm_backend import VLLMBackend as cls
-    elif config.backend == "replay":
-        from coe.experts.replay import ReplayBackend as cls
-    else:  # the config schema rejects other names first
-        raise ValueError(f"unknown backend {config.backend!r}")
-    return cls(config, base_dir)
+    return BACKENDS.get(config.backend)(config, base_dir)
 
 
-__all__ = ["Backend", "Generation", "GenRequest", "create_backend"]
+__all__ = ["BACKENDS", "Backend", "Generation", "GenRequest", "create_backend", "run_sync"]

@@ -3,66 +3,77 @@
 A backend knows nothing of routing or aggregation. It receives ``GenRequest``s (a prompt or
 chat messages plus sampling) and reports each ``Generation`` through a callback as soon as it
 is done, so the executor can store it before the next one starts.
+
+Each backend class declares:
+
+- ``config_model``: its yaml options, a subclass of ``coe.config.ExpertConfig`` whose
+  ``backend`` field is the name it is registered under (``coe.registry.BACKENDS``), and whose
+  ``load_key`` includes every option that changes the loaded model (experts with equal load
+  keys share one backend instance and one load);
+- ``check(config, base_dir)``: what can be verified without loading anything (the model file
+  exists, the API key variable is set), for ``coe experts --check`` and the pre-flight;
+- ``generate`` (blocking) and ``agenerate`` (a coroutine). The default ``agenerate`` runs
+  ``generate`` in a worker thread; a backend that is asynchronous by nature (the OpenAI client)
+  implements ``agenerate`` and gets ``generate`` from it through ``run_sync``, which works in
+  a plain script, inside a running event loop (Jupyter, a server) and in worker threads.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Callable
+from typing import Any, ClassVar, Coroutine
 
-from pydantic import BaseModel
+from coe.config import ExpertConfig
+from coe.types import Generation, GenRequest, OnResult
 
-from coe.config import Sampling
-
-
-@dataclass(frozen=True)
-class GenRequest:
-    expert: str
-    question_id: str
-    sampling: Sampling
-    prompt: str | None = None  # completion format
-    messages: tuple[tuple[str, str], ...] | None = None  # chat format: (role, content)
-    stage: str = "expert"  # what the generation is for: expert, aggregate, skills...
-
-    def chat(self) -> list[dict[str, str]]:
-        return [{"role": r, "content": c} for r, c in (self.messages or ())]
+__all__ = ["Backend", "Generation", "GenRequest", "OnResult", "run_sync"]
 
 
-class Generation(BaseModel):
-    text: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    seconds: float = 0.0
-    cached: bool = False
-    error: str | None = None
-    # An answer recorded with the text (a replay of a scored run): used as-is, not re-extracted.
-    recorded_answer: str | None = None
-    has_recorded_answer: bool = False
-
-
-OnResult = Callable[[int, Generation], None]
+def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coro`` to completion from synchronous code. In a thread with no running event
+    loop (a script, the CLI, an executor's worker) that is ``asyncio.run``; inside a running
+    loop (a notebook cell, a server handler calling blocking code) ``asyncio.run`` would raise,
+    so the coroutine gets a loop of its own in a helper thread while this thread waits."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="coe-loop") as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 class Backend(ABC):
     """One set of weights (or one endpoint), shared by every expert with the same load key."""
 
+    #: the yaml options of this backend's experts
+    config_model: ClassVar[type[ExpertConfig]] = ExpertConfig
     #: whether generations should go to the response cache (a replay is already a record)
-    cacheable = True
+    cacheable: ClassVar[bool] = True
     #: whether the response depends on the question id, not only on the prompt (a replay)
-    keyed_by_question = False
+    keyed_by_question: ClassVar[bool] = False
+    #: whether a loaded instance holds weights in this process's memory (an endpoint does not):
+    #: only those count against the executor's limit on resident models
+    holds_weights: ClassVar[bool] = True
 
     def __init__(self, config, base_dir=None):
         self.config = config
         self.base_dir = base_dir
+
+    @classmethod
+    def check(cls, config, base_dir) -> None:
+        """Raise a ``CoeError`` for what would make ``load`` fail, without loading."""
 
     @property
     def label(self) -> str:
         return f"{self.config.backend}:{self.config.model}"
 
     def fingerprint(self) -> str:
-        """Identifies the weights or endpoint for the response cache."""
-        return self.label
+        """Identifies the weights or endpoint for the response cache: by default the load key
+        (backend, model and every load option), so experts that differ in a load option
+        never share cached generations."""
+        return ":".join(map(str, self.config.load_key()))
 
     @abstractmethod
     def load(self) -> None: ...
@@ -73,6 +84,11 @@ class Backend(ABC):
 
         A request that fails on its own is reported with ``Generation.error`` set; an
         exception means the backend itself broke and the remaining requests are lost."""
+
+    async def agenerate(self, requests: list[GenRequest], on_result: OnResult) -> None:
+        """``generate`` for async callers; by default in a worker thread, so the caller's
+        event loop keeps running."""
+        await asyncio.to_thread(self.generate, requests, on_result)
 
     @abstractmethod
     def unload(self) -> None: ...

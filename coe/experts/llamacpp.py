@@ -6,10 +6,23 @@ import ctypes
 import gc
 import os
 import time
+from typing import Literal
 
+from pydantic import Field
+
+from coe.config import ExpertConfig
 from coe.errors import ExpertError
 from coe.experts.base import Backend, Generation, GenRequest, OnResult
-from coe.experts.model_ref import file_fingerprint, resolve_model_file
+from coe.model_ref import file_fingerprint, resolve_model_file
+
+
+class LlamaCppExpert(ExpertConfig):
+    backend: Literal["llamacpp"]
+    n_ctx: int = Field(2048, gt=0)
+    n_threads: int | None = Field(None, gt=0)
+
+    def load_key(self) -> tuple:
+        return ("llamacpp", self.model, self.n_ctx, self.n_threads)
 
 
 _LOG_CALLBACK = None
@@ -26,6 +39,12 @@ def _silence_llama_log() -> None:
 
 
 class LlamaCppBackend(Backend):
+    config_model = LlamaCppExpert
+
+    @classmethod
+    def check(cls, config, base_dir) -> None:
+        resolve_model_file(config.model, base_dir or ".")
+
     def __init__(self, config, base_dir=None):
         super().__init__(config, base_dir)
         self.llm = None

@@ -24,9 +24,13 @@ import json
 import os
 import re
 import time
+from typing import Literal
 
-from coe.errors import ExpertError
-from coe.experts.base import Backend, Generation, GenRequest, OnResult
+from pydantic import Field
+
+from coe.config import ExpertConfig
+from coe.errors import ConfigError, ExpertError
+from coe.experts.base import Backend, Generation, GenRequest, OnResult, run_sync
 
 MAX_ERROR_CHARS = 300
 
@@ -39,7 +43,30 @@ def _snippet(value) -> str:
     return re.sub(r"\s+", " ", str(value)).strip()[:120]
 
 
+class OpenAIExpert(ExpertConfig):
+    backend: Literal["openai"]
+    base_url: str = Field(min_length=1)
+    api_key_env: str | None = None
+    max_concurrency: int = Field(8, gt=0)
+    timeout: float = Field(60.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+
+    def load_key(self) -> tuple:
+        # Loading an endpoint costs nothing, so experts share a backend only when every
+        # connection option agrees (each keeps its own concurrency, timeout and retries).
+        return ("openai", self.base_url, self.model, self.api_key_env, self.max_concurrency,
+                self.timeout, self.max_retries)
+
+
 class OpenAIBackend(Backend):
+    config_model = OpenAIExpert
+    holds_weights = False  # an endpoint: nothing resident in this process
+
+    @classmethod
+    def check(cls, config, base_dir) -> None:
+        if config.api_key_env and not os.environ.get(config.api_key_env):
+            raise ConfigError(f"environment variable {config.api_key_env} is not set")
+
     def __init__(self, config, base_dir=None):
         super().__init__(config, base_dir)
         self._key: str | None = None
@@ -142,7 +169,8 @@ class OpenAIBackend(Backend):
                           prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                           completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
 
-    async def _run(self, requests: list[GenRequest], on_result: OnResult) -> None:
+    async def agenerate(self, requests: list[GenRequest], on_result: OnResult) -> None:
+        """Every request through one async client, ``max_concurrency`` in flight."""
         import openai
 
         sem = asyncio.Semaphore(self.config.max_concurrency)
@@ -174,7 +202,7 @@ class OpenAIBackend(Backend):
             await asyncio.gather(*(worker(i, r) for i, r in enumerate(requests)))
 
     def generate(self, requests: list[GenRequest], on_result: OnResult) -> None:
-        asyncio.run(self._run(requests, on_result))
+        run_sync(self.agenerate(requests, on_result))
 
     def unload(self) -> None:
         self._key = None

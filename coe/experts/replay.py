@@ -10,15 +10,28 @@ evaluation exactly. ``coe eval --record DIR`` writes such files.
 from __future__ import annotations
 
 import json
+from typing import Literal
 
+from coe.config import ExpertConfig
 from coe.errors import ExpertError
 from coe.experts.base import Backend, Generation, GenRequest, OnResult
-from coe.experts.model_ref import file_fingerprint, resolve_model_file
+from coe.model_ref import file_fingerprint, resolve_model_file
+
+
+class ReplayExpert(ExpertConfig):
+    """Responses come from a recorded JSONL file: one ``{"id", "text"}`` per question."""
+
+    backend: Literal["replay"]
 
 
 class ReplayBackend(Backend):
+    config_model = ReplayExpert
     cacheable = False  # already a record
     keyed_by_question = True
+
+    @classmethod
+    def check(cls, config, base_dir) -> None:
+        resolve_model_file(config.model, base_dir or ".", suffix=".jsonl")
 
     def __init__(self, config, base_dir=None):
         super().__init__(config, base_dir)

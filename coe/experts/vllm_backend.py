@@ -8,24 +8,52 @@ and on unload deletes the engine and empties the CUDA cache so the next model fi
 from __future__ import annotations
 
 import gc
+import importlib.util
 import time
+from typing import Literal
 
-from coe.errors import ExpertError
+from pydantic import Field
+
+from coe.config import ExpertConfig
+from coe.errors import ConfigError, ExpertError
 from coe.experts.base import Backend, Generation, GenRequest, OnResult
+
+NEEDS_VLLM = "backend 'vllm' needs the vllm package (pip install 'coe[vllm]')"
+
+
+class VLLMExpert(ExpertConfig):
+    backend: Literal["vllm"]
+    tensor_parallel_size: int = Field(1, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, gt=0)
+    dtype: str = "auto"
+
+    def load_key(self) -> tuple:
+        return ("vllm", self.model, self.tensor_parallel_size, self.gpu_memory_utilization,
+                self.max_model_len, self.dtype)
 
 
 class VLLMBackend(Backend):
+    config_model = VLLMExpert
+
+    @classmethod
+    def check(cls, config, base_dir) -> None:
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(NEEDS_VLLM)
+
     def __init__(self, config, base_dir=None):
         super().__init__(config, base_dir)
         self.llm = None
         self._vllm = None
 
+    def fingerprint(self) -> str:
+        return self.label  # the model id (cache keys as before load keys had a default)
+
     def load(self) -> None:
         try:
             import vllm
         except ImportError:
-            raise ExpertError(self.config.name,
-                              "backend 'vllm' needs the vllm package (pip install 'coe[vllm]')") from None
+            raise ExpertError(self.config.name, NEEDS_VLLM) from None
         self._vllm = vllm
         c = self.config
         kw = dict(model=c.model, tensor_parallel_size=c.tensor_parallel_size,

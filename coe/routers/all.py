@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from coe.config import PoolConfig
-from coe.questions import Question
 from coe.routers.base import Recruit, Route, Router, top_k
+from coe.types import Question
 
 
 class AllRouter(Router):

@@ -1,40 +1,27 @@
 """The router interface: a batch of questions in, one ``Route`` per question out.
 
 A route names the recruited experts with weights, the category or skills behind the choice,
-and a confidence. Learned routers also ``fit`` and ``save``/``load`` their state.
+and a confidence. Routers are built from the pool by ``from_config``; one that needs a model
+(an LLM writing skill keywords) is handed the executor and reaches the model only through it.
+Learned routers also ``fit`` and ``save``/``load`` their state.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from pydantic import BaseModel, Field
+from coe.types import Question, Recruit, Route
 
-from coe.questions import Question
-
-
-class Recruit(BaseModel):
-    name: str
-    weight: float = 1.0
-
-
-class Route(BaseModel):
-    question_id: str
-    experts: list[Recruit]
-    category: str | None = None
-    skills: list[str] = Field(default_factory=list)
-    confidence: float | None = None
-    reason: str = ""
-    aggregator: str | None = None  # an aggregator expert chosen by the router, if any
-    failed: dict[str, str] = Field(default_factory=dict)  # expert -> error, filled after running
-
-    @property
-    def names(self) -> list[str]:
-        return [r.name for r in self.experts]
+__all__ = ["Recruit", "Route", "Router", "top_k"]
 
 
 class Router(ABC):
     name: str = "router"
+
+    @classmethod
+    def from_config(cls, config, *, executor=None, k: int | None = None) -> "Router":
+        """The router the pool's yaml describes (``router:``), recruiting at most ``k``."""
+        return cls(config, k)
 
     @abstractmethod
     def route(self, questions: list[Question]) -> list[Route]:

@@ -12,20 +12,14 @@ A confidence below ``threshold``, or a category with no experts, sends the quest
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import softmax
 
 from coe.config import DEFAULT_CATEGORY, PoolConfig
 from coe.embeddings import shared_embedder
-from coe.questions import Question
 from coe.routers.base import Recruit, Route, Router, top_k
+from coe.types import Question
 
 ZERO_SHOT_TEMPERATURE = 0.05  # cosine similarities are close together; sharpen the softmax
-
-
-def softmax(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = x / temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 class ZeroShotCategoryClassifier:
@@ -49,7 +43,7 @@ class ZeroShotCategoryClassifier:
 
     def predict_proba(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
         sims = self.embedder.encode(texts) @ self._prototypes().T
-        return self.categories, softmax(sims, ZERO_SHOT_TEMPERATURE)
+        return self.categories, softmax(sims / ZERO_SHOT_TEMPERATURE, axis=-1)
 
 
 class CategoryRouter(Router):
@@ -63,6 +57,15 @@ class CategoryRouter(Router):
         self._classifier = classifier
         self.known = set(config.category_names())
         self.use_given = config.router.use_given_category
+
+    @classmethod
+    def from_config(cls, config, *, executor=None, k=None) -> "CategoryRouter":
+        classifier = None
+        if config.router.model_file:  # a trained classifier (coe train-router)
+            from coe.routers.learned import load_for_pool
+
+            classifier = load_for_pool(config)
+        return cls(config, k, classifier=classifier)
 
     @property
     def classifier(self):

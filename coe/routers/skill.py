@@ -13,22 +13,25 @@ For each question of a batch:
 4. softmax the scores with ``temperature``; recruit the top ``k`` (default 3), or with
    ``top_p`` as many as it takes for the cumulative probability to reach p (harder, more
    uncertain questions get more experts), dropping recruits below ``min_prob`` (at least one
-   stays). With ``sample`` the recruits are drawn from the distribution instead, seeded by
-   ``seed`` and the question id, so a run is reproducible.
-The aggregator is the expert with the best aggregation accuracy in the profiles.
+   stays).
+The route suggests as aggregator the expert with the best aggregation accuracy in the
+profiles (an aggregator expert set in the yaml or on the command line wins over it).
+
+Skills are inferred the way the profiles were built (``skill_source``); ``router.skills`` in
+the yaml, when set, must agree, since profile skills and inferred skills must be comparable.
 """
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
+from scipy.special import softmax
 
 from coe.embeddings import shared_embedder
+from coe.errors import ConfigError
 from coe.profiles import Profiles
-from coe.questions import Question
 from coe.routers.base import Recruit, Route, Router
-from coe.routers.category import softmax
+from coe.skills import build_skill_inferrer
+from coe.types import Question
 
 MATCH_THRESHOLD = 0.6
 PRIOR = 5.0  # pseudo-questions at global competence added to every skill score
@@ -37,9 +40,13 @@ PRIOR = 5.0  # pseudo-questions at global competence added to every skill score
 class SkillRouter(Router):
     name = "skill"
 
+    @classmethod
+    def from_config(cls, config, *, executor=None, k=None) -> "SkillRouter":
+        return build_skill_router(config, executor, k)
+
     def __init__(self, config, profiles: Profiles, inferrer, k: int | None = 3,
                  top_p: float | None = None, temperature: float = 0.1, min_prob: float = 0.02,
-                 global_weight: float = 0.5, sample: bool = False, seed: int = 0):
+                 global_weight: float = 0.5):
         profiles.check_pool(config)
         self.config = config
         self.profiles = profiles
@@ -49,8 +56,6 @@ class SkillRouter(Router):
         self.temperature = temperature
         self.min_prob = min_prob
         self.global_weight = global_weight
-        self.sample = sample
-        self.seed = seed
         self.experts = [e.name for e in config.experts]
         self.aggregator = profiles.best_aggregator()
         self.embedder = shared_embedder(config.embeddings.model, config.embeddings.batch_size,
@@ -108,11 +113,6 @@ class SkillRouter(Router):
 
     def _pick(self, q: Question, probs: np.ndarray) -> list[int]:
         order = list(np.argsort(-probs, kind="stable"))
-        if self.sample:
-            digest = hashlib.sha256(f"{self.seed}:{q.id}".encode()).digest()
-            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-            n = min(self.k, int((probs > 0).sum()))
-            order = list(rng.choice(len(probs), size=n, replace=False, p=probs))
         if self.top_p is not None:
             picked, cum = [], 0.0
             for i in order:
@@ -129,7 +129,7 @@ class SkillRouter(Router):
         if not questions:
             return []
         scores, inferred = self.scores(questions)
-        probs = softmax(scores, self.temperature)
+        probs = softmax(scores / self.temperature, axis=-1)
         routes = []
         for q, p, sk in zip(questions, probs, inferred):
             picked = self._pick(q, p)
@@ -143,10 +143,13 @@ class SkillRouter(Router):
         return routes
 
 
-def build_skill_router(config, executor=None, k: int | None = None) -> SkillRouter:
-    from coe.errors import ConfigError
-    from coe.skills import build_skill_inferrer
+def profile_skill_kind(profiles: Profiles) -> tuple[str, str | None]:
+    """(``vocabulary`` or ``keywords``, the keyword expert) the profiles were built with."""
+    kind, _, expert = profiles.skill_source.partition(":")
+    return ("keywords", expert) if kind == "keywords" else ("vocabulary", None)
 
+
+def build_skill_router(config, executor=None, k: int | None = None) -> SkillRouter:
     rc = config.router
     if not rc.profiles:
         raise ConfigError(f"{config.source}: router 'skill' needs router.profiles "
@@ -154,8 +157,15 @@ def build_skill_router(config, executor=None, k: int | None = None) -> SkillRout
     path = config.resolve_path(rc.profiles)
     profiles = Profiles.load(path)
     profiles.check_pool(config, str(path))
-    kind = "keywords" if profiles.skill_source.startswith("keywords:") else "vocabulary"
-    inferrer = build_skill_inferrer(config, executor, kind)
+    kind, expert = profile_skill_kind(profiles)
+    if rc.skills is not None and rc.skills != kind:
+        raise ConfigError(f"{config.source}: router.skills is {rc.skills!r} but {path} was built "
+                          f"with skills from {profiles.skill_source} (rebuild the profiles with "
+                          f"coe profile --skills {rc.skills}, or set router.skills: {kind})")
+    if expert and rc.keyword_expert and rc.keyword_expert != expert:
+        raise ConfigError(f"{config.source}: router.keyword_expert is {rc.keyword_expert!r} but "
+                          f"{path} was built with keywords from {expert!r}")
+    inferrer = build_skill_inferrer(config, executor, kind, expert=expert)
     return SkillRouter(config, profiles, inferrer, k=k or rc.k or 3, top_p=rc.top_p,
                        temperature=rc.temperature, min_prob=rc.min_prob,
-                       global_weight=rc.global_weight, seed=rc.seed)
+                       global_weight=rc.global_weight)

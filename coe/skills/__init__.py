@@ -11,12 +11,15 @@ from coe.skills.merge import SkillCanon
 from coe.skills.vocabulary import load_vocabulary
 
 
-def build_skill_inferrer(config, executor=None, kind: str | None = None):
-    kind = kind or config.router.skills
+def build_skill_inferrer(config, executor=None, kind: str | None = None,
+                         expert: str | None = None):
+    """``vocabulary`` (no model) or ``keywords`` written by ``expert`` (default: the yaml's
+    ``router.keyword_expert``) through ``executor``."""
+    kind = kind or config.router.skills or "vocabulary"
     if kind == "vocabulary":
         return VocabularySkills(config)
     if kind == "keywords":
-        return KeywordSkills(config, executor)
+        return KeywordSkills(config, executor, expert=expert)
     from coe.errors import ConfigError
 
     raise ConfigError(f"unknown skill inference {kind!r} (expected vocabulary or keywords)")

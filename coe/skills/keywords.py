@@ -69,7 +69,7 @@ class KeywordSkills:
         for q in questions:
             ask = ("user", f"Question: {format_question(q)}\nSkills:")
             reqs.append(build_request(cfg, q, stage="skills", messages=(system, *shots, ask)))
-        gens = self.executor.run(reqs)
+        gens = self.executor.run(reqs).generations
         raw = [parse_keywords(g.text, self.max_skills) if g.error is None else [] for g in gens]
         merged = self.canon.canonical_batch(raw)
         out = []

