@@ -7,6 +7,8 @@ alias ``MODEL_ALIAS``; experts use that alias as their ``model``. Fixtures:
 - ``fresh_openai_server`` (function): a server of its own that a test may stop, kill and
   restart (on the same port, so a rerun hits the same cache keys).
 - ``proxy`` (function): a ``tests.proxy.FaultProxy`` in front of the session server.
+- ``fresh_proxy`` (function): a ``FaultProxy`` in front of ``fresh_openai_server``, so a test
+  can stop or kill that server on the proxy's N-th request (``on_request``), not on a clock.
 
 Every process and socket here is bound to 127.0.0.1, every wait has a deadline.
 """
@@ -105,8 +107,10 @@ class LlamaServer:
                 self.proc.wait(timeout=timeout)
 
     def warm_up(self) -> None:
-        """One tiny generation, so the first test does not pay for paging in the weights."""
-        body = json.dumps({"model": self.alias, "prompt": "Hi", "max_tokens": 1}).encode()
+        """One small generation, so the first test does not pay for paging in the weights and
+        setting up the sampler (the first request with a ``seed`` takes about a second)."""
+        body = json.dumps({"model": self.alias, "prompt": "Question: What is 1 + 1?\nAnswer:",
+                           "max_tokens": 8, "temperature": 0.0, "seed": 0}).encode()
         req = urllib.request.Request(f"{self.base_url}/completions", data=body,
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -149,6 +153,18 @@ def proxy(openai_server):
     from tests.proxy import FaultProxy
 
     p = FaultProxy(openai_server.root)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def fresh_proxy(fresh_openai_server):
+    """A fault-injecting loopback proxy in front of this test's own server."""
+    from tests.proxy import FaultProxy
+
+    p = FaultProxy(fresh_openai_server.root)
     try:
         yield p
     finally:
