@@ -50,10 +50,9 @@ KEEPALIVE = 0.2  # a held answer sends one byte of JSON whitespace this often
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # status | delay | hang | hold | truncate | nonjson | close | down | echo_headers
+    kind: str  # status | hang | hold | truncate | nonjson | close | down | echo_headers
     code: int = 200  # the HTTP status sent
     retry_after: str | None = None
-    seconds: float = 0.0
     body: str = ""
     until: tuple[str, int] | None = None  # hold: ("arrived" | "ended", POST number)
 
@@ -61,10 +60,6 @@ class Fault:
     def status(cls, code: int, retry_after: float | str | None = None, body: str = "") -> "Fault":
         ra = None if retry_after is None else str(retry_after)
         return cls("status", code=code, retry_after=ra, body=body)
-
-    @classmethod
-    def delay(cls, seconds: float) -> "Fault":
-        return cls("delay", seconds=seconds)
 
     @classmethod
     def hang(cls) -> "Fault":
@@ -224,10 +219,6 @@ class _Handler(BaseHTTPRequestHandler):
             body = fault.body or json.dumps({"error": {"message": f"injected {fault.code}",
                                                        "type": "injected"}})
             return self._send(rec, fault.code, body.encode(), "application/json", headers)
-        if kind == "delay":
-            if self.server.state.stopping.wait(fault.seconds) or self._client_gone():
-                return None  # no point generating an answer nobody will read
-            return self._relay(rec, *self._forward(rec))
         if kind == "hang":
             return self._hang()
         if kind == "hold":
