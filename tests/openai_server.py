@@ -199,26 +199,6 @@ def arithmetic_questions(n: int) -> list:
             for i in range(n)]
 
 
-def stop_when(predicate, action, timeout: float = 120.0, interval: float = 0.05):
-    """Start a thread that calls ``action()`` once ``predicate()`` holds (or gives up after
-    ``timeout``). Returns the thread; its ``fired`` attribute says whether it acted."""
-    import threading
-
-    def watch():
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                action()
-                t.fired = True
-                return
-            time.sleep(interval)
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.fired = False
-    t.start()
-    return t
-
-
 def run_cli(*args, env: dict | None = None, timeout: float = 180.0, wait: bool = True):
     """``coe ARGS`` in a child process (the installed entry point's ``main``)."""
     import os
