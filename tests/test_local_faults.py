@@ -7,6 +7,12 @@ has an API expert behind the fault proxy (``tests/proxy.py``, in front of the se
 the routes), then the API expert one request at a time; the proxy signals the ``coe`` process
 when the API expert's KILL_AT-th request arrives and leaves that request unanswered. Each
 generation is stored before the next request is sent, so exactly 2 x N + KILL_AT - 1 are kept.
+
+The signal goes out once the job's event loop is asleep waiting for that answer
+(``wait_until_idle``: a process state, not a delay), the moment a user's Ctrl-C during a slow
+request lands in. Sent while the loop is still running task code (just after the request went
+out), SIGTERM can make coe print asyncio's "Task exception was never retrieved" traceback
+after its own message: a coe issue this test does not cover.
 """
 
 import json
@@ -19,7 +25,7 @@ import pytest
 import yaml
 
 from tests.conftest import cached_generations
-from tests.openai_server import openai_expert
+from tests.openai_server import openai_expert, wait_until_idle
 from tests.proxy import Fault
 
 N = 12  # questions
@@ -46,7 +52,12 @@ def test_killed_run_resumes_with_only_missing_generations(proxy, tmp_path, sig, 
     db = cache_dir / "responses.sqlite"
     cmd = [sys.executable, "-m", "coe.cli", "run", str(qs), "-c", str(cfg), "-o", str(out), "-q"]
     job: list[subprocess.Popen] = []  # armed before the start, so no request can slip past
-    signalled = proxy.on_request(KILL_AT, lambda: job[0].send_signal(sig), then=Fault.hang())
+
+    def interrupt() -> None:
+        wait_until_idle(job[0].pid)  # the job waits for the answer the proxy holds
+        job[0].send_signal(sig)
+
+    signalled = proxy.on_request(KILL_AT, interrupt, then=Fault.hang())
     job.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True))
     proc = job[0]
