@@ -7,6 +7,8 @@ alias ``MODEL_ALIAS``; experts use that alias as their ``model``. Fixtures:
 - ``fresh_openai_server`` (function): a server of its own that a test may stop, kill and
   restart (on the same port, so a rerun hits the same cache keys).
 - ``proxy`` (function): a ``tests.proxy.FaultProxy`` in front of the session server.
+- ``fresh_proxy`` (function): a ``FaultProxy`` in front of ``fresh_openai_server``, so a test
+  can stop or kill that server on the proxy's N-th request (``on_request``), not on a clock.
 
 Every process and socket here is bound to 127.0.0.1, every wait has a deadline.
 """
@@ -105,8 +107,10 @@ class LlamaServer:
                 self.proc.wait(timeout=timeout)
 
     def warm_up(self) -> None:
-        """One tiny generation, so the first test does not pay for paging in the weights."""
-        body = json.dumps({"model": self.alias, "prompt": "Hi", "max_tokens": 1}).encode()
+        """One small generation, so the first test does not pay for paging in the weights and
+        setting up the sampler (the first request with a ``seed`` takes about a second)."""
+        body = json.dumps({"model": self.alias, "prompt": "Question: What is 1 + 1?\nAnswer:",
+                           "max_tokens": 8, "temperature": 0.0, "seed": 0}).encode()
         req = urllib.request.Request(f"{self.base_url}/completions", data=body,
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -155,6 +159,18 @@ def proxy(openai_server):
         p.close()
 
 
+@pytest.fixture
+def fresh_proxy(fresh_openai_server):
+    """A fault-injecting loopback proxy in front of this test's own server."""
+    from tests.proxy import FaultProxy
+
+    p = FaultProxy(fresh_openai_server.root)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
 def openai_expert(name: str, base_url: str, **extra) -> dict:
     """A yaml expert entry for the test server: tiny generations, short retry backoff, and the
     completion format by default (its short prompt keeps each generation quick on a loaded
@@ -183,26 +199,6 @@ def arithmetic_questions(n: int) -> list:
             for i in range(n)]
 
 
-def stop_when(predicate, action, timeout: float = 120.0, interval: float = 0.05):
-    """Start a thread that calls ``action()`` once ``predicate()`` holds (or gives up after
-    ``timeout``). Returns the thread; its ``fired`` attribute says whether it acted."""
-    import threading
-
-    def watch():
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                action()
-                t.fired = True
-                return
-            time.sleep(interval)
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.fired = False
-    t.start()
-    return t
-
-
 def run_cli(*args, env: dict | None = None, timeout: float = 180.0, wait: bool = True):
     """``coe ARGS`` in a child process (the installed entry point's ``main``)."""
     import os
@@ -220,3 +216,33 @@ def run_cli(*args, env: dict | None = None, timeout: float = 180.0, wait: bool =
         out, err = proc.communicate()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+# epoll_wait / epoll_pwait / epoll_pwait2 by architecture (what an idle asyncio loop sleeps in)
+_EPOLL_SYSCALLS = {"x86_64": {232, 281, 441}, "aarch64": {22, 441}}
+
+
+def wait_until_idle(pid: int, timeout: float = 60.0) -> None:
+    """Wait until the main thread of process ``pid`` is asleep in ``epoll_wait`` with a
+    non-zero timeout: its asyncio loop has nothing left to run and is waiting for the network
+    (e.g. for an answer the proxy holds). A signal sent then is handled by the loop's own
+    wait, not in the middle of a task's code. A state of the process, read from
+    ``/proc/PID/task/PID/syscall``, not a delay; returns at once if the process is gone."""
+    import platform
+
+    calls = _EPOLL_SYSCALLS.get(platform.machine())
+    if calls is None:
+        raise RuntimeError(f"no epoll syscall numbers for {platform.machine()}")
+    path = Path(f"/proc/{pid}/task/{pid}/syscall")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            fields = path.read_text().split()
+        except OSError:
+            return  # gone
+        # "NR arg1 ... arg6 sp pc" while blocked in a syscall, "running" otherwise
+        if len(fields) >= 5 and fields[0].isdigit() and int(fields[0]) in calls \
+                and int(fields[4], 16) != 0:
+            return
+        time.sleep(0.001)
+    raise TimeoutError(f"process {pid} never settled in epoll_wait within {timeout:.0f}s")

@@ -1,6 +1,7 @@
 """``coe eval`` with the real local models of experts.yaml (llama.cpp on the CPU): every
 strategy on 3 questions, a second identical run that generates nothing, and a job killed
-with SIGKILL mid-run that resumes with only the missing generations."""
+with SIGKILL mid-run (on the fault proxy's N-th request, not on a clock) that resumes with
+only the missing generations."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import cached_generations, write_jsonl
+from tests.openai_server import openai_expert
+from tests.proxy import Fault
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = [json.loads(x) for x in (REPO / "examples" / "questions.jsonl").read_text().splitlines()]
@@ -95,33 +97,51 @@ def test_local_models_every_strategy_then_zero_generations(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_eval_resumes_with_only_the_missing_generations(tmp_path):
+def test_killed_eval_resumes_with_only_the_missing_generations(proxy, tmp_path):
+    """SIGKILL on an event: the pool is experts.yaml plus an API expert behind the fault proxy
+    (the session's llama_cpp.server), one request at a time. The experts phase runs gemma's
+    group first (the smollm2 group goes last: its generalist is the llm aggregator, whose
+    weights stay loaded), then the API expert's; the proxy kills ``coe eval`` when the API
+    expert's KILL_AT-th request arrives and never answers it. Each generation is stored before
+    the next request is sent, so exactly 8 (gemma) + KILL_AT - 1 are kept."""
+    kill_at = 4
     cfg = local_pool(tmp_path, max_tokens=24)
+    pool = yaml.safe_load(cfg.read_text())
+    pool["experts"].append(openai_expert("smollm2-api", proxy.base_url, max_concurrency=1,
+                                         timeout=300.0))
+    cfg.write_text(yaml.safe_dump(pool))
     test = questions(tmp_path, [q["id"] for q in EXAMPLES], "test.jsonl")
+    n = len(EXAMPLES)
     cache = tmp_path / "cache"
     env = {**os.environ, "COE_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
     args = ["eval", test, "-c", cfg, "-s", "all+vote,all+llm,category+vote", "-q", "--no-plots"]
     db = cache / "responses.sqlite"
-    proc = subprocess.Popen([sys.executable, "-m", "coe.cli", *map(str, args), "-o",
-                             tmp_path / "killed"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while cached_generations(db) < 5 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)  # no handler, no cleanup: a real kill
-    proc.communicate(timeout=60)
+    job: list[subprocess.Popen] = []  # armed before the start, so no request can slip past
+    killed = proxy.on_request(kill_at, lambda: os.kill(job[0].pid, signal.SIGKILL),
+                              then=Fault.hang())
+    job.append(subprocess.Popen([sys.executable, "-m", "coe.cli", *map(str, args), "-o",
+                                 tmp_path / "killed"], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    proc = job[0]  # a real kill: no handler, no cleanup
+    _, err = proc.communicate(timeout=600)
+    assert killed.is_set(), err
     assert proc.returncode == -signal.SIGKILL
     done = cached_generations(db)
+    assert done == n + kill_at - 1 and proxy.count == kill_at
+    proxy.reset()
     resumed = coe(*args, "--resume", "-o", tmp_path / "resumed", env=env)
     assert resumed.returncode == 0, resumed.stderr
     r = report(tmp_path / "resumed")
-    needed = sum(p["unique"] for p in r["phases"])  # 8 x 3 expert + up to 8 aggregation ones
+    needed = sum(p["unique"] for p in r["phases"])  # 8 x 4 expert + up to 8 aggregation ones
     print(f"\nkilled after {done} of {needed} generations; resumed run: "
           f"{resumed.stderr.splitlines()[1]}")
-    assert 24 < needed <= 32 and 5 <= done < needed, "the kill should land mid-job"
+    assert r["phases"][0]["unique"] == 4 * n and 4 * n < needed <= 5 * n
     assert r["cache_hits"] == done and r["generations"] == needed - done
+    assert r["failed_generations"] == 0
+    assert proxy.count == kill_at + n - (kill_at - 1)  # the API expert's missing ones only
     # the resumed job's figures are those of an uninterrupted one (served from the cache now)
     again = coe(*args, "-o", tmp_path / "again", env=env)
     a = report(tmp_path / "again")
     assert again.returncode == 0 and a["generations"] == 0 and a["cache_hits"] == needed
     assert [s["correct"] for s in a["strategies"]] == [s["correct"] for s in r["strategies"]]
+    assert proxy.count == kill_at + n - (kill_at - 1)

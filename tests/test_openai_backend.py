@@ -1,8 +1,9 @@
 """The openai backend against a REAL OpenAI-compatible server (llama_cpp.server + SmolLM2 on
 127.0.0.1, started by ``tests/openai_server.py``), through the real ``openai`` client.
 
-A loopback proxy (``tests/proxy.py``) in front of the server only observes here: it records the
-requests the client sends and how many are in flight at once.
+A loopback proxy (``tests/proxy.py``) in front of the server observes here: it records the
+requests the client sends and how many are in flight at once; in the stopped-server test it
+also stops the server on a given request and goes down with it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import pytest
 
 from coe.orchestrator import Orchestrator
 from tests.openai_server import (MODEL_ALIAS, arithmetic_questions, cached_generations,
-                                 openai_expert, run_cli, stop_when, write_pool)
+                                 openai_expert, run_cli, write_pool)
+from tests.proxy import Fault
 
 
 def test_chat_and_completion_formats_through_orchestrator_and_cache(openai_server, proxy, tmp_path):
@@ -83,47 +85,58 @@ def _summary(stderr: str) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_server_stopped_mid_run_keeps_completed_answers(fresh_openai_server, tmp_path):
+def test_server_stopped_mid_run_keeps_completed_answers(fresh_openai_server, fresh_proxy,
+                                                        tmp_path):
     """Issue 2: the server goes away mid-run -> one clear line naming the expert, every
-    finished answer kept (cache and -o file), and a rerun makes only the missing ones."""
-    server = fresh_openai_server
+    finished answer kept (cache and -o file), and a rerun makes only the missing ones.
+
+    The server is stopped (SIGTERM) when the 3rd request reaches it, and the proxy, the
+    server's address for the client, goes down with it (that request dropped, the retry
+    refused). One request at a time, each generation stored before the next is sent: exactly
+    2 answers are kept. Server and proxy then come back at the same addresses, so the rerun
+    hits the same cache keys (they include the expert's base_url)."""
+    server, proxy = fresh_openai_server, fresh_proxy
     n = 4
-    pool = write_pool(tmp_path, [openai_expert("smol", server.base_url, max_concurrency=1,
-                                               max_retries=1, prompt_format="chat")])
+    pool = write_pool(tmp_path, [openai_expert("smol", proxy.base_url, max_concurrency=1,
+                                               max_retries=1, prompt_format="chat",
+                                               timeout=300.0)])
     qfile = tmp_path / "q.jsonl"
     qfile.write_text("".join(json.dumps({"id": q.id, "question": q.question, "answer": q.answer})
                              + "\n" for q in arithmetic_questions(n)))
     out, cache = tmp_path / "out.jsonl", tmp_path / "cache.sqlite"
 
-    proc = run_cli("run", qfile, "-c", pool, "-o", out, "-q", wait=False)
-    killer = stop_when(lambda: cached_generations(cache) >= 2 or proc.poll() is not None,
-                       server.stop)
-    stdout, stderr = proc.communicate(timeout=300)
-    killer.join(timeout=30)
-    assert killer.fired and not server.alive
+    stopped = proxy.on_request(3, server.stop, then=Fault.down())
+    proc = run_cli("run", qfile, "-c", pool, "-o", out, "-q", timeout=300)
+    assert stopped.is_set() and not server.alive
+    assert proxy.count == 3 and [r.fault for r in proxy.requests] == [None, None, "down"]
 
-    assert proc.returncode == 4, stderr
-    assert "Traceback" not in stderr
-    failed_lines = [x for x in stderr.splitlines() if x.startswith("expert 'smol' failed: ")]
-    assert len(failed_lines) == 1, stderr
-    assert f"connection to {server.base_url} failed after 1 retry" in failed_lines[0]
+    assert proc.returncode == 4, proc.stderr
+    assert "Traceback" not in proc.stderr
+    failed_lines = [x for x in proc.stderr.splitlines() if x.startswith("expert 'smol' failed: ")]
+    assert failed_lines == [f"expert 'smol' failed: connection to {proxy.base_url} failed after "
+                            "1 retry: ConnectError: All connection attempts failed"], proc.stderr
 
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [f"q{i}" for i in range(n)]  # every question reported
     done = [r for r in rows if r["responses"][0]["error"] is None]
     lost = [r for r in rows if r["responses"][0]["error"] is not None]
-    assert 2 <= len(done) < n and lost, "the stop should land mid-run"
+    # the two answered are the two questions whose requests the server answered
+    asked = [r.json()["messages"][-1]["content"] for r in proxy.requests]
+    assert len(done) == 2 and len(lost) == 2
+    assert all(a.startswith(r["question"] + "\n") for a, r in zip(asked, done))
     assert all(r["responses"][0]["text"] for r in done)
     assert all(set(r["route"]["failed"]) == {"smol"} for r in lost)
-    assert cached_generations(cache) == len(done)  # nothing finished was lost
-    s = _summary(stderr)
-    assert s["generations"] == len(done) and s["failed"] == len(lost)
+    assert cached_generations(cache) == 2  # nothing finished was lost
+    assert _summary(proc.stderr) == {"generations": 2, "cached": 0, "failed": 2}
 
-    # the server comes back (same address): a rerun completes only the missing ones
+    # the server comes back, and so does the proxy (same addresses): a rerun completes only
+    # the missing ones
     server.start()
+    proxy.reset()
     rerun = run_cli("run", qfile, "-c", pool, "-o", out, "-q")
     assert rerun.returncode == 0, rerun.stderr
-    assert _summary(rerun.stderr) == {"generations": len(lost), "cached": len(done), "failed": 0}
+    assert _summary(rerun.stderr) == {"generations": 2, "cached": 2, "failed": 0}
+    assert proxy.count == 3 + 2
     rows2 = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows2) == n and all(r["responses"][0]["error"] is None for r in rows2)
     before = {r["id"]: r["responses"][0]["text"] for r in done}
