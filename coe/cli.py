@@ -5,6 +5,7 @@ User errors (``CoeError``) print one line and exit non-zero, without a traceback
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -243,15 +244,21 @@ def route(
 
 
 def _terminate(signum, frame):
-    raise KeyboardInterrupt  # unwind like Ctrl-C: files closed, finished work already on disk
+    """SIGTERM is Ctrl-C: hand it to whatever handles SIGINT now. That is Python's own handler,
+    which raises KeyboardInterrupt (files closed on the way out, finished work already on
+    disk), or, while an asyncio loop runs (an API expert's requests), asyncio's, which cancels
+    the running tasks first, so no task is left holding an exception nobody retrieves."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+        return
+    raise KeyboardInterrupt
 
 
 INTERRUPTED = "interrupted: finished generations are in the response cache; rerun with --resume"
 
 
 def main() -> None:
-    import signal
-
     signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(standalone_mode=False)

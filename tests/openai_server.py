@@ -217,32 +217,3 @@ def run_cli(*args, env: dict | None = None, timeout: float = 180.0, wait: bool =
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
-
-# epoll_wait / epoll_pwait / epoll_pwait2 by architecture (what an idle asyncio loop sleeps in)
-_EPOLL_SYSCALLS = {"x86_64": {232, 281, 441}, "aarch64": {22, 441}}
-
-
-def wait_until_idle(pid: int, timeout: float = 60.0) -> None:
-    """Wait until the main thread of process ``pid`` is asleep in ``epoll_wait`` with a
-    non-zero timeout: its asyncio loop has nothing left to run and is waiting for the network
-    (e.g. for an answer the proxy holds). A signal sent then is handled by the loop's own
-    wait, not in the middle of a task's code. A state of the process, read from
-    ``/proc/PID/task/PID/syscall``, not a delay; returns at once if the process is gone."""
-    import platform
-
-    calls = _EPOLL_SYSCALLS.get(platform.machine())
-    if calls is None:
-        raise RuntimeError(f"no epoll syscall numbers for {platform.machine()}")
-    path = Path(f"/proc/{pid}/task/{pid}/syscall")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            fields = path.read_text().split()
-        except OSError:
-            return  # gone
-        # "NR arg1 ... arg6 sp pc" while blocked in a syscall, "running" otherwise
-        if len(fields) >= 5 and fields[0].isdigit() and int(fields[0]) in calls \
-                and int(fields[4], 16) != 0:
-            return
-        time.sleep(0.001)
-    raise TimeoutError(f"process {pid} never settled in epoll_wait within {timeout:.0f}s")
