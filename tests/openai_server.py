@@ -147,28 +147,26 @@ def fresh_openai_server(tmp_path):
         server.stop(kill=True)
 
 
-@pytest.fixture
-def proxy(openai_server):
-    """A fault-injecting loopback proxy in front of the session server."""
+def _proxy_in_front_of(server: LlamaServer):
     from tests.proxy import FaultProxy
 
-    p = FaultProxy(openai_server.root)
+    p = FaultProxy(server.root)
     try:
         yield p
     finally:
         p.close()
+
+
+@pytest.fixture
+def proxy(openai_server):
+    """A fault-injecting loopback proxy in front of the session server."""
+    yield from _proxy_in_front_of(openai_server)
 
 
 @pytest.fixture
 def fresh_proxy(fresh_openai_server):
     """A fault-injecting loopback proxy in front of this test's own server."""
-    from tests.proxy import FaultProxy
-
-    p = FaultProxy(fresh_openai_server.root)
-    try:
-        yield p
-    finally:
-        p.close()
+    yield from _proxy_in_front_of(fresh_openai_server)
 
 
 def openai_expert(name: str, base_url: str, **extra) -> dict:
