@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from coe.config import load_config  # noqa: E402
-from coe.eval.mmlu_pro import ensure_pool  # noqa: E402
 from coe.embeddings import Embedder, shared_embedder  # noqa: E402
+from coe.eval.mmlu_pro import ensure_pool  # noqa: E402
 from coe.orchestrator import Orchestrator  # noqa: E402
 from coe.questions import load_questions  # noqa: E402
 from coe.routers.category import CategoryRouter  # noqa: E402

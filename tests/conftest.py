@@ -38,8 +38,8 @@ def replay_pool(tmp_path):
     experts = []
     for name, letters in answers.items():
         write_jsonl(tmp_path / f"{name}.jsonl",
-                    [{"id": q["id"], "text": f"Reasoning... The answer is ({l})."}
-                     for q, l in zip(qs, letters)])
+                    [{"id": q["id"], "text": f"Reasoning... The answer is ({letter})."}
+                     for q, letter in zip(qs, letters)])
         experts.append({"name": name, "backend": "replay", "model": f"{name}.jsonl",
                         "categories": ["default"]})
     cfg = tmp_path / "pool.yaml"

@@ -26,8 +26,14 @@ import pytest
 from coe.config import load_config
 from coe.errors import ConfigError, ExpertError
 from coe.orchestrator import Orchestrator
-from tests.openai_server import (arithmetic_questions, cached_generations, free_port,
-                                 openai_expert, run_cli, write_pool)
+from tests.openai_server import (
+    arithmetic_questions,
+    cached_generations,
+    free_port,
+    openai_expert,
+    run_cli,
+    write_pool,
+)
 from tests.proxy import Fault
 
 

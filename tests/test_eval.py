@@ -53,9 +53,9 @@ def make_pool(tmp_path: Path, extra_experts=(), aggregator=None) -> tuple[Path, 
            for i, g in enumerate(VAL_GOLD)]
     experts = []
     for name in ANSWERS:
-        recs = [{"id": q["id"], "text": f"Thinking... The answer is ({l}).", "prompt_tokens": 100,
+        recs = [{"id": q["id"], "text": f"Thinking... The answer is ({letter}).", "prompt_tokens": 100,
                  "completion_tokens": 10}
-                for q, l in [*zip(test, ANSWERS[name]), *zip(val, VAL_ANSWERS[name])]]
+                for q, letter in [*zip(test, ANSWERS[name]), *zip(val, VAL_ANSWERS[name])]]
         write_jsonl(tmp_path / f"{name}.jsonl", recs)
         experts.append({"name": name, "backend": "replay", "model": f"{name}.jsonl",
                         "strength": STRENGTH[name], "params": PARAMS[name],

@@ -14,8 +14,14 @@ import re
 import pytest
 
 from coe.orchestrator import Orchestrator
-from tests.openai_server import (MODEL_ALIAS, arithmetic_questions, cached_generations,
-                                 openai_expert, run_cli, write_pool)
+from tests.openai_server import (
+    MODEL_ALIAS,
+    arithmetic_questions,
+    cached_generations,
+    openai_expert,
+    run_cli,
+    write_pool,
+)
 from tests.proxy import Fault
 
 

@@ -31,13 +31,19 @@ from coe.answers import gold_answer, is_correct, response_from
 from coe.config import PoolConfig
 from coe.errors import CoeError, ConfigError
 from coe.eval.scoring import Accuracy, Outcome, StrategyScore, score_strategy
-from coe.eval.strategies import (StrategySpec, all_specs, has_categories, random_routes,
-                                 select, single_routes, split_validation)
+from coe.eval.strategies import (
+    StrategySpec,
+    all_specs,
+    has_categories,
+    random_routes,
+    select,
+    single_routes,
+    split_validation,
+)
 from coe.executor import RunStats
 from coe.orchestrator import Orchestrator
 from coe.routers import build_router
-from coe.types import (ExpertResponse, FinalAnswer, Generation, GenRequest, Question, Recruit,
-                       Route)
+from coe.types import ExpertResponse, FinalAnswer, Generation, GenRequest, Question, Recruit, Route
 
 
 @dataclass
