@@ -22,8 +22,9 @@ a batch of generations out.
 ``LocalExecutor`` runs in this process. Each model has a lock: two threads never use one
 model at once, and a model is loaded only if fewer than ``max_resident`` models holding
 weights are loaded (an endpoint holds none); otherwise the least recently used idle model is
-unloaded first, or the thread waits for one to become idle. Two concurrent runs that need the
-same model share its load.
+unloaded first, or the thread waits for one to become idle. An idle model another thread is
+already queued for is not unloaded before that thread has used it, so concurrent runs that
+need the same models share their loads.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
@@ -194,6 +195,7 @@ class LocalExecutor(Executor):
         self._resident: OrderedDict[tuple, None] = OrderedDict()  # loaded, least recent first
         self._loading: set[tuple] = set()
         self._in_use: set[tuple] = set()
+        self._waiting: Counter = Counter()  # threads queued for a model (its lock or residency)
 
     # -- planning -------------------------------------------------------------------------
     def backend_for(self, expert_name: str) -> Backend:
@@ -268,10 +270,12 @@ class LocalExecutor(Executor):
                 if (not backend.holds_weights or self._weights([*self._resident, *self._loading])
                         < self.max_resident):
                     break
-                idle = [k for k in self._resident
-                        if k not in self._in_use and self._backends[k].holds_weights]
+                # the least recently used idle model, unless another thread is queued for it:
+                # that thread is served first (it needs nothing more), then this one evicts
+                idle = [k for k in self._resident if k not in self._in_use
+                        and self._backends[k].holds_weights and not self._waiting[k]]
                 if idle:
-                    self._unload(idle[0])  # the least recently used
+                    self._unload(idle[0])
                     continue
                 self._cond.wait()
             self._loading.add(key)
@@ -330,22 +334,40 @@ class LocalExecutor(Executor):
             for group in plan.groups:
                 todo = [i for i in group.indices if results[i] is None]
                 if todo:
-                    with self._model_locks[group.key]:
-                        self._run_group(plan, group, todo, results, stats)
+                    ticket = self._queue(group.key)
+                    try:
+                        with self._model_locks[group.key]:
+                            self._run_group(plan, group, todo, results, stats, ticket)
+                    finally:
+                        self._served(ticket)
         finally:
             self._record(stats)
         for i, j in plan.same_as.items():
             results[i] = results[j]
         return Execution(results, stats)  # type: ignore[arg-type]
 
+    def _queue(self, key: tuple) -> list:
+        """Count this thread as queued for ``key``; the returned ticket ends it (once)."""
+        with self._cond:
+            self._waiting[key] += 1
+        return [key]
+
+    def _served(self, ticket: list) -> None:
+        with self._cond:
+            if ticket:
+                self._waiting[ticket.pop()] -= 1
+                self._cond.notify_all()
+
     def _run_group(self, plan: Plan, group: PlanGroup, todo: list[int],
-                   results: list[Generation | None], stats: RunStats) -> None:
+                   results: list[Generation | None], stats: RunStats, ticket: list) -> None:
         requests = plan.requests
         try:
             backend = self._acquire(group.key, stats)
         except CoeError as e:
             self._fail(results, todo, group, f"load failed: {e}", stats)
             return
+        finally:
+            self._served(ticket)  # holding the model now: no longer queued for it
         bar = tqdm(total=len(todo), desc=group.label[:40], unit="gen",
                    disable=not self.progress, leave=False)
 
