@@ -9,6 +9,7 @@ This sits above the orchestrator; the profiles themselves sit below the routers.
 
 from __future__ import annotations
 
+from coe.aggregators.base import aggregate_together
 from coe.aggregators.llm import LLMAggregator
 from coe.answers import is_correct
 from coe.errors import ConfigError
@@ -59,11 +60,10 @@ def build_profiles(config, questions, existing: Profiles | None = None, skills: 
 def _profile_aggregators(prof: Profiles, orch: Orchestrator, candidates: dict[str, LLMAggregator],
                          questions, routes, responses) -> None:
     """How often each candidate, given the experts' responses, writes the gold answer."""
-    asked = {name: agg.requests(questions, routes, responses) for name, agg in candidates.items()}
-    gens = iter(orch.executor.run([r for reqs in asked.values() for r in reqs]).generations)
-    for name, agg in candidates.items():
-        mine = [next(gens) for _ in asked[name]]
-        finals = agg.aggregate(questions, routes, responses, mine)
+    jobs = {name: (agg, routes, responses) for name, agg in candidates.items()}
+    finals_of = aggregate_together(questions, jobs,
+                                   lambda requests: orch.executor.run(requests).generations)
+    for name, finals in finals_of.items():
         tally = prof.aggregators.setdefault(name, AggregatorProfile())
         for q, f in zip(questions, finals):
             if f.response is not None and f.response.error is None:

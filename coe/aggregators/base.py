@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
+from typing import Callable
 
 from coe.types import ExpertResponse, FinalAnswer, Generation, GenRequest, Question, Route
 
@@ -41,3 +42,18 @@ class Aggregator(ABC):
                   responses: list[list[ExpertResponse]],
                   generations: list[Generation] | None = None) -> list[FinalAnswer]:
         """One final answer per question. ``generations`` answer ``requests(...)``."""
+
+
+def aggregate_together(questions: list[Question],
+                       jobs: dict[str, tuple[Aggregator, list[Route], list[list[ExpertResponse]]]],
+                       generate: Callable[[list[GenRequest]], list[Generation]]
+                       ) -> dict[str, list[FinalAnswer]]:
+    """The final answers of several aggregators over the same questions (name -> aggregator,
+    its routes, its experts' responses). Every generation they ask for is made by one
+    ``generate(requests)`` call (the executor's), so each model loads once for all of them."""
+    asked = {name: agg.requests(questions, routes, resp)
+             for name, (agg, routes, resp) in jobs.items()}
+    flat = [r for reqs in asked.values() for r in reqs]
+    gens = iter(generate(flat) if flat else [])
+    return {name: agg.aggregate(questions, routes, resp, [next(gens) for _ in asked[name]] or None)
+            for name, (agg, routes, resp) in jobs.items()}

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from coe.aggregators import Aggregator, build_aggregator, vote
+from coe.aggregators.base import aggregate_together
 from coe.answers import gold_answer, is_correct, response_from
 from coe.config import PoolConfig
 from coe.errors import CoeError, ConfigError
@@ -376,15 +377,10 @@ class EvaluationJob:
     def aggregate(self) -> None:
         """Each strategy's final answers. Aggregators that need generations get them from one
         executor call for all strategies."""
-        work = {s.name: (self._aggregator(s), self.routes_of[s.name], self._per_question(s.name))
+        jobs = {s.name: (self._aggregator(s), self.routes_of[s.name], self._per_question(s.name))
                 for s in self.specs if s.name in self.routes_of and s.kind != "oracle"}
-        asked = {name: agg.requests(self.questions, routes, resp)
-                 for name, (agg, routes, resp) in work.items()}
-        flat = [r for reqs in asked.values() for r in reqs]
-        gens = iter(self._phase("aggregation", flat) if flat else [])
-        for name, (agg, routes, resp) in work.items():
-            mine = [next(gens) for _ in asked[name]] or None
-            self.finals[name] = agg.aggregate(self.questions, routes, resp, mine)
+        self.finals = aggregate_together(self.questions, jobs,
+                                         lambda requests: self._phase("aggregation", requests))
         if self.replay and not any(r.prompt_tokens or r.completion_tokens for (_, n), r in
                                    self.responses.items() if n in self.replay):
             self.notes.append("the replay records carry no token counts: tokens and cost of "
