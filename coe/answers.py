@@ -140,4 +140,5 @@ def response_from(expert: str, gen: Generation, question: Question) -> ExpertRes
         answer = extract_answer(gen.text, question)
     return ExpertResponse(expert=expert, text=gen.text, prompt_tokens=gen.prompt_tokens,
                           completion_tokens=gen.completion_tokens, seconds=round(gen.seconds, 4),
-                          cached=gen.cached, error=gen.error, answer=answer)
+                          cached=gen.cached, error=gen.error, answer=answer,
+                          finish_reason=gen.finish_reason)

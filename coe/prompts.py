@@ -24,13 +24,24 @@ def format_question(q: Question) -> str:
     return text
 
 
+def _system(q: Question, system_prompt: str | None) -> str | None:
+    """The expert's persona, then the question's own instructions (a request's system
+    message), if any."""
+    parts = [p.strip() for p in (system_prompt, q.instructions) if p and p.strip()]
+    return "\n\n".join(parts) or None
+
+
 def chat_messages(q: Question, system_prompt: str | None) -> tuple[tuple[str, str], ...]:
     user = f"{format_question(q)}\n\n{_INSTRUCTION[q.answer_kind]}"
-    return (("system", system_prompt or DEFAULT_SYSTEM), ("user", user))
+    system = _system(q, system_prompt)
+    if system_prompt is None or not system_prompt.strip():
+        system = f"{DEFAULT_SYSTEM}\n\n{system}" if system else DEFAULT_SYSTEM
+    return (("system", system), ("user", user))
 
 
 def completion_prompt(q: Question, system_prompt: str | None) -> str:
-    head = f"{system_prompt.strip()}\n\n" if system_prompt else ""
+    system = _system(q, system_prompt)
+    head = f"{system}\n\n" if system else ""
     return f"{head}Question: {format_question(q)}\nAnswer:"
 
 
@@ -40,8 +51,12 @@ def build_request(expert, q: Question, stage: str = "expert",
     """The generation request of ``expert`` (its config) for question ``q``.
 
     Routers and aggregators that need a model pass their own ``messages`` (chat) or
-    ``prompt`` (completion); the expert's prompt format and sampling still apply."""
+    ``prompt`` (completion); the expert's prompt format and sampling still apply. The
+    question's own sampling (a served request's) overrides the expert's for the answer and
+    the aggregation, never for a router's own generations."""
     sampling = expert.sampling
+    if q.sampling is not None and stage in ("expert", "aggregate"):
+        sampling = q.sampling.apply(sampling)
     if expert.prompt_format == "chat":
         msgs = messages or chat_messages(q, expert.system_prompt)
         if messages and expert.system_prompt:  # the persona stays; a task's own system follows

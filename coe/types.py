@@ -47,6 +47,11 @@ class Question(BaseModel):
     answer: str | None = None
     kind: AnswerKind | None = None
     meta: dict[str, Any] = Field(default_factory=dict)
+    # What one caller asks of this question only (a served request's system message and
+    # sampling fields): extra instructions for every expert, and sampling that overrides the
+    # yaml's for the experts' and the aggregator's generations.
+    instructions: str | None = None
+    sampling: "SamplingOverride | None" = None
 
     @field_validator("id", "answer", mode="before")
     @classmethod
@@ -119,6 +124,22 @@ class Sampling(BaseModel):
     seed: int | None = 0
 
 
+class SamplingOverride(BaseModel):
+    """Sampling fields one question (a served request) sets for itself; unset ones keep the
+    expert's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: list[str] | None = Field(None, max_length=4)
+    seed: int | None = None
+
+    def apply(self, sampling: Sampling) -> Sampling:
+        return sampling.model_copy(update=self.model_dump(exclude_unset=True, exclude_none=True))
+
+
 @dataclass(frozen=True)
 class GenRequest:
     """One generation one expert must make: a prompt or chat messages plus sampling."""
@@ -141,6 +162,7 @@ class Generation(BaseModel):
     seconds: float = 0.0
     cached: bool = False
     error: str | None = None
+    finish_reason: str | None = None  # "stop", "length" (cut at max_tokens), when known
     # An answer recorded with the text (a replay of a scored run): used as-is, not re-extracted.
     recorded_answer: str | None = None
     has_recorded_answer: bool = False
@@ -148,6 +170,9 @@ class Generation(BaseModel):
 
 #: ``on_result(i, generation)``: a backend reports request ``i`` as soon as it is done
 OnResult = Callable[[int, Generation], None]
+#: ``on_token(i, text)``: a streaming backend reports each piece of request ``i``'s text as it
+#: is decoded (before ``on_result`` reports the whole generation)
+OnToken = Callable[[int, str], None]
 
 
 # -- answers -------------------------------------------------------------------------------
@@ -161,6 +186,7 @@ class ExpertResponse(BaseModel):
     seconds: float = 0.0
     cached: bool = False
     error: str | None = None
+    finish_reason: str | None = None
 
 
 class FinalAnswer(BaseModel):
@@ -188,3 +214,6 @@ class QuestionResult(BaseModel):
     aggregator_response: ExpertResponse | None = None
     correct: bool | None = None
     note: str = ""
+
+
+Question.model_rebuild()  # its ``sampling`` refers to SamplingOverride, defined below it

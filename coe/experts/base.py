@@ -12,7 +12,8 @@ Each backend class declares:
   keys share one backend instance and one load);
 - ``check(config, base_dir)``: what can be verified without loading anything (the model file
   exists, the API key variable is set), for ``coe experts --check`` and the pre-flight;
-- ``generate`` (blocking) and ``agenerate`` (a coroutine). The default ``agenerate`` runs
+- ``generate`` (blocking) and ``agenerate`` (a coroutine); with ``can_stream``, both take an
+  ``on_token`` callback too. The default ``agenerate`` runs
   ``generate`` in a worker thread; a backend that is asynchronous by nature (the OpenAI client)
   implements ``agenerate`` and gets ``generate`` from it through ``run_sync``, which works in
   a plain script, inside a running event loop (Jupyter, a server) and in worker threads.
@@ -26,9 +27,9 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Coroutine
 
 from coe.config import ExpertConfig
-from coe.types import Generation, GenRequest, OnResult
+from coe.types import Generation, GenRequest, OnResult, OnToken
 
-__all__ = ["Backend", "Generation", "GenRequest", "OnResult", "run_sync"]
+__all__ = ["Backend", "Generation", "GenRequest", "OnResult", "OnToken", "run_sync"]
 
 
 def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -56,6 +57,10 @@ class Backend(ABC):
     #: whether a loaded instance holds weights in this process's memory (an endpoint does not):
     #: only those count against the executor's limit on resident models
     holds_weights: ClassVar[bool] = True
+    #: whether ``generate`` and ``agenerate`` accept ``on_token`` and report each piece of text
+    #: as it is decoded (a server streams the llm aggregator's answer); the executor passes
+    #: ``on_token`` only to backends that declare it
+    can_stream: ClassVar[bool] = False
 
     def __init__(self, config, base_dir=None):
         self.config = config
@@ -85,10 +90,11 @@ class Backend(ABC):
         A request that fails on its own is reported with ``Generation.error`` set; an
         exception means the backend itself broke and the remaining requests are lost."""
 
-    async def agenerate(self, requests: list[GenRequest], on_result: OnResult) -> None:
+    async def agenerate(self, requests: list[GenRequest], on_result: OnResult,
+                        **kwargs) -> None:
         """``generate`` for async callers; by default in a worker thread, so the caller's
         event loop keeps running."""
-        await asyncio.to_thread(self.generate, requests, on_result)
+        await asyncio.to_thread(self.generate, requests, on_result, **kwargs)
 
     @abstractmethod
     def unload(self) -> None: ...

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from coe.config import ExpertConfig
 from coe.errors import ExpertError
-from coe.experts.base import Backend, Generation, GenRequest, OnResult
+from coe.experts.base import Backend, Generation, GenRequest, OnResult, OnToken
 from coe.model_ref import file_fingerprint, resolve_model_file
 
 
@@ -40,6 +40,7 @@ def _silence_llama_log() -> None:
 
 class LlamaCppBackend(Backend):
     config_model = LlamaCppExpert
+    can_stream = True
 
     @classmethod
     def check(cls, config, base_dir) -> None:
@@ -78,29 +79,52 @@ class LlamaCppBackend(Backend):
         except (ValueError, RuntimeError, OSError) as e:
             raise ExpertError(self.config.name, f"cannot load {self.path}: {e}") from None
 
-    def _one(self, r: GenRequest) -> dict:
+    def _one(self, r: GenRequest, on_token=None) -> Generation:
         s = r.sampling
         kw = dict(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
                   stop=list(s.stop) or None, seed=s.seed)
-        if r.messages is not None:
-            out = self.llm.create_chat_completion(messages=r.chat(), **kw)
-            return {"text": out["choices"][0]["message"]["content"] or "", "usage": out["usage"]}
-        out = self.llm.create_completion(prompt=r.prompt, **kw)
-        return {"text": out["choices"][0]["text"], "usage": out["usage"]}
+        chat = r.messages is not None
+        t0 = time.perf_counter()
+        if on_token is None:
+            out = (self.llm.create_chat_completion(messages=r.chat(), **kw) if chat
+                   else self.llm.create_completion(prompt=r.prompt, **kw))
+            choice, usage = out["choices"][0], out["usage"]
+            return Generation(text=(choice["message"]["content"] if chat else choice["text"])
+                              or "", prompt_tokens=usage["prompt_tokens"],
+                              completion_tokens=usage["completion_tokens"],
+                              finish_reason=choice.get("finish_reason"),
+                              seconds=time.perf_counter() - t0)
+        # Streaming: the same decoding (greedy outputs are identical), each piece reported as
+        # it comes. llama.cpp's stream carries no usage: a chunk is one sampled token, and the
+        # context then holds the prompt plus every sampled token but the last when the
+        # generation was cut at max_tokens (that token is never evaluated).
+        stream = (self.llm.create_chat_completion(messages=r.chat(), stream=True, **kw) if chat
+                  else self.llm.create_completion(prompt=r.prompt, stream=True, **kw))
+        pieces, finish = [], None
+        for chunk in stream:
+            choice = chunk["choices"][0]
+            piece = (choice.get("delta", {}).get("content") if chat else choice.get("text"))
+            if piece:
+                pieces.append(piece)
+                on_token(piece)
+            finish = choice.get("finish_reason") or finish
+        n = len(pieces)
+        prompt_tokens = max(0, self.llm.n_tokens - (n - 1 if finish == "length" else n))
+        return Generation(text="".join(pieces), prompt_tokens=prompt_tokens, completion_tokens=n,
+                          finish_reason=finish, seconds=time.perf_counter() - t0)
 
-    def generate(self, requests: list[GenRequest], on_result: OnResult) -> None:
+    def generate(self, requests: list[GenRequest], on_result: OnResult,
+                 on_token: OnToken | None = None) -> None:
         for i, r in enumerate(requests):
             t0 = time.perf_counter()
             try:
-                out = self._one(r)
+                gen = self._one(r, None if on_token is None else
+                                (lambda piece, i=i: on_token(i, piece)))
             except ValueError as e:  # e.g. prompt longer than the context
                 on_result(i, Generation(error=f"{type(e).__name__}: {e}",
                                         seconds=time.perf_counter() - t0))
                 continue
-            usage = out["usage"]
-            on_result(i, Generation(text=out["text"], prompt_tokens=usage["prompt_tokens"],
-                                    completion_tokens=usage["completion_tokens"],
-                                    seconds=time.perf_counter() - t0))
+            on_result(i, gen)
 
     def unload(self) -> None:
         if self.llm is not None:

@@ -30,7 +30,7 @@ from pydantic import Field
 
 from coe.config import ExpertConfig
 from coe.errors import ConfigError, ExpertError
-from coe.experts.base import Backend, Generation, GenRequest, OnResult, run_sync
+from coe.experts.base import Backend, Generation, GenRequest, OnResult, OnToken, run_sync
 
 MAX_ERROR_CHARS = 300
 
@@ -61,6 +61,7 @@ class OpenAIExpert(ExpertConfig):
 class OpenAIBackend(Backend):
     config_model = OpenAIExpert
     holds_weights = False  # an endpoint: nothing resident in this process
+    can_stream = True
 
     @classmethod
     def check(cls, config, base_dir) -> None:
@@ -142,7 +143,33 @@ class OpenAIBackend(Backend):
             return f"response is not valid JSON ({e}) ({self.shown_url})", False
         return f"{type(e).__name__}: {e}", False
 
-    async def _one(self, client, r: GenRequest) -> Generation:
+    async def _stream(self, client, r: GenRequest, kw: dict, on_token) -> Generation:
+        """One request streamed: each piece reported as it arrives. Usage comes in the last
+        chunk where the server honours ``stream_options`` (OpenAI, vLLM); elsewhere the
+        chunks are counted."""
+        t0 = time.perf_counter()
+        kw = dict(kw, stream=True, stream_options={"include_usage": True})
+        if r.messages is not None:
+            stream = await client.chat.completions.create(messages=r.chat(), **kw)
+        else:
+            stream = await client.completions.create(prompt=r.prompt, **kw)
+        pieces, finish, usage, chunks = [], None, None, 0
+        async for chunk in stream:
+            usage = getattr(chunk, "usage", None) or usage
+            for choice in getattr(chunk, "choices", None) or []:
+                piece = (choice.delta.content if r.messages is not None else choice.text)
+                if piece:
+                    pieces.append(piece)
+                    chunks += 1
+                    on_token(piece)
+                finish = choice.finish_reason or finish
+        return Generation(text="".join(pieces), seconds=time.perf_counter() - t0,
+                          finish_reason=finish,
+                          prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                          completion_tokens=(getattr(usage, "completion_tokens", 0) or 0)
+                          if usage else chunks)
+
+    async def _one(self, client, r: GenRequest, on_token=None) -> Generation:
         s = self.config.sampling if r.sampling is None else r.sampling
         kw = dict(model=self.config.model, temperature=s.temperature, top_p=s.top_p,
                   max_tokens=s.max_tokens)
@@ -150,6 +177,8 @@ class OpenAIBackend(Backend):
             kw["stop"] = list(s.stop)
         if s.seed is not None:
             kw["seed"] = s.seed
+        if on_token is not None:
+            return await self._stream(client, r, kw, on_token)
         t0 = time.perf_counter()
         if r.messages is not None:
             out = await client.chat.completions.create(messages=r.chat(), **kw)
@@ -166,10 +195,12 @@ class OpenAIBackend(Backend):
             text = choices[0].text or ""
         usage = out.usage
         return Generation(text=text, seconds=time.perf_counter() - t0,
+                          finish_reason=getattr(choices[0], "finish_reason", None),
                           prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                           completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
 
-    async def agenerate(self, requests: list[GenRequest], on_result: OnResult) -> None:
+    async def agenerate(self, requests: list[GenRequest], on_result: OnResult,
+                        on_token: OnToken | None = None) -> None:
         """Every request through one async client, ``max_concurrency`` in flight."""
         import openai
 
@@ -188,7 +219,8 @@ class OpenAIBackend(Backend):
                         return
                     started = time.monotonic()
                     try:
-                        gen = await self._one(client, r)
+                        gen = await self._one(client, r, None if on_token is None else
+                                              (lambda piece: on_token(i, piece)))
                         last_ok[0] = time.monotonic()
                     except (openai.OpenAIError, ValueError, AttributeError, IndexError,
                             TypeError) as e:
@@ -201,8 +233,9 @@ class OpenAIBackend(Backend):
 
             await asyncio.gather(*(worker(i, r) for i, r in enumerate(requests)))
 
-    def generate(self, requests: list[GenRequest], on_result: OnResult) -> None:
-        run_sync(self.agenerate(requests, on_result))
+    def generate(self, requests: list[GenRequest], on_result: OnResult,
+                 on_token: OnToken | None = None) -> None:
+        run_sync(self.agenerate(requests, on_result, on_token))
 
     def unload(self) -> None:
         self._key = None
