@@ -29,12 +29,13 @@ from coe.errors import ConfigError
 from coe.registry import AGGREGATORS, BACKENDS, EXECUTORS, ROUTERS
 from coe.types import Sampling
 
-__all__ = ["AggregatorConfig", "CategoryConfig", "DEFAULT_CATEGORY", "EmbeddingConfig",
+__all__ = ["AggregatorConfig", "CategoryConfig", "DEFAULT_CATEGORY", "EmbeddingConfig", "GB",
            "ExecutorConfig", "ExpertConfig", "PoolConfig", "Price", "RouterConfig", "Sampling",
            "ServeConfig",
            "load_config", "parse_config"]
 
 DEFAULT_CATEGORY = "default"
+GB = 1 << 30  # memory_gb figures are GiB
 
 
 class _Strict(BaseModel):
@@ -64,6 +65,10 @@ class ExpertConfig(_Strict):
     price: Price = Field(default_factory=Price)
     strength: float | None = Field(
         None, description="prior accuracy; breaks vote ties and orders a category's experts"
+    )
+    memory_gb: float | None = Field(
+        None, gt=0, description="resident memory of the loaded model in GiB, overriding the "
+        "backend's estimate (for the executor's memory budget)"
     )
 
     def load_key(self) -> tuple:

@@ -21,10 +21,12 @@ a batch of generations out.
 
 ``LocalExecutor`` runs in this process. Each model has a lock: two threads never use one
 model at once, and a model is loaded only if fewer than ``max_resident`` models holding
-weights are loaded (an endpoint holds none); otherwise the least recently used idle model is
-unloaded first, or the thread waits for one to become idle. An idle model another thread is
-already queued for is not unloaded before that thread has used it, so concurrent runs that
-need the same models share their loads.
+weights are loaded (an endpoint holds none) and, with a ``memory_gb`` budget, if their
+``memory_bytes`` plus its own fit in it; otherwise the least recently used idle models are
+unloaded first, or the thread waits for models to become idle. A model alone is always loaded,
+even one larger than the budget. An idle model another thread is already queued for is not
+unloaded before that thread has used it, so concurrent runs that need the same models share
+their loads.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Iterator
 from tqdm.auto import tqdm
 
 from coe.cache import ResponseCache, cache_key
-from coe.config import PoolConfig
+from coe.config import GB, PoolConfig
 from coe.errors import CoeError, ExpertError
 from coe.experts import Backend, create_backend
 from coe.types import Generation, GenRequest, OnToken
@@ -185,17 +187,24 @@ class Executor(ABC):
 class LocalExecutor(Executor):
     def __init__(self, config: PoolConfig, cache: ResponseCache | None = None,
                  progress: bool = False, fail_fast: bool = False, keep_resident: bool = False,
-                 max_resident: int = 1):
+                 max_resident: int | None = 1, memory_gb: float | None = None):
+        """``max_resident``: how many models holding weights may be loaded at once (None: no
+        limit). ``memory_gb``: the budget (GiB) their ``memory_bytes`` must fit in (None: none)."""
         super().__init__()
-        if max_resident < 1:
+        if max_resident is not None and max_resident < 1:
             raise ValueError("max_resident must be at least 1")
+        if memory_gb is not None and memory_gb <= 0:
+            raise ValueError("memory_gb must be positive")
         self.config = config
         self.cache = cache
         self.progress = progress
         self.fail_fast = fail_fast
         self.keep_resident = keep_resident
         self.max_resident = max_resident
+        self.memory_gb = memory_gb
+        self._budget = None if memory_gb is None else int(memory_gb * GB)
         self._backends: dict[tuple, Backend] = {}
+        self._bytes: dict[tuple, int] = {}  # memory_bytes of each model holding weights
         self._model_locks: dict[tuple, threading.Lock] = {}
         self._cond = threading.Condition()  # guards the residency state below
         self._resident: OrderedDict[tuple, None] = OrderedDict()  # loaded, least recent first
@@ -261,26 +270,38 @@ class LocalExecutor(Executor):
         return Plan(requests, order, keys, hits, same_as)
 
     # -- residency ------------------------------------------------------------------------
-    def _weights(self, keys) -> int:
-        return sum(1 for k in keys if self._backends[k].holds_weights)
+    def _room(self, key: tuple, evicted=()) -> bool:
+        """Under ``self._cond``: whether ``key`` may be loaded beside the models holding
+        weights that are loaded or loading, less ``evicted``, within ``max_resident`` and the
+        memory budget."""
+        held = [k for k in (*self._resident, *self._loading)
+                if self._backends[k].holds_weights and k not in evicted]
+        if not held:
+            return True  # alone, it is loaded even if larger than the budget
+        if self.max_resident is not None and len(held) >= self.max_resident:
+            return False
+        return (self._budget is None
+                or sum(self._bytes[k] for k in held) + self._bytes[key] <= self._budget)
 
     def _acquire(self, key: tuple, stats: RunStats) -> Backend:
         """The loaded backend for ``key``, marked in use (the caller holds its model lock)."""
         backend = self._backends[key]
+        if backend.holds_weights and key not in self._bytes:
+            self._bytes[key] = backend.memory_bytes()  # from file sizes: cheap, once a model
         with self._cond:
             while True:
                 if key in self._resident:
                     self._resident.move_to_end(key)
                     self._in_use.add(key)
                     return backend
-                if (not backend.holds_weights or self._weights([*self._resident, *self._loading])
-                        < self.max_resident):
+                if not backend.holds_weights or self._room(key):
                     break
-                # the least recently used idle model, unless another thread is queued for it:
-                # that thread is served first (it needs nothing more), then this one evicts
-                idle = [k for k in self._resident if k not in self._in_use
-                        and self._backends[k].holds_weights and not self._waiting[k]]
-                if idle:
+                # evict the least recently used idle model if unloading the idle ones makes
+                # room, but not one another thread is queued for: that thread is served first
+                # (it needs nothing more), then this one evicts
+                idle = [k for k in self._resident if self._backends[k].holds_weights
+                        and k not in self._in_use and not self._waiting[k]]
+                if idle and self._room(key, idle):
                     self._unload(idle[0])
                     continue
                 self._cond.wait()
@@ -327,6 +348,12 @@ class LocalExecutor(Executor):
         """Labels of the loaded models, least recently used first."""
         with self._cond:
             return [self._backends[k].label for k in self._resident]
+
+    @property
+    def resident_bytes(self) -> int:
+        """The ``memory_bytes`` of the loaded models holding weights."""
+        with self._cond:
+            return sum(self._bytes.get(k, 0) for k in self._resident)
 
     # -- running --------------------------------------------------------------------------
     def run(self, requests: list[GenRequest], plan: Plan | None = None,

@@ -12,6 +12,8 @@ Each backend class declares:
   keys share one backend instance and one load);
 - ``check(config, base_dir)``: what can be verified without loading anything (the model file
   exists, the API key variable is set), for ``coe experts --check`` and the pre-flight;
+- ``estimate_bytes()``: the memory its loaded weights would hold, from file sizes only (never
+  loading or reading the weights); ``memory_bytes()`` is that or the yaml's ``memory_gb``;
 - ``generate`` (blocking) and ``agenerate`` (a coroutine); with ``can_stream``, both take an
   ``on_token`` callback too. The default ``agenerate`` runs
   ``generate`` in a worker thread; a backend that is asynchronous by nature (the OpenAI client)
@@ -26,7 +28,7 @@ import concurrent.futures
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Coroutine
 
-from coe.config import ExpertConfig
+from coe.config import GB, ExpertConfig
 from coe.types import Generation, GenRequest, OnResult, OnToken
 
 __all__ = ["Backend", "Generation", "GenRequest", "OnResult", "OnToken", "run_sync"]
@@ -73,6 +75,18 @@ class Backend(ABC):
     @property
     def label(self) -> str:
         return f"{self.config.backend}:{self.config.model}"
+
+    def memory_bytes(self) -> int:
+        """The bytes this backend's loaded weights hold, for the executor's memory budget: the
+        yaml's ``memory_gb`` when set, else 0 for an endpoint, else ``estimate_bytes()``."""
+        if self.config.memory_gb is not None:
+            return int(self.config.memory_gb * GB)
+        return self.estimate_bytes() if self.holds_weights else 0
+
+    def estimate_bytes(self) -> int:
+        """An estimate of ``memory_bytes`` without loading anything; 0 means unknown (such a
+        model counts nothing against a memory budget). Backends override it."""
+        return 0
 
     def fingerprint(self) -> str:
         """Identifies the weights or endpoint for the response cache: by default the load key

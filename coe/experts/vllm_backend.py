@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import os
 import time
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -19,6 +21,33 @@ from coe.errors import ConfigError, ExpertError
 from coe.experts.base import Backend, Generation, GenRequest, OnResult
 
 NEEDS_VLLM = "backend 'vllm' needs the vllm package (pip install 'coe[vllm]')"
+# Memory estimate: the weight files' size x 1.2 (activations, CUDA graphs). vLLM itself takes
+# gpu_memory_utilization of the GPU whatever the model; set memory_gb to budget that instead.
+OVERHEAD = 1.2
+
+
+def weights_bytes(path: Path) -> int:
+    """The size of the weights at ``path``: a file's, or a folder's ``*.safetensors`` (else
+    ``*.bin``, else ``*.gguf``: a folder holding both formats is not counted twice)."""
+    if path.is_file():
+        return path.stat().st_size
+    for suffix in (".safetensors", ".bin", ".gguf"):
+        sizes = [f.stat().st_size for f in path.glob(f"*{suffix}")]
+        if sizes:
+            return sum(sizes)
+    return 0
+
+
+def local_model(model: str) -> Path | None:
+    """Where ``model`` is on disk: the path it names, or its Hugging Face cache snapshot."""
+    p = Path(model).expanduser()
+    if p.exists():
+        return p
+    hf_home = Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()
+    hub = Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub")).expanduser()
+    snapshots = hub / f"models--{model.replace('/', '--')}" / "snapshots"
+    found = sorted(snapshots.glob("*"), key=lambda d: d.stat().st_mtime)  # none: not there
+    return found[-1] if found else None
 
 
 class VLLMExpert(ExpertConfig):
@@ -45,6 +74,11 @@ class VLLMBackend(Backend):
         super().__init__(config, base_dir)
         self.llm = None
         self._vllm = None
+
+    def estimate_bytes(self) -> int:
+        """The model's weight files x ``OVERHEAD`` (0 when they are not on disk here)."""
+        path = local_model(self.config.model)
+        return int(weights_bytes(path) * OVERHEAD) if path else 0
 
     def fingerprint(self) -> str:
         return self.label  # the model id (cache keys as before load keys had a default)
