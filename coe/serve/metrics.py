@@ -9,6 +9,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 
@@ -20,6 +21,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 class Metrics:
     def __init__(self) -> None:
+        disable_created_metrics()  # no *_created series: they only add noise to a scrape
         r = self.registry = CollectorRegistry()
         self.requests = Counter("coe_requests", "Requests answered, by model and HTTP status",
                                 ["model", "status"], registry=r)
