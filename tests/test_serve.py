@@ -40,7 +40,9 @@ def local_server(tmp_path_factory):
     """The repository's default pool (three llama.cpp experts, two sets of weights)."""
     d = tmp_path_factory.mktemp("serve-local")
     shutil.copy(REPO / "experts.yaml", d / "experts.yaml")
-    server = CoeServer(d / "experts.yaml", d, "--batch-window-ms", "50").start()
+    # a cache of its own (module fixtures start before the per-test cache isolation)
+    server = CoeServer(d / "experts.yaml", d, "--batch-window-ms", "50",
+                       env={"COE_CACHE_DIR": str(d / "cache")}).start()
     try:
         yield server
     finally:
