@@ -113,29 +113,9 @@ class Orchestrator:
 
     def plan(self, questions: list[Question], routes: list[Route]) -> Plan:
         """The experts' plan; the aggregation stage's model (if any) goes last, so it is still
-        loaded when aggregation starts."""
-        after = self.aggregator.experts(routes).most_common(1)
-        return self.executor.plan(self.expert_requests(questions, routes),
-                                  last=after[0][0] if after else None)
-
-    def answer(self, questions: list[Question], routes: list[Route],
-               plan: Plan | None = None) -> list[list[ExpertResponse]]:
-        """Every recruited expert's response, per question; failures recorded in the route."""
-        plan = plan or self.plan(questions, routes)
-        gens = iter(self.executor.run(plan.requests, plan).generations)
-        out = []
-        for q, route in zip(questions, routes):
-            resp = [response_from(name, next(gens), q) for name in route.names]
-            route.failed = {r.expert: r.error for r in resp if r.error}
-            out.append(resp)
-        return out
-
-    def aggregate(self, questions: list[Question], routes: list[Route],
-                  responses: list[list[ExpertResponse]]) -> list[FinalAnswer]:
-        """Final answers; an aggregator's own generations go through the executor."""
-        requests = self.aggregator.requests(questions, routes, responses)
-        gens = self.executor.run(requests).generations if requests else None
-        return self.aggregator.aggregate(questions, routes, responses, gens)
+        loaded when aggregation starts. Answering (experts, then aggregation) is
+        ``answer_together``, for one orchestrator's questions or several at once."""
+        return plan_together([Part(self, questions, routes)])
 
     def dry_run(self, questions: list[Question]) -> DryRun:
         with self.executor.session():
@@ -215,12 +195,9 @@ class Part:
 PartToken = Callable[[int, int, str], None]
 
 
-def answer_together(parts: list[Part], on_plan: Callable[[Plan], None] | None = None,
-                    on_token: PartToken | None = None) -> tuple[list[list[QuestionResult]], Plan]:
-    """Answer several orchestrators' routed questions on their one shared executor: every
-    expert generation of every part in one plan (each model loads once for all of them), then
-    every aggregator generation in one more executor call. Returns each part's results and the
-    experts' plan. ``on_token`` streams the aggregators' generations where the backend can."""
+def plan_together(parts: list[Part]) -> Plan:
+    """One plan for every part's expert requests on their shared executor; the model the
+    aggregators will use most goes last, so it is still loaded when aggregation starts."""
     executor = parts[0].orchestrator.executor
     if any(p.orchestrator.executor is not executor for p in parts):
         raise ValueError("parts answered together must share one executor")
@@ -230,7 +207,18 @@ def answer_together(parts: list[Part], on_plan: Callable[[Plan], None] | None = 
         requests += p.orchestrator.expert_requests(p.questions, p.routes)
         after += p.orchestrator.aggregator.experts(p.routes)
     last = after.most_common(1)
-    plan = executor.plan(requests, last=last[0][0] if last else None)
+    return executor.plan(requests, last=last[0][0] if last else None)
+
+
+def answer_together(parts: list[Part], on_plan: Callable[[Plan], None] | None = None,
+                    on_token: PartToken | None = None) -> tuple[list[list[QuestionResult]], Plan]:
+    """Answer several orchestrators' routed questions on their one shared executor: every
+    expert generation of every part in one plan (each model loads once for all of them), then
+    every aggregator generation in one more executor call. Returns each part's results and the
+    experts' plan. ``on_token`` streams the aggregators' generations where the backend can."""
+    executor = parts[0].orchestrator.executor
+    plan = plan_together(parts)
+    requests = plan.requests
     if on_plan is not None:
         on_plan(plan)
     gens = iter(executor.run(requests, plan).generations if requests else [])
