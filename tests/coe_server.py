@@ -9,42 +9,28 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.openai_server import free_port
+from tests.openai_server import ServerProcess, free_port
 
 START_TIMEOUT = 180.0
 
 
-class CoeServer:
+class CoeServer(ServerProcess):
     def __init__(self, config: Path, log_dir: Path, *args: str, env: dict | None = None):
+        port = free_port()
+        super().__init__(Path(log_dir) / f"coe-serve-{port}.log", port)
         self.config = Path(config)
-        self.port = free_port()
         self.args = [str(a) for a in args]
         self.env = {**os.environ, **(env or {})}
-        self.log_path = Path(log_dir) / f"coe-serve-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def root(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.root}/v1"
 
     def start(self) -> "CoeServer":
-        cmd = [sys.executable, "-c", "from coe.cli import main; main()", "serve",
-               "-c", str(self.config), "--port", str(self.port), *self.args]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.env)
+        self.spawn([sys.executable, "-c", "from coe.cli import main; main()", "serve",
+                    "-c", str(self.config), "--port", str(self.port), *self.args], self.env)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -101,19 +87,7 @@ class CoeServer:
         raise AssertionError(f"timed out waiting for {message or what}:\n{self.log()}")
 
     def stop(self, kill: bool = False, timeout: float = 60.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
-        return self.proc.returncode
+        return super().stop(kill, timeout)
 
     def log(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return self.log_tail(n)

