@@ -278,11 +278,6 @@ def serve(
         raise CoeError(f"coe serve needs the serve extra (pip install 'coe[serve]'): {e}") from None
     cfg = load_config(config)
     check_pool(cfg)
-    if api_key_env is not None:
-        import os
-
-        if not os.environ.get(api_key_env):
-            raise CoeError(f"--api-key-env: environment variable {api_key_env} is not set")
     run_server(cfg, ServeOptions(
         host=host, port=port, batch_window_ms=batch_window_ms, max_batch=max_batch,
         max_queue=max_queue, request_timeout=request_timeout, max_body_bytes=max_body_bytes,

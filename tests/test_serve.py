@@ -311,3 +311,13 @@ def test_a_requests_system_message_and_sampling_reach_every_expert_but_not_the_r
     assert base.sampling.max_tokens == 7 and "END" in base.sampling.stop
     keywords = build_request(cfg.expert("chat"), q, stage="skills", messages=(("user", "k"),))
     assert keywords.sampling.max_tokens == 96  # a router's own generation keeps the yaml's
+
+
+def test_an_unset_key_variable_is_one_line_before_anything_starts(tmp_path, monkeypatch):
+    from tests.openai_server import run_cli
+
+    monkeypatch.delenv("COE_UNSET_KEY", raising=False)
+    cfg = replay_and_api_pool(tmp_path, "http://127.0.0.1:9/v1")
+    r = run_cli("serve", "-c", cfg, "--api-key-env", "COE_UNSET_KEY", timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: --api-key-env: environment variable COE_UNSET_KEY is not set"

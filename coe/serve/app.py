@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from coe.config import PoolConfig
+from coe.errors import ConfigError
 from coe.executor import Executor
 from coe.orchestrator import open_cache
 from coe.registry import EXECUTORS
@@ -38,7 +39,7 @@ from coe.serve.batcher import Batcher, BatchReport, Cancelled, Job, QueueFull
 from coe.serve.compositions import DEFAULT, Compositions, UnknownModel
 from coe.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from coe.serve.schema import ChatRequest, CompletionRequest
-from coe.types import QuestionResult
+from coe.types import Question, QuestionResult
 
 log = logging.getLogger("coe.serve")
 
@@ -149,7 +150,8 @@ class Service:
         if options.api_key_env:
             self._key = os.environ.get(options.api_key_env) or None
             if self._key is None:
-                raise ValueError(f"environment variable {options.api_key_env} is not set")
+                raise ConfigError(f"--api-key-env: environment variable {options.api_key_env} "
+                                  "is not set")
         self._own_executor = executor is None
         self.cache = None
         if executor is None:
@@ -187,8 +189,6 @@ class Service:
                 self.compositions.get(name)
             except UnknownModel as e:
                 log.info("%s", e)
-        from coe.types import Question
-
         self.compositions.get(DEFAULT).orchestrator.route(
             [Question(id="warm-up", question="What is 2 + 2?")])
 
