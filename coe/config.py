@@ -30,7 +30,8 @@ from coe.registry import AGGREGATORS, BACKENDS, EXECUTORS, ROUTERS
 from coe.types import Sampling
 
 __all__ = ["AggregatorConfig", "CategoryConfig", "DEFAULT_CATEGORY", "EmbeddingConfig", "GB",
-           "ExecutorConfig", "ExpertConfig", "PoolConfig", "Price", "RouterConfig", "Sampling",
+           "ExecutorConfig", "ExpertConfig", "PoolConfig", "Price", "Resources", "RouterConfig",
+           "Sampling",
            "ServeConfig",
            "load_config", "parse_config"]
 
@@ -47,6 +48,19 @@ class Price(_Strict):
 
     input_per_mtok: float = Field(0.0, ge=0.0)
     output_per_mtok: float = Field(0.0, ge=0.0)
+
+
+class Resources(_Strict):
+    """What a distributed executor reserves for the process that runs an expert's model (a Ray
+    actor's resources). Unset fields take the backend's defaults (``Backend.resources``):
+    llama.cpp one CPU per thread, vLLM one GPU per tensor-parallel rank, an endpoint or a
+    replay no CPU. The local executor ignores them."""
+
+    num_cpus: float | None = Field(None, ge=0)
+    num_gpus: float | None = Field(None, ge=0)
+    memory_gb: float | None = Field(None, gt=0, description="memory to reserve (GiB)")
+    custom: dict[str, float] = Field(default_factory=dict,
+                                     description="custom Ray resources, e.g. {a100: 1}")
 
 
 class ExpertConfig(_Strict):
@@ -70,6 +84,8 @@ class ExpertConfig(_Strict):
         None, gt=0, description="resident memory of the loaded model in GiB, overriding the "
         "backend's estimate (for the executor's memory budget)"
     )
+    resources: Resources = Field(default_factory=Resources,
+                                 description="what the ray executor reserves for this model")
 
     def load_key(self) -> tuple:
         """What identifies the weights: experts with equal keys share one load. Backends with
@@ -150,11 +166,22 @@ class AggregatorConfig(_Strict):
 
 
 class ExecutorConfig(_Strict):
-    """Where and how generations run: ``local`` (this process, one model resident at a time)."""
+    """Where and how generations run: ``local`` (this process, one model resident at a time)
+    or ``ray`` (one Ray actor per model, on a cluster). ``options`` are the executor's own
+    keyword arguments; ``address`` is shorthand for ``options.address`` (ray)."""
 
     kind: Annotated[str, AfterValidator(_registered(EXECUTORS))] = "local"
+    address: str | None = Field(None, description="ray: the cluster ('auto': the one "
+                                "`ray start` began; ray://host:10001; unset: RAY_ADDRESS, "
+                                "else a running one, else a new local instance)")
     options: dict[str, Any] = Field(default_factory=dict,
-                                    description="a plugin executor's own options")
+                                    description="the executor's own options")
+
+    @model_validator(mode="after")
+    def _address_needs_a_cluster(self) -> "ExecutorConfig":
+        if self.address is not None and self.kind == "local":
+            raise ValueError("field 'address' names a cluster: it needs kind: ray")
+        return self
 
 
 class ServeConfig(_Strict):

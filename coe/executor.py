@@ -131,7 +131,11 @@ class Executor(ABC):
 
     keep_resident: bool = False
 
-    def __init__(self) -> None:
+    def __init__(self, config: PoolConfig, cache: ResponseCache | None = None) -> None:
+        self.config = config
+        self.cache = cache
+        self._backends: dict[tuple, Backend] = {}  # one per load key, loaded or not
+        self._backends_lock = threading.Lock()
         self._open_sessions = 0
         self._sessions_lock = threading.Lock()
 
@@ -144,8 +148,69 @@ class Executor(ABC):
         return cls(config, cache, progress=progress, fail_fast=fail_fast,
                    keep_resident=keep_resident, **{**config.executor.options, **options})
 
-    @abstractmethod
-    def plan(self, requests: list[GenRequest], last: str | None = None) -> Plan: ...
+    # -- planning: the same for every executor, so cache keys never depend on it --------
+    def backend_for(self, expert_name: str) -> Backend:
+        """The backend object of an expert's weights (one per load key; not loaded here)."""
+        cfg = self.config.expert(expert_name)
+        key = cfg.load_key()
+        with self._backends_lock:
+            if key not in self._backends:
+                self._backends[key] = create_backend(cfg, self.config.base_dir)
+                self._new_backend(key)
+            return self._backends[key]
+
+    def _new_backend(self, key: tuple) -> None:
+        """Called once per load key, when its backend object is made."""
+
+    def _first_keys(self) -> set:
+        """Load keys whose groups should run first (models already loaded)."""
+        return set()
+
+    def plan(self, requests: list[GenRequest], last: str | None = None) -> Plan:
+        """Group ``requests`` by weights, drop duplicates, look up the cache. Groups of models
+        already loaded run first; the group of expert ``last`` (the next stage's model, e.g.
+        the llm aggregator) runs last, so it is still loaded when that stage starts."""
+        groups: dict[tuple, PlanGroup] = {}
+        keys: list[str] = []
+        first: dict[str, int] = {}
+        same_as: dict[int, int] = {}
+        # Per plan, each expert's backend and weights fingerprint are looked up once (hashing
+        # a model file per request made planning 48k replayed generations take 90 s).
+        per_expert: dict[str, tuple] = {}
+        for i, r in enumerate(requests):
+            hit = per_expert.get(r.expert)
+            if hit is None:
+                backend = self.backend_for(r.expert)
+                hit = per_expert[r.expert] = (backend, backend.fingerprint(),
+                                              self.config.expert(r.expert).load_key())
+            backend, fingerprint, lk = hit
+            key = cache_key(fingerprint, r, backend.keyed_by_question)
+            keys.append(key)
+            g = groups.get(lk)
+            if g is None:
+                g = groups[lk] = PlanGroup(key=lk, label=backend.label, experts=[], indices=[])
+            if r.expert not in g.experts:
+                g.experts.append(r.expert)
+            if key in first:
+                same_as[i] = first[key]
+                continue
+            first[key] = i
+            g.indices.append(i)
+        hits: dict[int, Generation] = {}
+        if self.cache is not None:
+            cacheable = [i for g in groups.values() if self._backends[g.key].cacheable
+                         for i in g.indices]
+            found = self.cache.get_many([keys[i] for i in cacheable])
+            for i in cacheable:
+                if keys[i] in found:
+                    hits[i] = found[keys[i]].model_copy(update={"cached": True})
+        for g in groups.values():
+            g.cached = sum(1 for i in g.indices if i in hits)
+        last_key = self.config.expert(last).load_key() if last else None
+        loaded = self._first_keys()
+        order = sorted(groups.values(),  # stable: otherwise first-come order
+                       key=lambda g: (g.key == last_key, g.key not in loaded))
+        return Plan(requests, order, keys, hits, same_as)
 
     @abstractmethod
     def run(self, requests: list[GenRequest], plan: Plan | None = None,
@@ -190,20 +255,17 @@ class LocalExecutor(Executor):
                  max_resident: int | None = 1, memory_gb: float | None = None):
         """``max_resident``: how many models holding weights may be loaded at once (None: no
         limit). ``memory_gb``: the budget (GiB) their ``memory_bytes`` must fit in (None: none)."""
-        super().__init__()
+        super().__init__(config, cache)
         if max_resident is not None and max_resident < 1:
             raise ValueError("max_resident must be at least 1")
         if memory_gb is not None and memory_gb <= 0:
             raise ValueError("memory_gb must be positive")
-        self.config = config
-        self.cache = cache
         self.progress = progress
         self.fail_fast = fail_fast
         self.keep_resident = keep_resident
         self.max_resident = max_resident
         self.memory_gb = memory_gb
         self._budget = None if memory_gb is None else int(memory_gb * GB)
-        self._backends: dict[tuple, Backend] = {}
         self._bytes: dict[tuple, int] = {}  # memory_bytes of each model holding weights
         self._model_locks: dict[tuple, threading.Lock] = {}
         self._cond = threading.Condition()  # guards the residency state below
@@ -212,62 +274,13 @@ class LocalExecutor(Executor):
         self._in_use: set[tuple] = set()
         self._waiting: Counter = Counter()  # threads queued for a model (its lock or residency)
 
-    # -- planning -------------------------------------------------------------------------
-    def backend_for(self, expert_name: str) -> Backend:
-        cfg = self.config.expert(expert_name)
-        key = cfg.load_key()
+    def _first_keys(self) -> set:
+        """Load keys of the models already loaded here: their groups run first."""
         with self._cond:
-            if key not in self._backends:
-                self._backends[key] = create_backend(cfg, self.config.base_dir)
-                self._model_locks[key] = threading.Lock()
-            return self._backends[key]
+            return set(self._resident)
 
-    def plan(self, requests: list[GenRequest], last: str | None = None) -> Plan:
-        """Group ``requests`` by weights. Resident models' groups run first; the group of
-        expert ``last`` (the next stage's model, e.g. the llm aggregator) runs last, so it is
-        still loaded when that stage starts."""
-        groups: dict[tuple, PlanGroup] = {}
-        keys: list[str] = []
-        first: dict[str, int] = {}
-        same_as: dict[int, int] = {}
-        # Per plan, each expert's backend and weights fingerprint are looked up once (hashing
-        # a model file per request made planning 48k replayed generations take 90 s).
-        per_expert: dict[str, tuple] = {}
-        for i, r in enumerate(requests):
-            hit = per_expert.get(r.expert)
-            if hit is None:
-                backend = self.backend_for(r.expert)
-                hit = per_expert[r.expert] = (backend, backend.fingerprint(),
-                                              self.config.expert(r.expert).load_key())
-            backend, fingerprint, lk = hit
-            key = cache_key(fingerprint, r, backend.keyed_by_question)
-            keys.append(key)
-            g = groups.get(lk)
-            if g is None:
-                g = groups[lk] = PlanGroup(key=lk, label=backend.label, experts=[], indices=[])
-            if r.expert not in g.experts:
-                g.experts.append(r.expert)
-            if key in first:
-                same_as[i] = first[key]
-                continue
-            first[key] = i
-            g.indices.append(i)
-        hits: dict[int, Generation] = {}
-        if self.cache is not None:
-            cacheable = [i for g in groups.values() if self._backends[g.key].cacheable
-                         for i in g.indices]
-            found = self.cache.get_many([keys[i] for i in cacheable])
-            for i in cacheable:
-                if keys[i] in found:
-                    hits[i] = found[keys[i]].model_copy(update={"cached": True})
-        for g in groups.values():
-            g.cached = sum(1 for i in g.indices if i in hits)
-        last_key = self.config.expert(last).load_key() if last else None
-        with self._cond:
-            resident = set(self._resident)
-        order = sorted(groups.values(),  # stable: otherwise first-come order
-                       key=lambda g: (g.key == last_key, g.key not in resident))
-        return Plan(requests, order, keys, hits, same_as)
+    def _new_backend(self, key: tuple) -> None:
+        self._model_locks[key] = threading.Lock()
 
     # -- residency ------------------------------------------------------------------------
     def _room(self, key: tuple, evicted=()) -> bool:

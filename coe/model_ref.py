@@ -87,16 +87,27 @@ def resolve_model_file(ref: str, base_dir: Path | str = ".", suffix: str = ".ggu
     return p
 
 
+_FINGERPRINTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> fingerprint, this process
+
+
 def file_fingerprint(path: Path) -> str:
-    """Cheap content fingerprint: size plus the first and last MiB."""
+    """Cheap content fingerprint: the size plus the first and last MiB (2 MiB read, whatever
+    the file's size: a multi-GB model is never hashed whole). Remembered per process by path,
+    size and mtime, so a server or a long job reads the file once."""
     if path.is_dir():
         return "dir:" + str(path.resolve())
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    known = _FINGERPRINTS.get(memo)
+    if known is not None:
+        return known
     h = hashlib.sha256()
-    size = path.stat().st_size
+    size = st.st_size
     h.update(str(size).encode())
     with open(path, "rb") as f:
         h.update(f.read(1 << 20))
         if size > 2 << 20:
             f.seek(-(1 << 20), 2)
             h.update(f.read())
-    return h.hexdigest()[:24]
+    _FINGERPRINTS[memo] = h.hexdigest()[:24]
+    return _FINGERPRINTS[memo]

@@ -136,4 +136,5 @@ AGGREGATORS = Registry("aggregator", "coe.aggregators", {
 
 EXECUTORS = Registry("executor", "coe.executors", {
     "local": "coe.executor:LocalExecutor",
+    "ray": "coe.ray_executor:RayExecutor",
 })

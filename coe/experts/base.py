@@ -12,6 +12,9 @@ Each backend class declares:
   keys share one backend instance and one load);
 - ``check(config, base_dir)``: what can be verified without loading anything (the model file
   exists, the API key variable is set), for ``coe experts --check`` and the pre-flight;
+- ``resources()``: what a distributed executor reserves for the process running the model (the
+  yaml's ``resources`` over ``default_resources()``), and ``gang_size()``: how many GPUs
+  must be reserved together, on one node (vLLM's tensor parallelism);
 - ``estimate_bytes()``: the memory its loaded weights would hold, from file sizes only (never
   loading or reading the weights); ``memory_bytes()`` is that or the yaml's ``memory_gb``;
 - ``generate`` (blocking) and ``agenerate`` (a coroutine); with ``can_stream``, both take an
@@ -28,7 +31,7 @@ import concurrent.futures
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Coroutine
 
-from coe.config import GB, ExpertConfig
+from coe.config import GB, ExpertConfig, Resources
 from coe.types import Generation, GenRequest, OnResult, OnToken
 
 __all__ = ["Backend", "Generation", "GenRequest", "OnResult", "OnToken", "run_sync"]
@@ -82,6 +85,20 @@ class Backend(ABC):
         if self.config.memory_gb is not None:
             return int(self.config.memory_gb * GB)
         return self.estimate_bytes() if self.holds_weights else 0
+
+    def default_resources(self) -> Resources:
+        """What the model's process needs unless the yaml says otherwise: a CPU for a model
+        holding weights, none for an endpoint or a replay. Backends override it."""
+        return Resources(num_cpus=1 if self.holds_weights else 0, num_gpus=0)
+
+    def resources(self) -> Resources:
+        """The yaml's ``resources`` over ``default_resources()``."""
+        given = self.config.resources.model_dump(exclude_unset=True)
+        return self.default_resources().model_copy(update=given)
+
+    def gang_size(self) -> int:
+        """How many GPUs (ranks) the model spans, reserved together on one node."""
+        return 1
 
     def estimate_bytes(self) -> int:
         """An estimate of ``memory_bytes`` without loading anything; 0 means unknown (such a

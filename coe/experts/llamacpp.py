@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from coe.config import ExpertConfig
+from coe.config import ExpertConfig, Resources
 from coe.errors import ExpertError
 from coe.experts.base import Backend, Generation, GenRequest, OnResult, OnToken
 from coe.model_ref import file_fingerprint, resolve_model_file
@@ -99,6 +99,15 @@ def kv_cache_bytes(meta: dict, n_ctx: int) -> int:
 _LOG_CALLBACK = None
 
 
+def default_threads() -> int:
+    """Threads for a model whose ``n_threads`` is unset: the process's CPU budget when it was
+    given one (``OMP_NUM_THREADS``; a Ray actor gets its ``num_cpus`` there), else every core."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return os.cpu_count() or 1
+
+
 def _silence_llama_log() -> None:
     """llama.cpp prints notices to stderr even with verbose=False; drop them."""
     global _LOG_CALLBACK
@@ -141,6 +150,10 @@ class LlamaCppBackend(Backend):
             kv = 0
         return int(self.path.stat().st_size * OVERHEAD) + kv
 
+    def default_resources(self) -> Resources:
+        """One CPU per thread (``n_threads``; unset: one)."""
+        return Resources(num_cpus=self.config.n_threads or 1, num_gpus=0)
+
     def fingerprint(self) -> str:
         return f"gguf:{file_fingerprint(self.path)}:ctx{self.config.n_ctx}"
 
@@ -153,7 +166,7 @@ class LlamaCppBackend(Backend):
             self.llm = Llama(
                 model_path=str(self.path),
                 n_ctx=self.config.n_ctx,
-                n_threads=self.config.n_threads or os.cpu_count(),
+                n_threads=self.config.n_threads or default_threads(),
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as e:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import gc
 import importlib.util
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from coe.config import ExpertConfig
+from coe.config import ExpertConfig, Resources
 from coe.errors import ConfigError, ExpertError
 from coe.experts.base import Backend, Generation, GenRequest, OnResult
 
@@ -50,6 +51,12 @@ def local_model(model: str) -> Path | None:
     return found[-1] if found else None
 
 
+def _in_ray() -> bool:
+    """Whether this process is a Ray worker (the ray executor's actor)."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
 class VLLMExpert(ExpertConfig):
     backend: Literal["vllm"]
     tensor_parallel_size: int = Field(1, gt=0)
@@ -80,6 +87,13 @@ class VLLMBackend(Backend):
         path = local_model(self.config.model)
         return int(weights_bytes(path) * OVERHEAD) if path else 0
 
+    def default_resources(self) -> Resources:
+        """A CPU and one GPU per tensor-parallel rank."""
+        return Resources(num_cpus=1, num_gpus=self.config.tensor_parallel_size)
+
+    def gang_size(self) -> int:
+        return self.config.tensor_parallel_size
+
     def fingerprint(self) -> str:
         return self.label  # the model id (cache keys as before load keys had a default)
 
@@ -94,6 +108,9 @@ class VLLMBackend(Backend):
                   gpu_memory_utilization=c.gpu_memory_utilization, dtype=c.dtype)
         if c.max_model_len:
             kw["max_model_len"] = c.max_model_len
+        if c.tensor_parallel_size > 1 and _in_ray():
+            # the ranks run as Ray workers in the placement group the executor reserved
+            kw["distributed_executor_backend"] = "ray"
         try:
             self.llm = vllm.LLM(**kw)
         except (RuntimeError, ValueError, MemoryError) as e:  # CUDA OOM is a RuntimeError
