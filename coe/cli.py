@@ -13,18 +13,26 @@ from typing import Optional
 import typer
 
 from coe.errors import CoeError
-from coe.registry import AGGREGATORS, ROUTERS
+from coe.registry import AGGREGATORS, EXECUTORS, ROUTERS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Composition of Experts: route questions to a team of LLMs and aggregate.")
 
 ConfigOpt = typer.Option(Path("experts.yaml"), "--config", "-c", help="experts yaml")
+ExecutorOpt = typer.Option(None, "--executor", help=f"{' | '.join(EXECUTORS.names())} "
+                           "(default: yaml executor.kind, else local)")
 ROUTER_HELP = f"{' | '.join(ROUTERS.names())} (default: yaml)"
 AGGREGATOR_HELP = f"{' | '.join(AGGREGATORS.names())} (default: yaml)"
 
 
 def err(msg: str) -> None:
     typer.echo(msg, err=True)
+
+
+def _config(path: Path, executor: Optional[str]):
+    from coe.config import load_config
+
+    return load_config(path).with_executor(executor)
 
 
 def _load(questions: Path, skip_invalid: bool):
@@ -50,13 +58,14 @@ def run(
     fail_fast: bool = typer.Option(False, "--fail-fast", help="stop at the first failing expert"),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="report bad lines and go on"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    executor: Optional[str] = ExecutorOpt,
 ):
     """Answer every question with the recruited experts and aggregate their answers."""
     from coe.orchestrator import Orchestrator
 
     qs = _load(questions, skip_invalid)
-    orch = Orchestrator.from_yaml(config, router=router, aggregator=aggregator, k=k,
-                                  cache=cache, progress=not quiet, fail_fast=fail_fast)
+    orch = Orchestrator(_config(config, executor), router=router, aggregator=aggregator, k=k,
+                        cache=cache, progress=not quiet, fail_fast=fail_fast)
     with orch:
         if dry_run:
             dry = orch.dry_run(qs)
@@ -128,6 +137,7 @@ def eval_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue a killed job from the cache"),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="report bad lines and go on"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no plan or progress bars"),
+    executor: Optional[str] = ExecutorOpt,
 ):
     """Compare strategies (single experts, best single, routers x aggregators, random-k,
     oracle) on questions with gold answers; each generation is made once and shared."""
@@ -135,7 +145,7 @@ def eval_cmd(
     from coe.eval.report import strategy_table, summary_lines
 
     result, files, recorded = run_eval_job(
-        questions, config, out_dir=out, validation=validation, record_dir=record, plots=plots,
+        questions, _config(config, executor), out_dir=out, validation=validation, record_dir=record, plots=plots,
         skip_invalid=skip_invalid, log=None if quiet else err, strategies=strategies,
         val_fraction=val_fraction, seed=seed, random_k=random_k,
         aggregator_expert=aggregator_expert, cache=cache, resume=resume, progress=not quiet)
@@ -161,14 +171,14 @@ def profile(
     cache: bool = typer.Option(True, "--cache/--no-cache", help="response cache"),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="report bad lines and go on"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    executor: Optional[str] = ExecutorOpt,
 ):
     """Build (or extend) model profiles: per-skill and global accuracy of every expert, and
     each aggregator candidate's aggregation accuracy, on a validation set."""
-    from coe.config import load_config
     from coe.profiles import Profiles
     from coe.profiling import build_profiles
 
-    cfg = load_config(config)
+    cfg = _config(config, executor)
     qs = _load(validation, skip_invalid)
     existing = Profiles.load(output) if output.exists() else None
     aggs = [a.strip() for a in aggregators.split(",") if a.strip()] if aggregators is not None else None
@@ -266,17 +276,17 @@ def serve(
         None, "--memory-gb", min=0.01, help="memory the resident models may hold "
         "(default: yaml serve:, else half of this machine's)"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="response cache, shared with run"),
+    executor: Optional[str] = ExecutorOpt,
 ):
     """Serve the pool as an OpenAI-compatible API (chat and text completions, streaming);
     requests arriving together are answered as one batch."""
-    from coe.config import load_config
     from coe.preflight import check_pool
 
     try:
         from coe.serve import ServeOptions, run_server
     except ImportError as e:
         raise CoeError(f"coe serve needs the serve extra (pip install 'coe[serve]'): {e}") from None
-    cfg = load_config(config)
+    cfg = _config(config, executor)
     check_pool(cfg)
     run_server(cfg, ServeOptions(
         host=host, port=port, batch_window_ms=batch_window_ms, max_batch=max_batch,

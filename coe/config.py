@@ -262,6 +262,18 @@ class PoolConfig(_Strict):
         """Experts of the ``default`` category; the whole pool when none is declared."""
         return self.category_experts(DEFAULT_CATEGORY) or [e.name for e in self.experts]
 
+    def with_executor(self, kind: str | None) -> "PoolConfig":
+        """This pool run by executor ``kind`` (the CLI's ``--executor``): the yaml's executor
+        section when it names that kind, else ``kind`` with no options (the yaml's options
+        belong to its own kind)."""
+        if kind is None or kind == self.executor.kind:
+            return self
+        try:
+            executor = ExecutorConfig(kind=kind)
+        except ValidationError as e:
+            raise ConfigError(f"--executor: {e.errors()[0]['msg']}") from None
+        return self.model_copy(update={"executor": executor})
+
     def resolve_path(self, value: str) -> Path:
         p = Path(os.path.expanduser(value))
         return p if p.is_absolute() else (self.base_dir / p)

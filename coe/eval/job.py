@@ -6,20 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from coe.config import load_config
+from coe.config import PoolConfig, load_config
 from coe.eval.record import write_replay
 from coe.eval.report import write_report
 from coe.eval.runner import EvalOptions, EvalResult, evaluate
 from coe.questions import load_questions
 
 
-def run_eval_job(questions: str | Path, config: str | Path, *, out_dir: str | Path | None,
+def run_eval_job(questions: str | Path, config: str | Path | PoolConfig, *,
+                 out_dir: str | Path | None,
                  validation: str | Path | None = None, record_dir: str | Path | None = None,
                  plots: bool = True, skip_invalid: bool = False,
                  log: Callable[[str], None] | None = None,
                  **options) -> tuple[EvalResult, list[Path], dict | None]:
     """Returns (result, report files written, record summary or None)."""
-    cfg = load_config(config)
+    cfg = config if isinstance(config, PoolConfig) else load_config(config)
     report = load_questions(questions, skip_invalid=skip_invalid)
     for line in report.skipped:
         if log:
