@@ -375,7 +375,8 @@ class RayExecutor(Executor):
         opts, job.placement_group = self._options(ray, res, backend.gang_size())
         job.actor = ray.remote(GroupWorker).options(
             name=f"coe:{group.experts[0]}:{job.call[:8]}", **opts,
-        ).remote(self.config.expert(group.experts[0]), self.config.base_dir)
+        ).remote(self.config.expert(group.experts[0]),
+                 self.config.base_dir.resolve())  # a worker's working directory differs
         job.stream = job.actor.run.options(num_returns="streaming").remote(
             job.call, [plan.requests[i] for i in todo], self._ledger, stream_tokens)
         return job
