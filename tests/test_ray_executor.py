@@ -28,6 +28,7 @@ from coe.orchestrator import Orchestrator
 from coe.prompts import build_request
 from tests.conftest import REPO, cached_generations
 from tests.openai_server import arithmetic_questions, openai_expert, write_pool
+from tests.proxy import Fault
 
 ray = pytest.importorskip("ray")
 
@@ -254,8 +255,14 @@ def test_ctrl_c_kills_the_actors(ray_cluster, proxy, tmp_path):
                 if a["name"].startswith("coe:")]
 
     seen = []
-    # on the 2nd request: note the live actors, then Ctrl-C in the driver (this thread)
-    proxy.on_request(2, lambda: (seen.extend(live_actors()), _thread.interrupt_main()))
+
+    def interrupt() -> None:  # once the first generation is in the cache: Ctrl-C the driver
+        deadline = time.monotonic() + 60
+        while cached_generations(tmp_path / "cache.sqlite") < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        seen.extend(live_actors())
+        _thread.interrupt_main()
+    proxy.on_request(2, interrupt)
     with Orchestrator(cfg, executor="ray") as orch:
         with pytest.raises(KeyboardInterrupt):
             orch.run(arithmetic_questions(6))
@@ -264,7 +271,7 @@ def test_ctrl_c_kills_the_actors(ray_cluster, proxy, tmp_path):
         while live_actors() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert live_actors() == []
-    assert cached_generations(tmp_path / "cache.sqlite") >= 1  # what finished is kept
+    assert cached_generations(tmp_path / "cache.sqlite") == 1  # what finished is kept
 
 
 def test_coe_serve_runs_on_the_ray_executor(ray_cluster, tmp_path):
@@ -289,3 +296,79 @@ def test_coe_serve_runs_on_the_ray_executor(ray_cluster, tmp_path):
         assert reply.model_extra["coe"]["final_answer"] == "3"
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_a_killed_driver_keeps_what_finished_and_resume_makes_the_rest(ray_cluster, proxy,
+                                                                      tmp_path):
+    """kill -9 of `coe run --executor ray` (its actors die with it); --resume asks only for
+    the missing generations."""
+    import subprocess
+    import sys
+
+    cfg = serial_api_pool(tmp_path, proxy)
+    qs = tmp_path / "q.jsonl"
+    qs.write_text("".join(json.dumps({"id": q.id, "question": q.question}) + "\n"
+                          for q in arithmetic_questions(6)))
+    out, db = tmp_path / "answers.jsonl", tmp_path / "cache.sqlite"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    cmd = [sys.executable, "-m", "coe.cli", "run", str(qs), "-c", str(cfg), "-o", str(out), "-q",
+           "--executor", "ray"]
+    job: list[subprocess.Popen] = []
+
+    def kill_driver() -> None:
+        deadline = time.monotonic() + 60
+        while cached_generations(db) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        job[0].kill()
+    # the 3rd request and any later one hang until their client is gone
+    killed = proxy.on_request(3, kill_driver, then=Fault.hang())
+    job.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True))
+    _, err = job[0].communicate(timeout=300)
+    assert killed.is_set() and job[0].returncode == -signal.SIGKILL, err
+    assert cached_generations(db) == 2
+    proxy.reset()
+    again = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "generations: 4, cached: 2, failed: 0" in again.stderr
+    assert proxy.count == 3 + 4
+    assert len(out.read_text().splitlines()) == 6
+
+
+def test_the_weights_fingerprint_reads_two_mib_of_a_large_file_once(tmp_path, monkeypatch):
+    import builtins
+
+    from coe.model_ref import file_fingerprint
+
+    big = tmp_path / "model.gguf"
+    with open(big, "wb") as f:  # 3 GiB, sparse
+        f.truncate(3 << 30)
+    reads = []
+    real_open = builtins.open
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            reads.append(len(data))
+            return data
+
+        def seek(self, *args):
+            return self.f.seek(*args)
+
+    monkeypatch.setattr(builtins, "open", lambda p, mode="r", *a, **k: Counting(
+        real_open(p, mode, *a, **k)) if Path(p) == big else real_open(p, mode, *a, **k))
+    first = file_fingerprint(big)
+    assert sum(reads) == 2 << 20
+    assert file_fingerprint(big) == first and sum(reads) == 2 << 20  # remembered: no reread
+    os.utime(big, ns=(1, 1))  # touched: read again
+    assert file_fingerprint(big) == first and sum(reads) == 4 << 20
