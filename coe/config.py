@@ -180,7 +180,8 @@ class ExecutorConfig(_Strict):
     @model_validator(mode="after")
     def _address_needs_a_cluster(self) -> "ExecutorConfig":
         if self.address is not None and self.kind == "local":
-            raise ValueError("field 'address' names a cluster: it needs kind: ray")
+            raise PydanticCustomError("address_local",
+                                      "field 'address' names a cluster: it needs kind: ray")
         return self
 
 

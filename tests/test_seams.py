@@ -166,8 +166,14 @@ def test_residency_is_the_executors_policy(probe_pool, tmp_path):
     with pytest.raises(ConfigError, match="unknown executor 'gpu-farm' .expected one of local"):
         Orchestrator(probe_pool, executor="gpu-farm")
     cfg = tmp_path / "e.yaml"
-    cfg.write_text("experts: [{name: r, backend: replay, model: r.jsonl}]\nexecutor: {kind: ray}\n")
-    with pytest.raises(ConfigError, match="field 'executor.kind': unknown executor 'ray'"):
+    cfg.write_text("experts: [{name: r, backend: replay, model: r.jsonl}]\n"
+                   "executor: {kind: gpu-farm}\n")
+    with pytest.raises(ConfigError, match="field 'executor.kind': unknown executor 'gpu-farm'"):
+        load_config(cfg)
+    cfg.write_text("experts: [{name: r, backend: replay, model: r.jsonl}]\n"
+                   "executor: {address: auto}\n")
+    with pytest.raises(ConfigError, match="field 'executor': field 'address' names "
+                                          "a cluster: it needs kind: ray"):
         load_config(cfg)
 
 
