@@ -372,3 +372,16 @@ def test_the_weights_fingerprint_reads_two_mib_of_a_large_file_once(tmp_path, mo
     assert file_fingerprint(big) == first and sum(reads) == 2 << 20  # remembered: no reread
     os.utime(big, ns=(1, 1))  # touched: read again
     assert file_fingerprint(big) == first and sum(reads) == 4 << 20
+
+
+def test_coe_eval_reports_the_same_on_either_executor(ray_cluster, replay_pool, tmp_path):
+    from tests.openai_server import run_cli
+
+    cfg, qpath = replay_pool
+    tables = {}
+    for kind in ("local", "ray"):
+        p = run_cli("eval", qpath, "-c", cfg, "-o", tmp_path / kind, "-q", "--no-plots",
+                    "--executor", kind, env={"RAY_ADDRESS": ray_cluster})
+        assert p.returncode == 0, p.stderr
+        tables[kind] = p.stdout
+    assert tables["ray"] == tables["local"] and "all+vote" in tables["local"]
