@@ -20,11 +20,9 @@ them, answers identical to the local run) and the speed-up local / Ray.
 Exits 1 if any final answer or expert response text differs between the two, or if a
 generation failed.
 
-Note: ``n_threads: 1`` bounds llama.cpp's decoding threads only; its prompt evaluation uses
-llama-cpp-python's ``n_threads_batch``, which coe leaves at its default, every core. So the
-local executor evaluates prompts on both cores, while the two Ray actors (one CPU reserved
-each) evaluating prompts at once run four threads on two cores. The summed generation seconds
-per model below show what that costs each side.
+``n_threads: 1`` bounds both llama.cpp's decoding and its prompt evaluation
+(``n_threads_batch``), so each actor uses the one CPU it reserved and the local executor one
+core per model too: the comparison is one core per model on both sides.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from coe.types import Generation, GenRequest, OnToken
 
 NEEDS_RAY = "executor 'ray' needs the ray package (pip install 'coe[ray]')"
 CHUNK = 512  # generations per streamed item at most (a replay finishes thousands at once)
+TIMELINE = 1000  # groups kept in RayExecutor.timeline (a server runs for ever)
 _END = object()
 
 
@@ -244,7 +246,7 @@ class RayExecutor(Executor):
         self.num_gpus = num_gpus
         self.check_resources = check_resources
         self.log_to_driver = log_to_driver
-        self.timeline: list[GroupSpan] = []
+        self.timeline: deque[GroupSpan] = deque(maxlen=TIMELINE)  # the latest groups
         self._lock = threading.Lock()
         self._started_ray = False
         self._ledger = None
@@ -275,7 +277,7 @@ class RayExecutor(Executor):
                     ray.init(**kw)
                 except (ConnectionError, RuntimeError, ValueError) as e:
                     where = f"at {self.address!r}" if self.address else "(RAY_ADDRESS or local)"
-                    raise ConfigError(f"ray executor: cannot reach a Ray cluster {where}: "
+                    raise ConfigError(f"ray executor: cannot join or start Ray {where}: "
                                       f"{_first_line(e)} (start one with `ray start --head`)"
                                       ) from None
                 self._started_ray = True

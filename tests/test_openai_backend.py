@@ -147,3 +147,31 @@ def test_server_stopped_mid_run_keeps_completed_answers(fresh_openai_server, fre
     assert len(rows2) == n and all(r["responses"][0]["error"] is None for r in rows2)
     before = {r["id"]: r["responses"][0]["text"] for r in done}
     assert {r["id"]: r["responses"][0]["text"] for r in rows2 if r["id"] in before} == before
+
+
+def test_a_stream_cut_short_is_that_generation_s_error(proxy, tmp_path):
+    """A streamed answer whose body stops early (the proxy sends half of it), or that ends
+    without a finish_reason (as llama_cpp.server ends a stream when another request comes), is
+    that generation's error, never a shorter answer."""
+    from coe.config import load_config
+    from coe.prompts import build_request
+
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m",
+             "choices": [{"index": 0, "delta": {"role": "assistant", "content": "4"},
+                          "finish_reason": None}]}
+    unfinished = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"
+    cfg = load_config(write_pool(tmp_path, [openai_expert(
+        "smol", proxy.base_url, prompt_format="chat", max_concurrency=1, max_retries=0,
+        sampling={"max_tokens": 16})]))
+    qs = arithmetic_questions(2)
+    with Orchestrator(cfg, cache=False) as orch:
+        requests = [build_request(cfg.expert("smol"), q) for q in qs]
+        proxy.inject(Fault.status(200, body=unfinished))
+        gens = orch.executor.run(requests, on_token=lambda i, text: None).generations
+        proxy.inject(Fault.truncate())
+        cut = orch.executor.run(requests[:1], on_token=lambda i, text: None).generations[0]
+    assert gens[0].error == ("stream ended before the answer did (no finish_reason) after 1 "
+                             f"pieces ({proxy.base_url})")
+    assert gens[1].error is None and gens[1].text and gens[1].finish_reason
+    assert cut.error.startswith(f"connection to {proxy.base_url} failed after 0 retries: "
+                                "RemoteProtocolError: peer closed connection")

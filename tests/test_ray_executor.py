@@ -385,3 +385,20 @@ def test_coe_eval_reports_the_same_on_either_executor(ray_cluster, replay_pool, 
         assert p.returncode == 0, p.stderr
         tables[kind] = p.stdout
     assert tables["ray"] == tables["local"] and "all+vote" in tables["local"]
+
+
+@pytest.mark.parametrize("kind", ["local", "ray"])
+def test_tokens_stream_from_the_actor_to_the_driver(ray_cluster, openai_server, tmp_path, kind):
+    """A streaming backend's pieces reach ``on_token`` through the actor (a server streams the
+    llm aggregator's answer this way)."""
+    cfg = load_config(write_pool(tmp_path, [openai_expert("smol", openai_server.base_url,
+                                                          prompt_format="chat", max_concurrency=1,
+                                                          sampling={"max_tokens": 16})]))
+    with Orchestrator(cfg, executor=kind, cache=False) as orch:
+        requests = [build_request(cfg.expert("smol"), q) for q in arithmetic_questions(2)]
+        pieces: dict[int, list[str]] = {0: [], 1: []}
+        gens = orch.executor.run(requests, on_token=lambda i, text: pieces[i].append(text))
+    for i, gen in enumerate(gens.generations):
+        assert gen.error is None and gen.text
+        assert "".join(pieces[i]) == gen.text and len(pieces[i]) > 1
+

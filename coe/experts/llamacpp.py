@@ -166,7 +166,10 @@ class LlamaCppBackend(Backend):
             self.llm = Llama(
                 model_path=str(self.path),
                 n_ctx=self.config.n_ctx,
+                # prompts too: llama-cpp-python's n_threads_batch is every core otherwise,
+                # whatever share of the machine the model was given (a Ray actor's CPUs)
                 n_threads=self.config.n_threads or default_threads(),
+                n_threads_batch=self.config.n_threads or default_threads(),
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as e:

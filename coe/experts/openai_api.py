@@ -163,6 +163,9 @@ class OpenAIBackend(Backend):
                     chunks += 1
                     on_token(piece)
                 finish = choice.finish_reason or finish
+        if finish is None:  # cut off: llama_cpp.server ends a stream when another request comes
+            raise BadResponse(f"stream ended before the answer did (no finish_reason) after "
+                              f"{chunks} pieces")
         return Generation(text="".join(pieces), seconds=time.perf_counter() - t0,
                           finish_reason=finish,
                           prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
