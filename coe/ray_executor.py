@@ -31,6 +31,7 @@ and the ledger is only memory, a few lines long.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import queue
@@ -233,6 +234,8 @@ class RayExecutor(Executor):
         """``max_resident``/``memory_gb`` (a server's residency limits for the local executor)
         are accepted and ignored: on Ray, resources decide what runs at once."""
         super().__init__(config, cache)
+        if importlib.util.find_spec("ray") is None:  # at once, not at the first generation
+            raise ConfigError(NEEDS_RAY)
         if max_restarts < 0:
             raise ValueError("max_restarts must be 0 or more")
         self.progress = progress

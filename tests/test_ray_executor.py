@@ -402,3 +402,16 @@ def test_tokens_stream_from_the_actor_to_the_driver(ray_cluster, openai_server, 
         assert gen.error is None and gen.text
         assert "".join(pieces[i]) == gen.text and len(pieces[i]) > 1
 
+
+
+def test_without_ray_installed_the_executor_says_how_to_get_it(replay_pool, monkeypatch):
+    import importlib.util
+
+    from coe.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"^executor 'ray' needs the ray package "
+                                          r"\(pip install 'coe\[ray\]'\)$"):
+        Orchestrator(load_config(replay_pool[0]), executor="ray")
