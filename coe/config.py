@@ -40,7 +40,8 @@ GB = 1 << 30  # memory_gb figures are GiB
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # .inf and .nan are yaml floats: no setting means either (a NaN strength sorts anywhere)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Price(_Strict):
@@ -331,6 +332,8 @@ def load_config(path: str | os.PathLike) -> PoolConfig:
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else "?"
         raise ConfigError(f"{p}:{line}: invalid YAML: {e.problem}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except RecursionError:  # PyYAML composes and constructs nodes recursively
+        raise ConfigError(f"{p}: yaml nested too deeply") from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: undecodable bytes, a bad date
         raise ConfigError(f"{p}: invalid YAML: {e}") from None
     return parse_config(raw, source=str(p), base_dir=p.parent)

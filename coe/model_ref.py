@@ -15,6 +15,8 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
+import stat
 from functools import lru_cache
 from pathlib import Path
 
@@ -75,15 +77,28 @@ def _assembled(name: str, module) -> Path:
     return p
 
 
+_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+          (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+
+
 def resolve_model_file(ref: str, base_dir: Path | str = ".", suffix: str = ".gguf") -> Path:
-    """The local file (or folder) a model reference names."""
+    """The local file a model reference names: a regular file (after symlinks), checked with
+    ``os.stat`` before anything opens it (opening a FIFO blocks until a writer comes)."""
     if ref.startswith(PREFIX):
-        return _resolve_package(ref, suffix)
-    p = Path(ref).expanduser()
-    if not p.is_absolute():
-        p = Path(base_dir) / p
-    if not p.exists():
-        raise ConfigError(f"model file {str(p)!r} not found")
+        p = _resolve_package(ref, suffix)
+    else:
+        p = Path(ref).expanduser()
+        if not p.is_absolute():
+            p = Path(base_dir) / p
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"model file {str(p)!r} not found") from None
+    except OSError as e:
+        raise ConfigError(f"model file {str(p)!r}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "special file")
+        raise ConfigError(f"model file {str(p)!r} is a {kind}, not a regular file")
     return p
 
 

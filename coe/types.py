@@ -14,7 +14,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -114,13 +114,22 @@ class Route(BaseModel):
 
 # -- generation ----------------------------------------------------------------------------
 
-class Sampling(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+#: the most tokens one generation may ask for (and the longest llama.cpp context): the
+#: longest trained context of open models (Qwen2.5-1M); beyond it a typo, not a setting
+MAX_TOKENS = 1 << 20
+#: the highest sampling temperature (the OpenAI API's range; beyond it, noise)
+MAX_TEMPERATURE = 2.0
+#: a stop string: an empty one would end every generation before its first token
+StopString = Annotated[str, Field(min_length=1)]
 
-    temperature: float = Field(0.0, ge=0.0)
-    max_tokens: int = Field(256, gt=0)
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE)
+    max_tokens: int = Field(256, gt=0, le=MAX_TOKENS)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list)
+    stop: list[StopString] = Field(default_factory=list)
     seed: int | None = 0
 
 
@@ -128,12 +137,12 @@ class SamplingOverride(BaseModel):
     """Sampling fields one question (a served request) sets for itself; unset ones keep the
     expert's."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    max_tokens: int | None = Field(None, gt=0)
+    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
+    max_tokens: int | None = Field(None, gt=0, le=MAX_TOKENS)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: list[str] | None = Field(None, max_length=4)
+    stop: list[StopString] | None = Field(None, max_length=4)
     seed: int | None = None
 
     def apply(self, sampling: Sampling) -> Sampling:

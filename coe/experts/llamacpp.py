@@ -12,15 +12,22 @@ from typing import Literal
 from pydantic import Field
 
 from coe.config import ExpertConfig, Resources
-from coe.errors import ExpertError
+from coe.errors import ConfigError, ExpertError
 from coe.experts.base import Backend, Generation, GenRequest, OnResult, OnToken
 from coe.model_ref import file_fingerprint, resolve_model_file
+from coe.types import MAX_TOKENS
+
+#: ggml's GGML_MAX_N_THREADS: llama.cpp cannot use more threads than this. A fixed cap, not
+#: this machine's cores: a yaml is also run on other machines (a Ray cluster's nodes).
+MAX_THREADS = 512
 
 
 class LlamaCppExpert(ExpertConfig):
     backend: Literal["llamacpp"]
-    n_ctx: int = Field(2048, gt=0)
-    n_threads: int | None = Field(None, gt=0)
+    # capped here (a typo of 1e9 would allocate tens of GB before failing); `coe experts
+    # --check` also holds it to the model's trained context, read from the GGUF header
+    n_ctx: int = Field(2048, gt=0, le=MAX_TOKENS)
+    n_threads: int | None = Field(None, gt=0, le=MAX_THREADS)
 
     def load_key(self) -> tuple:
         return ("llamacpp", self.model, self.n_ctx, self.n_threads)
@@ -124,7 +131,19 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def check(cls, config, base_dir) -> None:
-        resolve_model_file(config.model, base_dir or ".")
+        """The model file is a GGUF (its header read, not the weights) whose trained context
+        holds ``n_ctx``: a longer one costs memory and gives nothing."""
+        path = resolve_model_file(config.model, base_dir or ".")
+        try:
+            meta = gguf_metadata(path)
+        except OSError as e:
+            raise ConfigError(f"model file {str(path)!r}: {e.strerror or e}") from None
+        if not meta:
+            raise ConfigError(f"model file {str(path)!r} is not a GGUF file")
+        trained = meta.get(f"{meta.get('general.architecture')}.context_length")
+        if isinstance(trained, int) and 0 < trained < config.n_ctx:
+            raise ConfigError(f"field 'n_ctx': {config.n_ctx} exceeds the model's trained "
+                              f"context of {trained} tokens ({path.name})")
 
     def __init__(self, config, base_dir=None):
         super().__init__(config, base_dir)

