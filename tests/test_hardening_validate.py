@@ -65,6 +65,26 @@ def test_served_sampling_refuses_empty_stop_strings():
     assert SamplingOverride(stop=["\n\n"]).apply(Sampling()).stop == ["\n\n"]
 
 
+@pytest.mark.parametrize("field, value, where", [
+    ("stop", "", "stop.0"), ("stop", ["", "x"], "stop.0"), ("stop", ["a"] * 5, "stop"),
+    ("max_tokens", 10 ** 12, "max_tokens"),
+])
+def test_a_served_request_with_bad_sampling_is_refused_by_its_body(field, value, where):
+    """The request body holds what the question's SamplingOverride holds, so a bad value is a
+    422 naming the field, not an internal error when the question is built."""
+    from pydantic import ValidationError
+
+    from coe.serve.schema import ChatRequest
+
+    body = {"model": "coe", "messages": [{"role": "user", "content": "Hi"}], field: value}
+    with pytest.raises(ValidationError) as e:
+        ChatRequest.model_validate(body)
+    assert e.value.errors()[0]["loc"] == tuple(int(p) if p.isdigit() else p
+                                               for p in where.split("."))
+    ok = ChatRequest.model_validate({**body, "stop": "END", "max_tokens": 7})
+    assert ok.to_question("q").sampling.stop == ["END"]
+
+
 def test_n_ctx_beyond_the_trained_context_fails_the_check():
     """SmolLM2-135M was trained on 8192 tokens (its GGUF header): a longer context only costs
     memory. The check reads the header, not the weights."""

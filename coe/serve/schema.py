@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from coe.types import AnswerKind, Question, SamplingOverride
+from coe.types import MAX_TOKENS, AnswerKind, Question, SamplingOverride, StopString
 
 MAX_ID_CHARS = 200
 
@@ -40,14 +40,19 @@ class _Body(BaseModel):
     model: str = Field(min_length=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, gt=0)
-    max_completion_tokens: int | None = Field(None, gt=0)
-    stop: str | list[str] | None = None
+    max_tokens: int | None = Field(None, gt=0, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(None, gt=0, le=MAX_TOKENS)
+    stop: list[StopString] | None = Field(None, max_length=4)  # as SamplingOverride's
     seed: int | None = None
     n: int = Field(1, ge=1, le=1, description="one answer per request")
     stream: bool = False
     stream_options: StreamOptions | None = None
     coe: CoeFields | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
     def sampling(self) -> SamplingOverride | None:
         fields: dict[str, Any] = {}
