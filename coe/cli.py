@@ -158,6 +158,8 @@ def eval_cmd(
             f"({sum(recorded['records'].values())} records)")
     for name, msg in result.stats.failures.items():
         err(f"expert {name!r} failed: {msg}")
+    if result.stats.failures:  # like `coe run`; the report is written
+        raise typer.Exit(4)
 
 
 @app.command()
