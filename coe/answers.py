@@ -4,6 +4,10 @@ Voting compares normalised answers; evaluation compares them with the gold answe
 - multiple choice: a letter A..Z ("The answer is (C)", "Answer: c", or the text of one choice)
 - number: canonical decimal ("#### 1,200" -> "1200", "3.50" -> "3.5", "\\boxed{7}" -> "7")
 - text: lower-case, articles and punctuation removed, white space folded
+
+Gold answers go through the same normalisation (``gold_answer``); a multiple-choice gold may
+also be the text of a choice. One that names no answer of its question is not graded, and
+``gold_problem`` says why, so a score can say how many questions it left out.
 """
 
 from __future__ import annotations
@@ -105,12 +109,76 @@ def extract_answer(text: str | None, question: Question) -> str | None:
     return normalize(_extract_text(text), "text")
 
 
-def gold_answer(question: Question) -> str | None:
-    """The question's gold answer, normalised like an extracted one."""
-    if question.answer is None:
-        return None
+def _choice_key(text: str) -> str:
+    """A choice's text for matching a gold answer to it: case, surrounding punctuation and
+    white space do not count."""
+    return " ".join(text.casefold().strip().strip(string.punctuation + " ").split())
+
+
+def _grade_gold(question: Question) -> tuple[str | None, str | None]:
+    """(the normalised gold answer, None) or (None, why it cannot be graded)."""
+    gold = question.answer.strip()
     kind = question.answer_kind
-    return normalize(question.answer, kind, len(question.choices or LETTERS))
+    if kind == "mc" and question.choices:
+        choices = question.choices
+        letters = LETTERS[: len(choices)]
+        letter = normalize(gold, "mc", len(choices))
+        if letter is not None:
+            return letter, None
+        # the text of a choice ("Jupiter"), or a letter with its choice's text ("B. Jupiter")
+        key = _choice_key(gold)
+        same = [letters[i] for i, c in enumerate(choices) if key and _choice_key(c) == key]
+        if len(same) == 1:
+            return same[0], None
+        m = re.fullmatch(r"\(?([A-Za-z])[\).:]?\s+(.+)", gold, flags=re.DOTALL)
+        if not same and m and m.group(1).upper() in letters:
+            i = letters.index(m.group(1).upper())
+            if _choice_key(m.group(2)) == _choice_key(choices[i]):
+                return letters[i], None
+        if same:
+            return None, (f"gold answer {gold!r} is the text of more than one choice "
+                          f"(choices {', '.join(same)})")
+        return None, (f"gold answer {gold!r} is not one of the {len(choices)} choices "
+                      f"(A-{letters[-1]}) nor the text of one")
+    norm = normalize(gold, kind, len(question.choices or LETTERS))
+    if norm is not None:
+        return norm, None
+    if kind == "number":
+        return None, f"gold answer {gold!r} is not a number"
+    if kind == "mc":
+        return None, f"gold answer {gold!r} is not a letter"
+    return None, f"gold answer {question.answer!r} is empty once normalised"
+
+
+def gold_answer(question: Question) -> str | None:
+    """The question's gold answer, normalised like an extracted one. A multiple-choice gold
+    may be the letter or the text of a choice (mapped to its letter; a letter wins over a
+    choice whose text is that letter). None when there is no gold answer or it cannot be
+    graded (``gold_problem`` says why)."""
+    if question.answer is None or not question.answer.strip():
+        return None
+    return _grade_gold(question)[0]
+
+
+def gold_problem(question: Question) -> str | None:
+    """Why the question's gold answer cannot be graded (one line naming the answer), or None
+    when it can be or there is none."""
+    if question.answer is None or not question.answer.strip():
+        return None
+    return _grade_gold(question)[1]
+
+
+def describe_ungraded(ungraded: dict[str, str], show: int = 5) -> str:
+    """The first ungradable question with why, then the ids of a few more: for one line."""
+    if not ungraded:
+        return ""
+    (first, why), rest = next(iter(ungraded.items())), list(ungraded)[1:]
+    out = f"{first}: {why}"
+    if rest:
+        out += "; also " + ", ".join(rest[:show])
+        if len(rest) > show:
+            out += f" and {len(rest) - show} more"
+    return out
 
 
 def is_correct(pred: str | None, question: Question, rel_tol: float = 1e-6) -> bool | None:

@@ -86,8 +86,8 @@ def run(
         + f" in {result.wall_seconds:.1f}s; model loads: {s.loads} "
         f"(naive per-question order: {s.naive_loads}); generations: {s.generations}, "
         f"cached: {s.cache_hits}, failed: {s.failed_generations}")
-    if result.accuracy is not None:
-        err(f"accuracy against gold: {result.accuracy:.1%}")
+    if result.accuracy_line():
+        err(result.accuracy_line())
     for name, msg in s.failures.items():
         err(f"expert {name!r} failed: {msg}")
     if s.failures:
@@ -158,6 +158,8 @@ def eval_cmd(
             f"({sum(recorded['records'].values())} records)")
     for name, msg in result.stats.failures.items():
         err(f"expert {name!r} failed: {msg}")
+    if result.stats.failures:  # like `coe run`; the report is written
+        raise typer.Exit(4)
 
 
 @app.command()

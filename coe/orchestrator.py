@@ -25,7 +25,13 @@ from typing import Callable
 from pydantic import ValidationError
 
 from coe.aggregators import Aggregator, build_aggregator
-from coe.answers import gold_answer, is_correct, response_from
+from coe.answers import (
+    describe_ungraded,
+    gold_answer,
+    gold_problem,
+    is_correct,
+    response_from,
+)
 from coe.cache import ResponseCache, default_cache_path
 from coe.config import PoolConfig, load_config
 from coe.executor import Executor, Plan, RunStats
@@ -43,11 +49,32 @@ class RunResult:
     wall_seconds: float = 0.0
     resumed: int = 0  # questions already in the output file, not rerun
     plan: Plan | None = None
+    #: question id -> why its gold answer cannot be graded (``coe.answers.gold_problem``):
+    #: those questions are left out of ``accuracy``
+    ungraded: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def graded(self) -> int:
+        return sum(1 for r in self.results if r.correct is not None)
 
     @property
     def accuracy(self) -> float | None:
         graded = [r.correct for r in self.results if r.correct is not None]
         return sum(graded) / len(graded) if graded else None
+
+    def accuracy_line(self) -> str | None:
+        """``accuracy against gold: 85.7% (7 graded questions)``, then what was not graded;
+        None when no question has a gold answer."""
+        if self.accuracy is None and not self.ungraded:
+            return None
+        acc = "none graded" if self.accuracy is None else \
+            f"{self.accuracy:.1%} ({self.graded} graded question{'s' * (self.graded != 1)})"
+        line = f"accuracy against gold: {acc}"
+        if self.ungraded:
+            n = len(self.ungraded)
+            line += (f"; {n} question{'s' * (n != 1)} could not be graded "
+                     f"({describe_ungraded(self.ungraded)})")
+        return line
 
 
 @dataclass
@@ -169,7 +196,8 @@ class Orchestrator:
             finally:
                 if writer:
                     writer.close()
-        return RunResult(results, stats, time.perf_counter() - t0, resumed, plan)
+        ungraded = {q.id: why for q in questions if (why := gold_problem(q))}
+        return RunResult(results, stats, time.perf_counter() - t0, resumed, plan, ungraded)
 
     async def arun(self, questions: list[Question | dict], **kwargs) -> RunResult:
         """``run`` for async code (a server, a notebook): it runs in a worker thread, so the

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from coe.answers import describe_ungraded
 from coe.eval.runner import EvalResult
 from coe.eval.scoring import NO_CATEGORY, StrategyScore
 
@@ -34,12 +35,13 @@ def _num(x: float | None, fmt: str) -> str:
 
 
 def strategy_table(result: EvalResult) -> str:
-    head = ("| strategy | accuracy % | 95% CI | n | experts/q | active params/q (B) | "
+    head = ("| strategy | accuracy % | 95% CI | n | failed | experts/q | active params/q (B) | "
             "tokens/q | cost/q ($) | gen s | recruit oracle % |")
-    rows = [head, "|" + "---|" * 10]
+    rows = [head, "|" + "---|" * 11]
     for s in result.scores:
         rows.append(
             f"| {s.name} | {_pct(s.overall.value)} | {_ci(s)} | {s.overall.n} | "
+            f"{s.failed_questions} | "
             f"{s.avg_experts:.2f} | {_num(s.avg_active_params, '.2f')} | "
             f"{s.avg_tokens:.0f} | {s.avg_cost:.6f} | {s.gen_seconds + s.route_seconds:.1f} | "
             f"{_pct(s.recruit_oracle.value)} |")
@@ -72,6 +74,16 @@ def summary_lines(result: EvalResult) -> list[str]:
     if result.best_single:
         out.append(f"best single on validation ({result.validation_source}, "
                    f"n={len(result.validation)}): {result.best_single}")
+    if result.ungraded:
+        out.append(f"{len(result.ungraded)} of {len(result.questions)} test questions could not "
+                   f"be graded ({describe_ungraded(result.ungraded)}): accuracy is over the "
+                   f"other {result.graded_questions}")
+    hit = sum(1 for s in result.scores if s.failed_questions)
+    if hit:
+        out.append(f"{result.stats.failed_generations} generations failed (experts: "
+                   f"{', '.join(sorted(result.stats.failures))}); the questions they touched are "
+                   f"left out of the accuracy of {hit} strategies (column failed); with the "
+                   "response cache a rerun makes only the missing generations")
     src = set(result.strength_source.values())
     if src:
         out.append("vote ties broken by expert strength from " + " and ".join(sorted(src)))
@@ -96,9 +108,13 @@ def to_json(result: EvalResult) -> dict:
         "naive_loads": result.stats.naive_loads,
         "load_seconds": round(result.stats.load_seconds, 3),
         "phases": [p.to_json() for p in result.phases],
+        "graded_questions": result.graded_questions,
+        "ungraded": result.ungraded,
         "validation": {
             "source": result.validation_source, "questions": len(result.validation),
+            "overlap": result.validation_overlap,
             "accuracy": {n: a.to_json() for n, a in result.validation_accuracy.items()},
+            "failed": result.validation_failed,
             "best_single": result.best_single,
         },
         "strength": result.strength, "strength_source": result.strength_source,
@@ -113,7 +129,9 @@ def markdown(result: EvalResult) -> str:
     parts = ["# Evaluation report", "", f"Pool: `{result.config.source}`", ""]
     parts += [f"- {line.strip()}" for line in summary_lines(result)]
     parts += ["", "## Strategies", "", strategy_table(result), ""]
-    parts += ["*experts/q*: experts recruited per question; *active params/q*: parameters "
+    parts += ["*n*: questions graded; *failed*: questions on which a generation the strategy "
+              "needed failed, left out of its accuracy; "
+              "*experts/q*: experts recruited per question; *active params/q*: parameters "
               "(billions) of the distinct experts whose generations the strategy used, plus the "
               "llm aggregator's pass; *gen s*: routing plus generation seconds of those "
               "generations (recorded time for cached or replayed ones); *recruit oracle*: "
@@ -133,7 +151,7 @@ def write_outcomes(result: EvalResult, path: Path) -> None:
             for name, outs in result.outcomes.items():
                 o = outs[i]
                 row["strategies"][name] = {"answer": o.answer, "correct": o.correct,
-                                           "experts": o.recruited}
+                                           "failed": o.failed, "experts": o.recruited}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 

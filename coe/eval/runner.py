@@ -28,7 +28,13 @@ from typing import Callable
 
 from coe.aggregators import Aggregator, build_aggregator, vote
 from coe.aggregators.base import aggregate_together
-from coe.answers import gold_answer, is_correct, response_from
+from coe.answers import (
+    describe_ungraded,
+    gold_answer,
+    gold_problem,
+    is_correct,
+    response_from,
+)
 from coe.config import PoolConfig
 from coe.errors import CoeError, ConfigError
 from coe.eval.scoring import Accuracy, Outcome, StrategyScore, score_strategy
@@ -36,6 +42,7 @@ from coe.eval.strategies import (
     StrategySpec,
     all_specs,
     has_categories,
+    overlap,
     random_routes,
     select,
     single_routes,
@@ -101,6 +108,16 @@ class EvalResult:
     val_responses: dict[tuple[str, str], ExpertResponse] = field(default_factory=dict)
     seed: int = 0
     notes: list[str] = field(default_factory=list)
+    #: test question id -> why it cannot be graded (no gold answer, or one naming no answer)
+    ungraded: dict[str, str] = field(default_factory=dict)
+    #: test questions also among the validation questions (``strategies.overlap``); None when
+    #: no validation questions were used
+    validation_overlap: dict | None = None
+    validation_failed: dict[str, int] = field(default_factory=dict)  # expert -> generations
+
+    @property
+    def graded_questions(self) -> int:
+        return len(self.questions) - len(self.ungraded)
 
     @property
     def generations(self) -> int:
@@ -178,15 +195,20 @@ class EvaluationJob:
         self.responses: dict[tuple[str, str], ExpertResponse] = {}  # (question id, expert)
         self.val_resp: dict[tuple[str, str], ExpertResponse] = {}
         self.val_acc: dict[str, Accuracy] = {}
+        self.val_failed: dict[str, int] = {}  # expert -> failed validation generations
         self.best: str | None = None
         self.strength: dict[str, float] = {}
         self.strength_source: dict[str, str] = {}
         self.finals: dict[str, list[FinalAnswer]] = {}
+        self.ungraded: dict[str, str] = {}
+        self.overlap: dict | None = None
 
     def run(self) -> EvalResult:
         t0 = time.perf_counter()
         self.check()
         self.hold_out_validation()
+        self.check_overlap()
+        self.find_ungraded()
         with Orchestrator(self.config, router="all", aggregator="vote", cache=self.opts.cache,
                           progress=self.opts.progress) as orch, orch.executor.session() as stats:
             self.orch = orch
@@ -206,13 +228,19 @@ class EvaluationJob:
             validation_accuracy=self.val_acc, best_single=self.best, strength=self.strength,
             strength_source=self.strength_source, stats=stats, phases=self.phases,
             wall_seconds=time.perf_counter() - t0, responses=self.responses,
-            val_responses=self.val_resp, seed=self.opts.seed, notes=self.notes)
+            val_responses=self.val_resp, seed=self.opts.seed, notes=self.notes,
+            ungraded=self.ungraded, validation_overlap=self.overlap,
+            validation_failed=self.val_failed)
 
     # -- 1. inputs --------------------------------------------------------------------------
     def check(self) -> None:
         if self.opts.resume and self.opts.cache is False:
             raise ConfigError("--resume needs the response cache (drop --no-cache)")
         if not any(gold_answer(q) is not None for q in self.questions):
+            problems = {q.id: why for q in self.questions if (why := gold_problem(q))}
+            if problems:
+                raise CoeError("no question has a gold answer that can be graded "
+                               f"({describe_ungraded(problems)})")
             raise CoeError("no question has a gold answer: nothing to score")
         if self.opts.aggregator_expert:
             self.config.expert(self.opts.aggregator_expert)  # unknown name: one-line error
@@ -236,6 +264,26 @@ class EvaluationJob:
             self.skipped["best-single"] = "no validation questions (--validation or --val-fraction)"
         if not self.questions:
             raise CoeError("no test questions left to score")
+
+    def check_overlap(self) -> None:
+        """Warn when the questions best-single is picked on share questions (by id or text)
+        with the test set: the pick would then be made partly on the test."""
+        if not self.validation:
+            return
+        self.overlap = overlap(self.validation, self.questions)
+        if self.overlap["questions"]:
+            o = self.overlap
+            note = (f"warning: the validation questions ({self.val_source}) overlap the test "
+                    f"set: {o['questions']} of the {len(self.questions)} test questions "
+                    f"(same id: {o['same_id']}, same text: {o['same_text']}); best-single is "
+                    "picked partly on the test questions")
+            self.notes.insert(0, note)
+            _log(self.opts, note)
+
+    def find_ungraded(self) -> None:
+        """The test questions no strategy can be graded on, and why."""
+        self.ungraded = {q.id: gold_problem(q) or "no gold answer" for q in self.questions
+                         if gold_answer(q) is None}
 
     # -- 2. routes --------------------------------------------------------------------------
     def route_strategies(self) -> None:
@@ -315,20 +363,31 @@ class EvaluationJob:
 
     def pick_best(self, spec: StrategySpec) -> None:
         """The expert most accurate on the validation questions (ties: the stronger prior,
-        then pool order) becomes best-single's route."""
+        then pool order) becomes best-single's route. A failed generation is left out of the
+        expert's validation accuracy (as on the test) but counts against it in the pick: an
+        expert that could not answer is not the one to rely on."""
         for n in self.names:
             acc = self.val_acc.setdefault(n, Accuracy())
             for q in self.validation:
+                if self.val_resp[(q.id, n)].error is not None:
+                    self.val_failed[n] = self.val_failed.get(n, 0) + 1
+                    continue
                 ok = is_correct(self.val_resp[(q.id, n)].answer, q)
                 if ok is not None:
                     acc.add(ok)
         prior = {e.name: e.strength or 0.0 for e in self.config.experts}
-        self.best = max(self.names, key=lambda n: (self.val_acc[n].value or 0.0, prior[n],
-                                                    -self.names.index(n)))
+
+        def rank(n: str) -> tuple:
+            a, tried = self.val_acc[n], self.val_acc[n].n + self.val_failed.get(n, 0)
+            return a.correct / tried if tried else 0.0, prior[n], -self.names.index(n)
+
+        self.best = max(self.names, key=rank)
         self.routes_of[spec.name] = single_routes(self.questions, self.best,
                                                   f"best on validation: {self.best}")
+        best, failed = self.val_acc[self.best], self.val_failed.get(self.best, 0)
         spec.description = (f"{self.best} (validation accuracy "
-                            f"{self.val_acc[self.best].value:.1%} on {self.val_acc[self.best].n})")
+                            + ("-" if best.value is None else f"{best.value:.1%}")
+                            + f" on {best.n}" + (f", {failed} failed" if failed else "") + ")")
 
     def _aggregation_model(self) -> str | None:
         """The model most aggregations will use: its weights go last and stay loaded."""
@@ -413,9 +472,14 @@ class EvaluationJob:
                 final = self.finals[s.name][i]
                 answer, note, agg_response = final.answer, final.note, final.response
                 correct = is_correct(answer, q)
+            failed = any(r.error is not None for r in resp) or \
+                (agg_response is not None and agg_response.error is not None)
+            if failed:
+                correct = any_right = None
             rows.append(Outcome(question_id=q.id, category=q.category, answer=answer,
                                 correct=correct, recruited=route.names, used=list(resp),
-                                any_right=any_right, aggregator=agg_response, note=note))
+                                any_right=any_right, aggregator=agg_response, note=note,
+                                failed=failed))
         return rows
 
 

@@ -2,6 +2,10 @@
 overall and per category, plus what it cost: tokens, generation time, dollars from the yaml's
 per-token prices, and average active parameters per question.
 
+Accuracy is over the *graded* questions: those with a gradable gold answer on which no
+generation the strategy needed failed. A failed generation is not a wrong answer: its
+questions are counted in ``failed_questions`` instead.
+
 Answer extraction and matching are not here: they live in ``coe.answers`` (``is_correct``
 handles multiple-choice letters, numbers with tolerance and normalised short text).
 """
@@ -65,6 +69,9 @@ class Outcome:
     any_right: bool | None = None  # some recruited expert answered right (oracle of the route)
     aggregator: ExpertResponse | None = None  # the llm aggregator's own generation
     note: str = ""
+    # a generation the strategy needed (an expert's or its aggregator's) failed: the question
+    # is left out of the strategy's accuracy (``correct`` is None) and counted apart
+    failed: bool = False
 
 
 @dataclass
@@ -85,7 +92,8 @@ class StrategyScore:
     params_known: bool = True
     usage: Counter = field(default_factory=Counter)  # expert -> questions it was recruited for
     aggregator_usage: Counter = field(default_factory=Counter)
-    failed: int = 0
+    failed: int = 0  # failed generations
+    failed_questions: int = 0  # questions left out of the accuracy: a generation failed
     unanswered: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -121,7 +129,8 @@ class StrategyScore:
             "cost_usd": self.cost, "avg_cost_usd": self.avg_cost,
             "avg_active_params_b": self.avg_active_params, "avg_experts": self.avg_experts,
             "usage": dict(self.usage), "aggregator_usage": dict(self.aggregator_usage),
-            "failed_generations": self.failed, "unanswered": self.unanswered,
+            "failed_generations": self.failed, "failed_questions": self.failed_questions,
+            "unanswered": self.unanswered,
             "notes": self.notes,
         }
 
@@ -144,7 +153,9 @@ def score_strategy(name: str, description: str, outcomes: list[Outcome],
         s.usage.update(dict.fromkeys(o.recruited, 1))
         if o.aggregator is not None:
             s.aggregator_usage[o.aggregator.expert] += 1
-        if o.correct is not None:
+        if o.failed:
+            s.failed_questions += 1
+        elif o.correct is not None:
             s.overall.add(o.correct)
             s.per_category.setdefault(o.category or NO_CATEGORY, Accuracy()).add(o.correct)
             if o.any_right is not None:

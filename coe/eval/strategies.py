@@ -123,3 +123,23 @@ def split_validation(questions: list[Question], fraction: float,
     val_ids = set(ids[:n_val])
     return ([q for q in questions if q.id in val_ids],
             [q for q in questions if q.id not in val_ids])
+
+
+def _question_key(q: Question) -> tuple[str, tuple[str, ...]]:
+    """A question's text and choices, case and white space aside."""
+    def fold(t: str) -> str:
+        return " ".join(t.casefold().split())
+
+    return fold(q.question), tuple(fold(c) for c in q.choices or ())
+
+
+def overlap(validation: list[Question], test: list[Question]) -> dict:
+    """The test questions also in ``validation``, by id or by text (and choices): counts and
+    the test ids, in the test's order."""
+    val_ids = {q.id for q in validation}
+    val_text = {_question_key(q) for q in validation}
+    same_id = [q.id for q in test if q.id in val_ids]
+    same_text = [q.id for q in test if _question_key(q) in val_text]
+    both = set(same_id) | set(same_text)
+    return {"questions": len(both), "same_id": len(same_id), "same_text": len(same_text),
+            "ids": [q.id for q in test if q.id in both]}
