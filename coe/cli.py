@@ -14,6 +14,7 @@ import typer
 
 from coe.errors import CoeError
 from coe.registry import AGGREGATORS, EXECUTORS, ROUTERS
+from coe.secrets import redact
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Composition of Experts: route questions to a team of LLMs and aggregate.")
@@ -26,7 +27,7 @@ AGGREGATOR_HELP = f"{' | '.join(AGGREGATORS.names())} (default: yaml)"
 
 
 def err(msg: str) -> None:
-    typer.echo(msg, err=True)
+    typer.echo(redact(msg), err=True)  # every form of every secret the run came to know
 
 
 def _config(path: Path, executor: Optional[str]):

@@ -46,6 +46,7 @@ from coe.cache import ResponseCache, cache_key
 from coe.config import GB, PoolConfig
 from coe.errors import CoeError, ExpertError
 from coe.experts import Backend, create_backend
+from coe.secrets import redact
 from coe.types import Generation, GenRequest, OnToken
 
 
@@ -458,6 +459,7 @@ class LocalExecutor(Executor):
 
     def _fail(self, results: list, todo: list[int], group: PlanGroup, msg: str,
               stats: RunStats) -> None:
+        msg = redact(msg)  # an exception's text may carry a credential (a URL with a password)
         for i in todo:
             if results[i] is None:
                 results[i] = Generation(error=msg)

@@ -464,7 +464,9 @@ class RayExecutor(Executor):
             self._fail(job, item[1], results, stats)
 
     def _fail(self, job: _Job, msg: str, results: list, stats: RunStats) -> None:
-        job.span.error = msg
+        from coe.secrets import redact
+
+        msg = job.span.error = redact(msg)  # the actor's exception text may carry a credential
         job.span.finished = job.span.finished or time.time()
         for i in job.todo:
             if results[i] is None:

@@ -14,7 +14,11 @@ requests keep succeeding) does not trip it. A 200 whose body is not the expected
 retried (the client treats it as a valid answer): it fails that request with a clear message.
 
 The API key is read from the environment variable the yaml names (``api_key_env``), never
-from the yaml, and never written anywhere: every error message is redacted.
+from the yaml, and never written anywhere. The key and the credentials written into
+``base_url`` (``user:password@``, which the client sends as Basic auth *instead of* the key,
+and the query string) are added to ``coe.secrets`` as soon as the expert's config is read, so
+every form of them (raw, base64, percent-encoded) is hidden from every error message (the
+*whole* text is redacted before it is cut short), every answer text and every streamed piece.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from coe import secrets
 from coe.config import ExpertConfig
 from coe.errors import ConfigError, ExpertError
 from coe.experts.base import Backend, Generation, GenRequest, OnResult, OnToken, run_sync
@@ -40,7 +45,8 @@ class BadResponse(ValueError):
 
 
 def _snippet(value) -> str:
-    return re.sub(r"\s+", " ", str(value)).strip()[:120]
+    """A short one-line excerpt of a body, its secrets hidden *before* it is cut."""
+    return re.sub(r"\s+", " ", secrets.redact(str(value))).strip()[:120]
 
 
 class OpenAIExpert(ExpertConfig):
@@ -50,6 +56,13 @@ class OpenAIExpert(ExpertConfig):
     max_concurrency: int = Field(8, gt=0)
     timeout: float = Field(60.0, gt=0)
     max_retries: int = Field(4, ge=0)
+
+    def model_post_init(self, context) -> None:
+        # known as soon as the yaml is read, so whatever this process writes (a driver whose
+        # backends run elsewhere included) can hide them
+        secrets.add_url(self.base_url)
+        if self.api_key_env:
+            secrets.add(os.environ.get(self.api_key_env))
 
     def load_key(self) -> tuple:
         # Loading an endpoint costs nothing, so experts share a backend only when every
@@ -98,19 +111,15 @@ class OpenAIBackend(Backend):
             key = os.environ.get(env)
             if not key:
                 raise ExpertError(self.config.name, f"environment variable {env} is not set")
+            secrets.add(key)
             self._key = key
         else:
             self._key = "no-key"  # local servers accept any key; never the ambient OPENAI_API_KEY
 
     def redact(self, text: str) -> str:
-        """Hide the API key and any credentials written into base_url."""
-        from urllib.parse import urlsplit
-
-        u = urlsplit(self.config.base_url)
-        secrets = [self._key if self._key != "no-key" else None, u.password, u.query or None]
-        for secret in filter(None, secrets):
-            text = text.replace(secret, "***")
-        return text
+        """Hide every form of the API key, of the credentials written into base_url, and of
+        any other secret this process knows."""
+        return secrets.redact(text)
 
     def _message(self, text: str) -> str:
         """One line, bounded, without the key."""
@@ -161,12 +170,12 @@ class OpenAIBackend(Backend):
                 if piece:
                     pieces.append(piece)
                     chunks += 1
-                    on_token(piece)
+                    on_token(self.redact(piece))  # a secret split across pieces: see the text
                 finish = choice.finish_reason or finish
         if finish is None:  # cut off: llama_cpp.server ends a stream when another request comes
             raise BadResponse(f"stream ended before the answer did (no finish_reason) after "
                               f"{chunks} pieces")
-        return Generation(text="".join(pieces), seconds=time.perf_counter() - t0,
+        return Generation(text=self.redact("".join(pieces)), seconds=time.perf_counter() - t0,
                           finish_reason=finish,
                           prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                           completion_tokens=(getattr(usage, "completion_tokens", 0) or 0)
@@ -197,7 +206,7 @@ class OpenAIBackend(Backend):
         else:
             text = choices[0].text or ""
         usage = out.usage
-        return Generation(text=text, seconds=time.perf_counter() - t0,
+        return Generation(text=self.redact(text), seconds=time.perf_counter() - t0,
                           finish_reason=getattr(choices[0], "finish_reason", None),
                           prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                           completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
