@@ -62,6 +62,7 @@ def run(
 ):
     """Answer every question with the recruited experts and aggregate their answers."""
     from coe.orchestrator import Orchestrator
+    from coe.results import result_responses, truncation_warning
 
     qs = _load(questions, skip_invalid)
     orch = Orchestrator(_config(config, executor), router=router, aggregator=aggregator, k=k,
@@ -88,6 +89,9 @@ def run(
         f"cached: {s.cache_hits}, failed: {s.failed_generations}")
     if result.accuracy is not None:
         err(f"accuracy against gold: {result.accuracy:.1%}")
+    cut = truncation_warning(result_responses(result.results))
+    if cut:
+        err(cut)
     for name, msg in s.failures.items():
         err(f"expert {name!r} failed: {msg}")
     if s.failures:
