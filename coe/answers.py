@@ -209,4 +209,6 @@ def response_from(expert: str, gen: Generation, question: Question) -> ExpertRes
     return ExpertResponse(expert=expert, text=gen.text, prompt_tokens=gen.prompt_tokens,
                           completion_tokens=gen.completion_tokens, seconds=round(gen.seconds, 4),
                           cached=gen.cached, error=gen.error, answer=answer,
-                          finish_reason=gen.finish_reason)
+                          finish_reason=gen.finish_reason,
+                          truncated=gen.error is None and gen.finish_reason == "length",
+                          truncated_by=gen.truncated_by)

@@ -63,6 +63,7 @@ def run(
 ):
     """Answer every question with the recruited experts and aggregate their answers."""
     from coe.orchestrator import Orchestrator
+    from coe.results import result_responses, truncation_warning
 
     qs = _load(questions, skip_invalid)
     orch = Orchestrator(_config(config, executor), router=router, aggregator=aggregator, k=k,
@@ -89,6 +90,9 @@ def run(
         f"cached: {s.cache_hits}, failed: {s.failed_generations}")
     if result.accuracy_line():
         err(result.accuracy_line())
+    cut = truncation_warning(result_responses(result.results))
+    if cut:
+        err(cut)
     for name, msg in s.failures.items():
         err(f"expert {name!r} failed: {msg}")
     if s.failures:

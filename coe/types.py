@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 LETTERS = string.ascii_uppercase
 
 AnswerKind = Literal["mc", "number", "text"]
+Truncation = Literal["max_tokens", "context"]
 
 
 def parse_number(text: str) -> Decimal | None:
@@ -172,6 +173,9 @@ class Generation(BaseModel):
     cached: bool = False
     error: str | None = None
     finish_reason: str | None = None  # "stop", "length" (cut at max_tokens), when known
+    # Why a "length" generation was cut, when the backend can tell: "max_tokens" (the answer
+    # used all it was allowed) or "context" (prompt plus answer filled the context window).
+    truncated_by: Truncation | None = None
     # An answer recorded with the text (a replay of a scored run): used as-is, not re-extracted.
     recorded_answer: str | None = None
     has_recorded_answer: bool = False
@@ -196,6 +200,10 @@ class ExpertResponse(BaseModel):
     cached: bool = False
     error: str | None = None
     finish_reason: str | None = None
+    # The answer was cut off before it ended (finish_reason "length"): it is still graded, but
+    # its final answer may be missing or wrong. ``truncated_by`` says why, when known.
+    truncated: bool = False
+    truncated_by: Truncation | None = None
 
 
 class FinalAnswer(BaseModel):

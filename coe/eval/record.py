@@ -1,7 +1,8 @@
 """``coe eval --record DIR``: write every expert generation the job used as replay files.
 
 ``DIR/replay/<expert>.jsonl`` holds one ``{"id", "text", "answer", "prompt_tokens",
-"completion_tokens", "seconds"}`` record per question (``answer`` is the normalised answer
+"completion_tokens", "seconds"}`` record per question (plus ``finish_reason`` and
+``truncated_by`` when known, so an answer cut off replays as cut off) (``answer`` is the normalised answer
 extracted at the time, so a replay re-scores exactly), and ``DIR/experts.yaml`` is the same
 pool with every expert turned into a ``replay`` expert (names, categories, params, prices and
 strengths kept). ``coe eval QUESTIONS -c DIR/experts.yaml`` then re-runs the evaluation with no
@@ -23,8 +24,13 @@ _KEEP = set(ExpertConfig.model_fields) - {"backend", "model"}
 
 
 def _record(q: Question, r: ExpertResponse) -> dict:
-    return {"id": q.id, "text": r.text, "answer": r.answer, "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.completion_tokens, "seconds": r.seconds}
+    rec = {"id": q.id, "text": r.text, "answer": r.answer, "prompt_tokens": r.prompt_tokens,
+           "completion_tokens": r.completion_tokens, "seconds": r.seconds}
+    if r.finish_reason is not None:
+        rec["finish_reason"] = r.finish_reason
+    if r.truncated_by is not None:
+        rec["truncated_by"] = r.truncated_by
+    return rec
 
 
 def write_replay(out_dir: str | Path, config: PoolConfig,

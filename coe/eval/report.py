@@ -1,8 +1,10 @@
 """The report of an evaluation job: a markdown table, a JSON file and matplotlib plots.
 
 - ``report.md``: the strategy table (accuracy with its 95% Wilson interval, active parameters,
-  tokens, cost, generation time, the recruit oracle), then accuracy per category;
-- ``report.json``: the same figures and the job's generation counts, machine-readable;
+  tokens, cost, generation time, the recruit oracle, questions whose answer rests on a
+  truncated generation), then accuracy per category;
+- ``report.json``: the same figures and the job's generation counts, machine-readable, with
+  ``truncated``: the expert generations cut off (finish_reason length) per expert and why;
 - ``outcomes.jsonl``: per question, each strategy's answer and whether it was right;
 - ``accuracy.png``, ``categories.png``, ``usage.png``, ``cost.png``: accuracy per strategy,
   accuracy per category, expert usage, and accuracy against average active parameters and
@@ -16,9 +18,50 @@ from pathlib import Path
 
 from coe.answers import describe_ungraded
 from coe.eval.runner import EvalResult
-from coe.eval.scoring import NO_CATEGORY, StrategyScore
+from coe.eval.scoring import NO_CATEGORY, Outcome, StrategyScore
+from coe.results import truncation_warning
+from coe.types import ExpertResponse
 
 CI_METHOD = "Wilson score interval, 95%"
+# Truncated answers (cut off by max_tokens or the context window) are graded as they are, like
+# any other: leaving them out would score each strategy on a different, easier subset. They
+# are counted instead, per strategy and per expert, and a warning names them.
+TRUNCATION_POLICY = "truncated answers are graded as given"
+
+
+def _cut(o: Outcome) -> bool:
+    """Whether a strategy's answer to a question rests on a truncated generation."""
+    return any(r.truncated for r in o.used) or bool(o.aggregator and o.aggregator.truncated)
+
+
+def truncated_questions(result: EvalResult, strategy: str) -> int:
+    return sum(_cut(o) for o in result.outcomes.get(strategy, []))
+
+
+def _generations(result: EvalResult) -> list[tuple[str, ExpertResponse]]:
+    """(question id, response) of every test-set generation: the experts' (one per question
+    and expert, shared by the strategies) and each distinct llm aggregator generation."""
+    out = [(qid, r) for (qid, _), r in result.responses.items()]
+    seen = set()
+    for outs in result.outcomes.values():
+        for o in outs:
+            a = o.aggregator
+            if a is not None and (o.question_id, a.expert, a.text) not in seen:
+                seen.add((o.question_id, a.expert, a.text))
+                out.append((o.question_id, a))
+    return out
+
+
+def truncation_json(result: EvalResult) -> dict:
+    by_expert: dict[str, dict] = {}
+    cut = [(qid, r) for qid, r in _generations(result) if r.truncated]
+    for qid, r in cut:
+        e = by_expert.setdefault(r.expert, {"responses": 0, "context": 0, "max_tokens": 0,
+                                            "unknown": 0, "questions": []})
+        e["responses"] += 1
+        e[r.truncated_by or "unknown"] += 1
+        e["questions"].append(qid)
+    return {"responses": len(cut), "by_expert": by_expert, "policy": TRUNCATION_POLICY}
 
 
 def _pct(x: float | None) -> str:
@@ -36,15 +79,15 @@ def _num(x: float | None, fmt: str) -> str:
 
 def strategy_table(result: EvalResult) -> str:
     head = ("| strategy | accuracy % | 95% CI | n | failed | experts/q | active params/q (B) | "
-            "tokens/q | cost/q ($) | gen s | recruit oracle % |")
-    rows = [head, "|" + "---|" * 11]
+            "tokens/q | cost/q ($) | gen s | recruit oracle % | truncated |")
+    rows = [head, "|" + "---|" * 12]
     for s in result.scores:
         rows.append(
             f"| {s.name} | {_pct(s.overall.value)} | {_ci(s)} | {s.overall.n} | "
             f"{s.failed_questions} | "
             f"{s.avg_experts:.2f} | {_num(s.avg_active_params, '.2f')} | "
             f"{s.avg_tokens:.0f} | {s.avg_cost:.6f} | {s.gen_seconds + s.route_seconds:.1f} | "
-            f"{_pct(s.recruit_oracle.value)} |")
+            f"{_pct(s.recruit_oracle.value)} | {truncated_questions(result, s.name)} |")
     return "\n".join(rows)
 
 
@@ -90,6 +133,9 @@ def summary_lines(result: EvalResult) -> list[str]:
     for name, why in result.skipped.items():
         out.append(f"skipped {name}: {why}")
     out += result.notes
+    cut = truncation_warning(_generations(result))
+    if cut:
+        out.append(cut)
     return out
 
 
@@ -118,7 +164,9 @@ def to_json(result: EvalResult) -> dict:
             "best_single": result.best_single,
         },
         "strength": result.strength, "strength_source": result.strength_source,
-        "strategies": [s.to_json() for s in result.scores],
+        "strategies": [{**s.to_json(), "truncated_questions": truncated_questions(result, s.name)}
+                       for s in result.scores],
+        "truncated": truncation_json(result),
         "skipped": result.skipped,
         "notes": result.notes,
         "failures": result.stats.failures,
@@ -135,7 +183,9 @@ def markdown(result: EvalResult) -> str:
               "(billions) of the distinct experts whose generations the strategy used, plus the "
               "llm aggregator's pass; *gen s*: routing plus generation seconds of those "
               "generations (recorded time for cached or replayed ones); *recruit oracle*: "
-              "right if any recruited expert is right.", ""]
+              "right if any recruited expert is right; *truncated*: questions whose answer "
+              "rests on a generation cut off by max_tokens or the context window (finish_reason "
+              f"length): {TRUNCATION_POLICY}, counted here.", ""]
     for s in result.scores:
         parts.append(f"- **{s.name}**: {s.description}")
     cat = category_table(result)
@@ -151,7 +201,8 @@ def write_outcomes(result: EvalResult, path: Path) -> None:
             for name, outs in result.outcomes.items():
                 o = outs[i]
                 row["strategies"][name] = {"answer": o.answer, "correct": o.correct,
-                                           "failed": o.failed, "experts": o.recruited}
+                                           "failed": o.failed, "experts": o.recruited,
+                                           "truncated": _cut(o)}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 

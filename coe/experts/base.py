@@ -32,9 +32,23 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Coroutine
 
 from coe.config import GB, ExpertConfig, Resources
-from coe.types import Generation, GenRequest, OnResult, OnToken
+from coe.types import Generation, GenRequest, OnResult, OnToken, Truncation
 
-__all__ = ["Backend", "Generation", "GenRequest", "OnResult", "OnToken", "run_sync"]
+__all__ = ["Backend", "Generation", "GenRequest", "OnResult", "OnToken", "run_sync",
+           "truncation"]
+
+
+def truncation(finish_reason: str | None, completion_tokens: int, max_tokens: int,
+               prompt_tokens: int = 0, n_ctx: int | None = None) -> Truncation | None:
+    """Why a generation that ended with ``finish_reason`` "length" was cut (None: it was
+    not). With the context size ``n_ctx``: by the context when the prompt left fewer than
+    ``max_tokens`` tokens of room (llama.cpp then lowers max_tokens to that room). Without it:
+    by the context when the answer stopped short of ``max_tokens`` (a server cut it)."""
+    if finish_reason != "length":
+        return None
+    if n_ctx is not None:
+        return "context" if prompt_tokens + max_tokens > n_ctx else "max_tokens"
+    return "context" if completion_tokens < max_tokens else "max_tokens"
 
 
 def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:

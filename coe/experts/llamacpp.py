@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import re
 import struct
 import time
 from typing import Literal
@@ -13,7 +14,7 @@ from pydantic import Field
 
 from coe.config import ExpertConfig, Resources
 from coe.errors import ConfigError, ExpertError
-from coe.experts.base import Backend, Generation, GenRequest, OnResult, OnToken
+from coe.experts.base import Backend, Generation, GenRequest, OnResult, OnToken, truncation
 from coe.model_ref import file_fingerprint, resolve_model_file
 from coe.types import MAX_TOKENS
 
@@ -104,6 +105,8 @@ def kv_cache_bytes(meta: dict, n_ctx: int) -> int:
 
 
 _LOG_CALLBACK = None
+# llama-cpp-python's refusal of a prompt that does not fit in the context window
+_NO_ROOM = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
 
 
 def default_threads() -> int:
@@ -204,29 +207,32 @@ class LlamaCppBackend(Backend):
             out = (self.llm.create_chat_completion(messages=r.chat(), **kw) if chat
                    else self.llm.create_completion(prompt=r.prompt, **kw))
             choice, usage = out["choices"][0], out["usage"]
-            return Generation(text=(choice["message"]["content"] if chat else choice["text"])
-                              or "", prompt_tokens=usage["prompt_tokens"],
-                              completion_tokens=usage["completion_tokens"],
-                              finish_reason=choice.get("finish_reason"),
-                              seconds=time.perf_counter() - t0)
-        # Streaming: the same decoding (greedy outputs are identical), each piece reported as
-        # it comes. llama.cpp's stream carries no usage: a chunk is one sampled token, and the
-        # context then holds the prompt plus every sampled token but the last when the
-        # generation was cut at max_tokens (that token is never evaluated).
-        stream = (self.llm.create_chat_completion(messages=r.chat(), stream=True, **kw) if chat
-                  else self.llm.create_completion(prompt=r.prompt, stream=True, **kw))
-        pieces, finish = [], None
-        for chunk in stream:
-            choice = chunk["choices"][0]
-            piece = (choice.get("delta", {}).get("content") if chat else choice.get("text"))
-            if piece:
-                pieces.append(piece)
-                on_token(piece)
-            finish = choice.get("finish_reason") or finish
-        n = len(pieces)
-        prompt_tokens = max(0, self.llm.n_tokens - (n - 1 if finish == "length" else n))
-        return Generation(text="".join(pieces), prompt_tokens=prompt_tokens, completion_tokens=n,
-                          finish_reason=finish, seconds=time.perf_counter() - t0)
+            text = (choice["message"]["content"] if chat else choice["text"]) or ""
+            prompt_tokens, n = usage["prompt_tokens"], usage["completion_tokens"]
+            finish = choice.get("finish_reason")
+        else:
+            # Streaming: the same decoding (greedy outputs are identical), each piece reported
+            # as it comes. llama.cpp's stream carries no usage: a chunk is one sampled token,
+            # and the context then holds the prompt plus every sampled token but the last when
+            # the generation was cut at max_tokens (that token is never evaluated).
+            stream = (self.llm.create_chat_completion(messages=r.chat(), stream=True, **kw)
+                      if chat else self.llm.create_completion(prompt=r.prompt, stream=True, **kw))
+            pieces, finish = [], None
+            for chunk in stream:
+                choice = chunk["choices"][0]
+                piece = (choice.get("delta", {}).get("content") if chat else choice.get("text"))
+                if piece:
+                    pieces.append(piece)
+                    on_token(piece)
+                finish = choice.get("finish_reason") or finish
+            text, n = "".join(pieces), len(pieces)
+            prompt_tokens = max(0, self.llm.n_tokens - (n - 1 if finish == "length" else n))
+        # llama.cpp ends an answer that fills the context window with "length" too, having
+        # lowered max_tokens to the room the prompt left: n_ctx tells the two apart
+        return Generation(text=text, prompt_tokens=prompt_tokens, completion_tokens=n,
+                          finish_reason=finish, seconds=time.perf_counter() - t0,
+                          truncated_by=truncation(finish, n, s.max_tokens, prompt_tokens,
+                                                  self.llm.n_ctx()))
 
     def generate(self, requests: list[GenRequest], on_result: OnResult,
                  on_token: OnToken | None = None) -> None:
@@ -236,10 +242,22 @@ class LlamaCppBackend(Backend):
                 gen = self._one(r, None if on_token is None else
                                 (lambda piece, i=i: on_token(i, piece)))
             except ValueError as e:  # e.g. prompt longer than the context
-                on_result(i, Generation(error=f"{type(e).__name__}: {e}",
+                on_result(i, Generation(error=self._no_room(r, e),
                                         seconds=time.perf_counter() - t0))
                 continue
             on_result(i, gen)
+
+    def _no_room(self, r: GenRequest, e: ValueError) -> str:
+        """The error of a generation llama.cpp refused, naming the question: a prompt that
+        fills the context window ("Requested tokens (N) exceed context window of M") says so
+        with the numbers and the yaml field to raise."""
+        m = _NO_ROOM.search(str(e))
+        if m is None:
+            return f"question {r.question_id}: {type(e).__name__}: {e}"
+        tokens, n_ctx = int(m[1]), int(m[2])
+        return (f"question {r.question_id}: prompt is {tokens:,} tokens, n_ctx {n_ctx:,} "
+                f"leaves no room for the answer (raise n_ctx of expert {r.expert!r} or "
+                f"shorten the question)")
 
     def unload(self) -> None:
         if self.llm is not None:

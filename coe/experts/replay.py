@@ -1,7 +1,8 @@
 """Replay: responses come from a recorded JSONL file (``{"id": ..., "text": ...}`` per line).
 
 A record may also hold ``"answer"``: the answer extracted when it was recorded (null for none).
-It is then used as-is, so re-scoring a recorded run gives exactly the recorded figures.
+It is then used as-is, so re-scoring a recorded run gives exactly the recorded figures. So do
+``"finish_reason"`` and ``"truncated_by"``: an answer recorded as cut off replays as cut off.
 
 Used to research routing on recorded outputs of real models with no GPU, and to re-score an
 evaluation exactly. ``coe eval --record DIR`` writes such files.
@@ -61,6 +62,9 @@ class ReplayBackend(Backend):
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise ExpertError(self.config.name,
                                       f"{self.path}:{lineno}: not a {{id, text}} record") from None
+                if rec.get("truncated_by") not in (None, "max_tokens", "context"):
+                    raise ExpertError(self.config.name, f"{self.path}:{lineno}: truncated_by "
+                                      f"must be max_tokens, context or null")
         self.records = records
 
     def generate(self, requests: list[GenRequest], on_result: OnResult) -> None:
@@ -74,7 +78,9 @@ class ReplayBackend(Backend):
                                     recorded_answer=rec.get("answer"),
                                     prompt_tokens=int(rec.get("prompt_tokens", 0)),
                                     completion_tokens=int(rec.get("completion_tokens", 0)),
-                                    seconds=float(rec.get("seconds", 0.0))))
+                                    seconds=float(rec.get("seconds", 0.0)),
+                                    finish_reason=rec.get("finish_reason"),
+                                    truncated_by=rec.get("truncated_by")))
 
     def unload(self) -> None:
         self.records = None

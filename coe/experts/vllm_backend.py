@@ -19,7 +19,7 @@ from pydantic import Field
 
 from coe.config import ExpertConfig, Resources
 from coe.errors import ConfigError, ExpertError
-from coe.experts.base import Backend, Generation, GenRequest, OnResult
+from coe.experts.base import Backend, Generation, GenRequest, OnResult, truncation
 
 NEEDS_VLLM = "backend 'vllm' needs the vllm package (pip install 'coe[vllm]')"
 # Memory estimate: the weight files' size x 1.2 (activations, CUDA graphs). vLLM itself takes
@@ -123,11 +123,13 @@ class VLLMBackend(Backend):
                                          seed=s.seed)
 
     @staticmethod
-    def _generation(out, seconds: float) -> Generation:
+    def _generation(out, seconds: float, max_tokens: int) -> Generation:
         completion = out.outputs[0]
+        n = len(completion.token_ids or ())
+        finish = getattr(completion, "finish_reason", None)  # "stop" | "length" | None
         return Generation(text=completion.text, seconds=seconds,
-                          prompt_tokens=len(out.prompt_token_ids or ()),
-                          completion_tokens=len(completion.token_ids or ()))
+                          prompt_tokens=len(out.prompt_token_ids or ()), completion_tokens=n,
+                          finish_reason=finish, truncated_by=truncation(finish, n, max_tokens))
 
     def generate(self, requests: list[GenRequest], on_result: OnResult) -> None:
         chat = [i for i, r in enumerate(requests) if r.messages is not None]
@@ -144,7 +146,7 @@ class VLLMBackend(Backend):
             # vLLM batches the whole call; each generation is charged its share of it.
             share = (time.perf_counter() - t0) / len(idx)
             for i, out in zip(idx, outs):
-                on_result(i, self._generation(out, share))
+                on_result(i, self._generation(out, share, requests[i].sampling.max_tokens))
 
     def unload(self) -> None:
         self.llm = None
