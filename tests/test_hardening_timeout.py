@@ -175,3 +175,29 @@ def test_timeout_bounds_a_dripping_stream(drip, tmp_path):
         gen = orch.executor.run([req], on_token=lambda i, text: None).generations[0]
     assert gen.error == f"timed out (2s) reading the streamed answer: {server.base_url}"
     assert [r.outcome for r in server.records] == ["client"]
+
+
+def test_api_experts_do_not_wait_on_each_other(drip, proxy, tmp_path):
+    """Two API experts; the slow one comes first in the plan and its answer is released only
+    once the proxy in front of the real server has seen every request of the other expert
+    *end*: that happens only if the two run at the same time. Both answer everything."""
+    n = 3
+    server = drip(release=lambda: sum(r.ended for r in proxy.requests) >= n)
+    # and the first live request is answered only once the slow one is open: they overlap
+    proxy.on_request(1, lambda: server.arrived.wait(DRIP_LIMIT))
+    qs = arithmetic_questions(n)
+    pool = write_pool(tmp_path, [
+        openai_expert("slow", server.base_url, timeout=120, max_retries=0, max_concurrency=1),
+        openai_expert("live", proxy.base_url, max_concurrency=1)])
+    with Orchestrator.from_yaml(pool) as orch:
+        run = orch.run(qs)
+    assert run.stats.failures == {} and run.stats.generations == 2 * n
+    for r in run.results:
+        assert [x.expert for x in r.responses] == ["slow", "live"]
+        assert all(x.error is None and x.text for x in r.responses)
+    assert [r.text for r in run.results[0].responses[:1]] == [" 42"]
+    # the first slow request was open while every live request was answered
+    first = server.records[0]
+    live = proxy.requests
+    assert len(live) == n and first.outcome == "released"
+    assert all(first.start < r.end < first.end for r in live)
