@@ -27,10 +27,19 @@ unloaded first, or the thread waits for models to become idle. A model alone is 
 even one larger than the budget. An idle model another thread is already queued for is not
 unloaded before that thread has used it, so concurrent runs that need the same models share
 their loads.
+
+Within one ``run``, the groups of models holding weights run one after another in plan order;
+then the groups of endpoints (``Backend.holds_weights`` False: nothing to load, nothing held)
+run all at once, the calling thread taking one and a thread of its own each other one, so a
+slow API expert delays no other. Each group counts into a ``RunStats`` of its own, added up in
+plan order at the end: the same totals and output as one after another. With ``fail_fast``
+the first failure stops the run: no other group starts, the endpoint groups already running
+finish their batch (each request bounded by its timeout), then the error is raised.
 """
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -250,6 +259,11 @@ class Executor(ABC):
                 session.add(stats)
 
 
+class _Stopped(Exception):
+    """Raised from ``on_result`` to end a group's batch early when the run was interrupted in
+    another thread. What finished is already stored."""
+
+
 class LocalExecutor(Executor):
     def __init__(self, config: PoolConfig, cache: ResponseCache | None = None,
                  progress: bool = False, fail_fast: bool = False, keep_resident: bool = False,
@@ -378,22 +392,82 @@ class LocalExecutor(Executor):
         for i, gen in plan.hits.items():
             results[i] = gen
             stats.cache_hits += 1
+        jobs = [(g, todo) for g in plan.groups
+                if (todo := [i for i in g.indices if results[i] is None])]
+        per_group = [RunStats() for _ in jobs]  # groups may run in different threads
         try:
-            for group in plan.groups:
-                todo = [i for i in group.indices if results[i] is None]
-                if todo:
-                    ticket = self._queue(group.key)
-                    try:
-                        with self._model_locks[group.key]:
-                            self._run_group(plan, group, todo, results, stats, ticket,
-                                            on_token)
-                    finally:
-                        self._served(ticket)
+            self._run_jobs(plan, jobs, per_group, results, on_token)
         finally:
+            for group_stats in per_group:  # in plan order, whatever order they ran in
+                stats.add(group_stats)
             self._record(stats)
         for i, j in plan.same_as.items():
             results[i] = results[j]
         return Execution(results, stats)  # type: ignore[arg-type]
+
+    def _run_jobs(self, plan: Plan, jobs: list[tuple[PlanGroup, list[int]]],
+                  per_group: list[RunStats], results: list[Generation | None],
+                  on_token: OnToken | None) -> None:
+        """Run each (group, requests to make): first the groups holding weights, one after
+        another in this thread (what is loaded follows the residency rules); then the endpoint
+        groups all at once, this thread running the first and a daemon thread each other one.
+
+        The first exception (a ``fail_fast`` error, a bug) starts no other group; the groups
+        already running finish their batch (every request bounded by its timeout), then it is
+        raised. An interrupt is raised at once and ends the other batches at their next
+        result (daemon threads do not keep the process alive meanwhile)."""
+        stop = threading.Event()  # a group failed: no group starts after it
+        abort = threading.Event()  # interrupted: running batches end at their next result
+        failed: list[Exception] = []  # in the order they happened
+
+        def job(k: int) -> None:
+            if stop.is_set():
+                return
+            group, todo = jobs[k]
+            ticket = self._queue(group.key)
+            try:
+                with self._model_locks[group.key]:
+                    self._run_group(plan, group, todo, results, per_group[k], ticket,
+                                    on_token, abort)
+            except Exception as e:
+                failed.append(e)
+                stop.set()
+                raise
+            finally:
+                self._served(ticket)
+
+        def in_thread(k: int) -> None:
+            try:
+                job(k)
+            except Exception:
+                pass  # in ``failed``: the calling thread raises it
+
+        weights = [k for k, (g, _) in enumerate(jobs) if self._backends[g.key].holds_weights]
+        endpoints = [k for k in range(len(jobs)) if k not in weights]
+        try:
+            for k in weights:
+                job(k)
+            if not endpoints:
+                return
+            threads = [threading.Thread(target=contextvars.copy_context().run,
+                                        args=(in_thread, k), name=f"coe-endpoint-{k}",
+                                        daemon=True)
+                       for k in endpoints[1:]]
+            for t in threads:
+                t.start()
+            try:
+                job(endpoints[0])
+            except Exception:
+                pass  # in ``failed``: raised below, once the other groups have ended
+            for t in threads:
+                t.join()
+        except BaseException as e:
+            stop.set()
+            if not isinstance(e, Exception):
+                abort.set()  # interrupted (KeyboardInterrupt, SystemExit)
+            raise
+        if failed:
+            raise failed[0]
 
     def _queue(self, key: tuple) -> list:
         """Count this thread as queued for ``key``; the returned ticket ends it (once)."""
@@ -409,7 +483,8 @@ class LocalExecutor(Executor):
 
     def _run_group(self, plan: Plan, group: PlanGroup, todo: list[int],
                    results: list[Generation | None], stats: RunStats, ticket: list,
-                   on_token: OnToken | None = None) -> None:
+                   on_token: OnToken | None = None,
+                   abort: threading.Event | None = None) -> None:
         requests = plan.requests
         try:
             backend = self._acquire(group.key, stats)
@@ -435,6 +510,8 @@ class LocalExecutor(Executor):
                 stats.failed_generations += 1
                 stats.failures.setdefault(requests[i].expert, gen.error)
             bar.update(1)
+            if abort is not None and abort.is_set():
+                raise _Stopped  # the run was interrupted: end this batch here (all stored)
 
         broken = False
         try:
@@ -444,6 +521,8 @@ class LocalExecutor(Executor):
                 backend.generate(batch, on_result, on_token=lambda j, piece: on_token(todo[j], piece))
             else:
                 backend.generate(batch, on_result)
+        except _Stopped:
+            return  # the run was interrupted
         except Exception as e:  # the model broke mid-batch: keep what finished
             broken = True
             done = sum(1 for i in todo if results[i] is not None)

@@ -162,7 +162,7 @@ def test_a_stream_cut_short_is_that_generation_s_error(proxy, tmp_path):
     unfinished = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"
     cfg = load_config(write_pool(tmp_path, [openai_expert(
         "smol", proxy.base_url, prompt_format="chat", max_concurrency=1, max_retries=0,
-        sampling={"max_tokens": 16})]))
+        timeout=300.0, sampling={"max_tokens": 16})]))
     qs = arithmetic_questions(2)
     with Orchestrator(cfg, cache=False) as orch:
         requests = [build_request(cfg.expert("smol"), q) for q in qs]

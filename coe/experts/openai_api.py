@@ -13,6 +13,15 @@ spending its own round of retries against it. An endpoint that is merely overloa
 requests keep succeeding) does not trip it. A 200 whose body is not the expected JSON is not
 retried (the client treats it as a valid answer): it fails that request with a clear message.
 
+``timeout`` bounds each *attempt* as a whole: connecting, sending, and reading the entire
+answer, a streamed one included (the HTTP client's own timeouts act per read, so a server
+sending one byte a second kept a ``timeout: 2`` request open for as long as it liked). An
+attempt cut short is a timeout like any other, so the client retries it: the worst case for one
+request is ``(max_retries + 1) x timeout`` plus the backoff between attempts. Per attempt
+rather than per request because that is what a retry is for: a retry after a timeout gets the
+full time again instead of whatever the first attempt left over. A stream cut short is not
+retried (part of the answer has already gone out).
+
 The API key is read from the environment variable the yaml names (``api_key_env``), never
 from the yaml, and never written anywhere. The key and the credentials written into
 ``base_url`` (``user:password@``, which the client sends as Basic auth *instead of* the key,
@@ -24,9 +33,11 @@ every form of them (raw, base64, percent-encoded) is hidden from every error mes
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
+import sys
 import time
 from typing import Literal
 
@@ -49,12 +60,84 @@ def _snippet(value) -> str:
     return re.sub(r"\s+", " ", secrets.redact(str(value))).strip()[:120]
 
 
+def _http():
+    """The HTTP library the installed ``openai`` client is built on (``httpx``, or ``httpx2``
+    in later releases): its timeout exception is the one the client retries."""
+    import openai
+
+    client = next(c for c in openai.DefaultAsyncHttpxClient.__mro__ if c.__name__ == "AsyncClient")
+    return sys.modules[client.__module__.split(".")[0]]
+
+
+class StreamTimeout(TimeoutError):
+    """A streamed answer did not finish within the attempt's ``timeout``."""
+
+
+@functools.cache
+def _bounded_client_class():
+    """``openai``'s default async HTTP client, with every ``send`` (one attempt: the client's
+    retry loop calls it once per attempt) bounded as a whole by a deadline, the body included.
+    Past it, the attempt raises the HTTP library's ``ReadTimeout``, which the ``openai`` client
+    retries and reports as ``APITimeoutError``, as it does its own timeouts."""
+    import openai
+
+    http = _http()
+
+    class DeadlineStream(http.AsyncByteStream):
+        """A response body that must be read to its end by ``deadline`` (loop time)."""
+
+        def __init__(self, stream, deadline: float, request, seconds: float):
+            self._stream, self._deadline = stream, deadline
+            self._request, self._seconds = request, seconds
+
+        async def __aiter__(self):
+            chunks = self._stream.__aiter__()
+            while True:
+                try:
+                    async with asyncio.timeout_at(self._deadline):
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise http.ReadTimeout(f"no complete answer within {self._seconds:g}s",
+                                           request=self._request) from None
+                yield chunk
+
+        async def aclose(self) -> None:
+            await self._stream.aclose()
+
+    class BoundedClient(openai.DefaultAsyncHttpxClient):
+        def __init__(self, attempt_timeout: float, **kwargs):
+            super().__init__(**kwargs)
+            self.attempt_timeout = attempt_timeout
+
+        async def send(self, request, *, stream: bool = False, **kwargs):
+            deadline = asyncio.get_running_loop().time() + self.attempt_timeout
+            try:
+                async with asyncio.timeout_at(deadline):
+                    response = await super().send(request, stream=True, **kwargs)
+            except TimeoutError:
+                raise http.ReadTimeout(f"no answer within {self.attempt_timeout:g}s",
+                                       request=request) from None
+            response.stream = DeadlineStream(response.stream, deadline, request,
+                                             self.attempt_timeout)
+            if not stream:  # read the whole body now, as the plain client does
+                try:
+                    await response.aread()
+                except BaseException:
+                    await response.aclose()
+                    raise
+            return response
+
+    return BoundedClient
+
+
 class OpenAIExpert(ExpertConfig):
     backend: Literal["openai"]
     base_url: str = Field(min_length=1)
     api_key_env: str | None = None
     max_concurrency: int = Field(8, gt=0)
-    timeout: float = Field(60.0, gt=0)
+    timeout: float = Field(60.0, gt=0)  # seconds per attempt, the whole answer included
     max_retries: int = Field(4, ge=0)
 
     def model_post_init(self, context) -> None:
@@ -134,6 +217,9 @@ class OpenAIBackend(Backend):
         retries = f"after {n} {'retry' if n == 1 else 'retries'}"
         if isinstance(e, openai.APITimeoutError):
             return f"timed out ({self.config.timeout:g}s) {retries}: {self.shown_url}", True
+        if isinstance(e, StreamTimeout):
+            return (f"timed out ({self.config.timeout:g}s) reading the streamed answer: "
+                    f"{self.shown_url}"), True
         if isinstance(e, openai.APIConnectionError):
             cause = e.__cause__ or e.__context__
             why = f"{type(cause).__name__}: {cause}" if cause else str(e)
@@ -156,6 +242,8 @@ class OpenAIBackend(Backend):
         """One request streamed: each piece reported as it arrives. Usage comes in the last
         chunk where the server honours ``stream_options`` (OpenAI, vLLM); elsewhere the
         chunks are counted."""
+        import openai
+
         t0 = time.perf_counter()
         kw = dict(kw, stream=True, stream_options={"include_usage": True})
         if r.messages is not None:
@@ -163,15 +251,18 @@ class OpenAIBackend(Backend):
         else:
             stream = await client.completions.create(prompt=r.prompt, **kw)
         pieces, finish, usage, chunks = [], None, None, 0
-        async for chunk in stream:
-            usage = getattr(chunk, "usage", None) or usage
-            for choice in getattr(chunk, "choices", None) or []:
-                piece = (choice.delta.content if r.messages is not None else choice.text)
-                if piece:
-                    pieces.append(piece)
-                    chunks += 1
-                    on_token(self.redact(piece))  # a secret split across pieces: see the text
-                finish = choice.finish_reason or finish
+        try:
+            async for chunk in stream:
+                usage = getattr(chunk, "usage", None) or usage
+                for choice in getattr(chunk, "choices", None) or []:
+                    piece = (choice.delta.content if r.messages is not None else choice.text)
+                    if piece:
+                        pieces.append(piece)
+                        chunks += 1
+                        on_token(self.redact(piece))  # a secret split across pieces: see the text
+                    finish = choice.finish_reason or finish
+        except (openai.APITimeoutError, _http().TimeoutException) as e:  # mid-stream: the
+            raise StreamTimeout(str(e)) from e  # attempt's deadline (a stream is not retried)
         if finish is None:  # cut off: llama_cpp.server ends a stream when another request comes
             raise BadResponse(f"stream ended before the answer did (no finish_reason) after "
                               f"{chunks} pieces")
@@ -220,9 +311,12 @@ class OpenAIBackend(Backend):
         down: list[str] = []  # set once the endpoint is taken to be down
         last_ok = [float("-inf")]  # when a request last succeeded
 
+        http_client = _bounded_client_class()(attempt_timeout=self.config.timeout,
+                                              timeout=self.config.timeout)
         async with openai.AsyncOpenAI(base_url=self.config.base_url, api_key=self._key,
                                       timeout=self.config.timeout,
-                                      max_retries=self.config.max_retries) as client:
+                                      max_retries=self.config.max_retries,
+                                      http_client=http_client) as client:
 
             async def worker(i: int, r: GenRequest) -> None:
                 async with sem:
@@ -235,7 +329,7 @@ class OpenAIBackend(Backend):
                                               (lambda piece: on_token(i, piece)))
                         last_ok[0] = time.monotonic()
                     except (openai.OpenAIError, ValueError, AttributeError, IndexError,
-                            TypeError) as e:
+                            TypeError, StreamTimeout) as e:
                         msg, retryable = self._describe(e)
                         msg = self._message(msg)
                         if retryable and last_ok[0] < started and not down:
