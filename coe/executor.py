@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from coe.cache import ResponseCache, cache_key
 from coe.config import GB, PoolConfig
-from coe.errors import CoeError, ExpertError
+from coe.errors import CoeError, ExpertError, StorageError
 from coe.experts import Backend, create_backend
 from coe.types import Generation, GenRequest, OnToken
 
@@ -443,6 +443,8 @@ class LocalExecutor(Executor):
                 backend.generate(batch, on_result, on_token=lambda j, piece: on_token(todo[j], piece))
             else:
                 backend.generate(batch, on_result)
+        except StorageError:  # the response cache cannot be written: not the model's fault
+            raise
         except Exception as e:  # the model broke mid-batch: keep what finished
             broken = True
             done = sum(1 for i in todo if results[i] is not None)
