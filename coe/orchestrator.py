@@ -133,7 +133,7 @@ class Orchestrator:
         """Answer ``questions``; with ``output``, append each result to that JSONL file.
         ``on_plan(plan)`` is called once the expert plan is known, before any model loads."""
         t0 = time.perf_counter()
-        writer = ResultWriter(output, resume=resume) if output else None
+        writer = ResultWriter(output, resume=resume, questions=questions) if output else None
         results: list[QuestionResult] = []
         resumed, plan = 0, None
         with self.executor.session() as stats:
@@ -166,7 +166,7 @@ class Orchestrator:
             responses=resp, final_answer=final.answer, aggregator=final.aggregator,
             confidence=round(final.confidence, 4), votes=final.votes,
             aggregator_response=final.response, note=final.note,
-            correct=is_correct(final.answer, q))
+            correct=is_correct(final.answer, q), choices=q.choices)
 
     def close(self) -> None:
         if self._owns_executor:
