@@ -46,7 +46,7 @@ def _load(questions: Path, skip_invalid: bool):
 
 @app.command()
 def run(
-    questions: Path = typer.Argument(..., help="questions: .jsonl, .json or .csv"),
+    questions: Path = typer.Argument(..., help="questions: .jsonl, .json or .csv; - for stdin"),
     config: Path = ConfigOpt,
     router: Optional[str] = typer.Option(None, help=ROUTER_HELP),
     aggregator: Optional[str] = typer.Option(None, help=AGGREGATOR_HELP),
@@ -62,7 +62,10 @@ def run(
 ):
     """Answer every question with the recruited experts and aggregate their answers."""
     from coe.orchestrator import Orchestrator
+    from coe.output import check_output
 
+    if output is not None and not dry_run:  # before anything is read, loaded or generated
+        check_output(output, [("question file", questions), ("config", config)])
     qs = _load(questions, skip_invalid)
     orch = Orchestrator(_config(config, executor), router=router, aggregator=aggregator, k=k,
                         cache=cache, progress=not quiet, fail_fast=fail_fast)
@@ -144,8 +147,11 @@ def eval_cmd(
     from coe.eval.job import run_eval_job
     from coe.eval.report import strategy_table, summary_lines
 
+    cfg = _config(config, executor)
+    _check_eval_outputs(cfg, out, record, [("question file", questions),
+                                           ("validation file", validation), ("config", config)])
     result, files, recorded = run_eval_job(
-        questions, _config(config, executor), out_dir=out, validation=validation, record_dir=record, plots=plots,
+        questions, cfg, out_dir=out, validation=validation, record_dir=record, plots=plots,
         skip_invalid=skip_invalid, log=None if quiet else err, strategies=strategies,
         val_fraction=val_fraction, seed=seed, random_k=random_k,
         aggregator_expert=aggregator_expert, cache=cache, resume=resume, progress=not quiet)
@@ -158,6 +164,23 @@ def eval_cmd(
             f"({sum(recorded['records'].values())} records)")
     for name, msg in result.stats.failures.items():
         err(f"expert {name!r} failed: {msg}")
+
+
+EVAL_REPORT_FILES = ("report.md", "report.json", "outcomes.jsonl", "accuracy.png",
+                     "categories.png", "usage.png", "cost.png")  # what coe.eval.report writes
+
+
+def _check_eval_outputs(cfg, out: Path, record: Optional[Path], inputs: list) -> None:
+    """Before any model loads: the files ``coe eval`` will write can be written and none of
+    them is one of its inputs."""
+    from coe.output import check_output
+
+    for name in EVAL_REPORT_FILES:
+        check_output(out / name, inputs, what="report")
+    if record is not None:
+        check_output(record / "experts.yaml", inputs, what="recorded replay pool")
+        for e in cfg.experts:
+            check_output(record / "replay" / f"{e.name}.jsonl", inputs, what="recorded replay file")
 
 
 @app.command()
