@@ -5,6 +5,7 @@ User errors (``CoeError``) print one line and exit non-zero, without a traceback
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from coe.errors import CoeError
+from coe.errors import CoeError, StorageError
 from coe.registry import AGGREGATORS, EXECUTORS, ROUTERS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -330,6 +331,8 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                  errno.EPERM, errno.EISDIR, errno.ENOTDIR}
 INTERRUPTED = "interrupted: finished generations are in the response cache; rerun with --resume"
 
 
@@ -347,6 +350,12 @@ def main() -> None:
     except KeyboardInterrupt:
         err(INTERRUPTED)
         sys.exit(130)
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        # a file written outside the checked paths (a report, profiles, a router file)
+        err(f"error: {e.filename or 'a file being written'}: {e.strerror}")
+        sys.exit(StorageError.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except Exception as e:  # click usage errors arrive here in standalone_mode=False

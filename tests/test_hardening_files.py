@@ -186,6 +186,17 @@ def test_a_cache_that_fills_mid_run_stops_the_run_in_one_line(tmp_path, plugin_d
     assert len(rows(out)) == 40
 
 
+def test_other_files_that_cannot_be_written_are_one_line(replay_pool, tmp_path):
+    """Files written at the end of other commands (profiles, a router, a report): one line
+    naming the file, exit 5, not a traceback."""
+    cfg, qs = replay_pool
+    (tmp_path / "a-file").write_text("x")
+    proc = coe("profile", qs, "-c", cfg, "-q", "-o", tmp_path / "a-file" / "p.json")
+    assert proc.returncode == STORAGE and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == \
+        f"error: {tmp_path / 'a-file' / 'p.json'}: Not a directory"
+
+
 # -- defect 7: --resume and questions asked differently since -------------------------------
 
 def test_resume_answers_again_the_questions_whose_text_or_choices_changed(replay_pool, tmp_path):
