@@ -3,6 +3,10 @@ fingerprint, the full prompt and the sampling parameters.
 
 This is also what makes a killed run resumable: a rerun finds every generation that finished
 before the kill and makes only the missing ones. Errors are never cached.
+
+A cache that cannot be written is a ``StorageError`` naming its file: when it is opened, before
+any model loads, and on the ``put`` that finds the disk full, which stops the run (the
+executor lets it through): generating on with nowhere to keep the results would lose them.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from coe.errors import StorageError
 from coe.store import KeyValueStore, cache_dir
 from coe.types import Generation, GenRequest
 
@@ -36,7 +41,7 @@ def cache_key(fingerprint: str, request: GenRequest, by_question: bool = False) 
 class ResponseCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._store = KeyValueStore(self.path, "responses")
+        self._store = KeyValueStore(self.path, "responses", what="response cache")
 
     def get_many(self, keys: list[str]) -> dict[str, Generation]:
         return {k: Generation.model_validate_json(v) for k, v in self._store.get_many(keys).items()}
@@ -44,7 +49,11 @@ class ResponseCache:
     def put(self, key: str, gen: Generation) -> None:
         if gen.error is not None:
             return
-        self._store.put(key, gen.model_copy(update={"cached": False}).model_dump_json())
+        try:
+            self._store.put(key, gen.model_copy(update={"cached": False}).model_dump_json())
+        except StorageError as e:
+            raise StorageError(f"{e}; the run stops here: the generations stored before are "
+                               f"kept, rerun with --resume once it can be written") from None
 
     def __len__(self) -> int:
         return len(self._store)

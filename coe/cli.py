@@ -5,6 +5,7 @@ User errors (``CoeError``) print one line and exit non-zero, without a traceback
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from coe.errors import CoeError
+from coe.errors import CoeError, StorageError
 from coe.registry import AGGREGATORS, EXECUTORS, ROUTERS
 from coe.secrets import redact
 
@@ -47,7 +48,7 @@ def _load(questions: Path, skip_invalid: bool):
 
 @app.command()
 def run(
-    questions: Path = typer.Argument(..., help="questions: .jsonl, .json or .csv"),
+    questions: Path = typer.Argument(..., help="questions: .jsonl, .json or .csv; - for stdin"),
     config: Path = ConfigOpt,
     router: Optional[str] = typer.Option(None, help=ROUTER_HELP),
     aggregator: Optional[str] = typer.Option(None, help=AGGREGATOR_HELP),
@@ -63,8 +64,11 @@ def run(
 ):
     """Answer every question with the recruited experts and aggregate their answers."""
     from coe.orchestrator import Orchestrator
+    from coe.output import check_output
     from coe.results import result_responses, truncation_warning
 
+    if output is not None and not dry_run:  # before anything is read, loaded or generated
+        check_output(output, [("question file", questions), ("config", config)])
     qs = _load(questions, skip_invalid)
     orch = Orchestrator(_config(config, executor), router=router, aggregator=aggregator, k=k,
                         cache=cache, progress=not quiet, fail_fast=fail_fast)
@@ -149,8 +153,11 @@ def eval_cmd(
     from coe.eval.job import run_eval_job
     from coe.eval.report import strategy_table, summary_lines
 
+    cfg = _config(config, executor)
+    _check_eval_outputs(cfg, out, record, [("question file", questions),
+                                           ("validation file", validation), ("config", config)])
     result, files, recorded = run_eval_job(
-        questions, _config(config, executor), out_dir=out, validation=validation, record_dir=record, plots=plots,
+        questions, cfg, out_dir=out, validation=validation, record_dir=record, plots=plots,
         skip_invalid=skip_invalid, log=None if quiet else err, strategies=strategies,
         val_fraction=val_fraction, seed=seed, random_k=random_k,
         aggregator_expert=aggregator_expert, cache=cache, resume=resume, progress=not quiet)
@@ -165,6 +172,23 @@ def eval_cmd(
         err(f"expert {name!r} failed: {msg}")
     if result.stats.failures:  # like `coe run`; the report is written
         raise typer.Exit(4)
+
+
+EVAL_REPORT_FILES = ("report.md", "report.json", "outcomes.jsonl", "accuracy.png",
+                     "categories.png", "usage.png", "cost.png")  # what coe.eval.report writes
+
+
+def _check_eval_outputs(cfg, out: Path, record: Optional[Path], inputs: list) -> None:
+    """Before any model loads: the files ``coe eval`` will write can be written and none of
+    them is one of its inputs."""
+    from coe.output import check_output
+
+    for name in EVAL_REPORT_FILES:
+        check_output(out / name, inputs, what="report")
+    if record is not None:
+        check_output(record / "experts.yaml", inputs, what="recorded replay pool")
+        for e in cfg.experts:
+            check_output(record / "replay" / f"{e.name}.jsonl", inputs, what="recorded replay file")
 
 
 @app.command()
@@ -314,6 +338,8 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                  errno.EPERM, errno.EISDIR, errno.ENOTDIR}
 INTERRUPTED = "interrupted: finished generations are in the response cache; rerun with --resume"
 
 
@@ -331,6 +357,12 @@ def main() -> None:
     except KeyboardInterrupt:
         err(INTERRUPTED)
         sys.exit(130)
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        # a file written outside the checked paths (a report, profiles, a router file)
+        err(f"error: {e.filename or 'a file being written'}: {e.strerror}")
+        sys.exit(StorageError.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except Exception as e:  # click usage errors arrive here in standalone_mode=False

@@ -34,3 +34,18 @@ class ExpertError(CoeError):
         self.expert = expert
         self.detail = message
         super().__init__(f"expert {expert!r}: {message}")
+
+
+class StorageError(CoeError):
+    """A file coe writes (answers, a report, a cache) cannot be written: it is the input, a
+    directory, not writable, or the disk is full. Work already stored is kept."""
+
+    exit_code = 5
+
+
+def describe_os_error(e: BaseException) -> str:
+    """``No space left on device`` for an ``OSError``, the message of anything else (a
+    SQLite error), without the path (the caller names it) or a traceback."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__

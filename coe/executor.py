@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from coe.cache import ResponseCache, cache_key
 from coe.config import GB, PoolConfig
-from coe.errors import CoeError, ExpertError
+from coe.errors import CoeError, ExpertError, StorageError
 from coe.experts import Backend, create_backend
 from coe.secrets import redact
 from coe.types import Generation, GenRequest, OnToken
@@ -523,6 +523,8 @@ class LocalExecutor(Executor):
                 backend.generate(batch, on_result)
         except _Stopped:
             return  # the run was interrupted
+        except StorageError:  # the response cache cannot be written: not the model's fault
+            raise
         except Exception as e:  # the model broke mid-batch: keep what finished
             broken = True
             done = sum(1 for i in todo if results[i] is not None)

@@ -178,7 +178,7 @@ class Orchestrator:
         the expert plan is known, before any model loads."""
         questions = unique_ids(self._accept(questions))
         t0 = time.perf_counter()
-        writer = ResultWriter(output, resume=resume) if output else None
+        writer = ResultWriter(output, resume=resume, questions=questions) if output else None
         results: list[QuestionResult] = []
         resumed, plan = 0, None
         with self.executor.session() as stats:
@@ -213,7 +213,7 @@ class Orchestrator:
             responses=resp, final_answer=final.answer, aggregator=final.aggregator,
             confidence=round(final.confidence, 4), votes=final.votes,
             aggregator_response=final.response, note=final.note,
-            correct=is_correct(final.answer, q))
+            correct=is_correct(final.answer, q), choices=q.choices)
 
     def close(self) -> None:
         if self._closed:

@@ -2,13 +2,22 @@
 
 Every problem becomes an ``InputError`` naming the file and line. With ``skip_invalid`` the
 loader reports bad lines in ``LoadReport.skipped`` and keeps the good ones.
+
+``-`` reads standard input (``coe run - < q.jsonl``). A FIFO or pipe (``<(zcat q.jsonl.gz)``)
+is read as a stream too, as Unix tools do: it waits for its writer, like ``cat``. A stream's
+format is its suffix, else its first character: ``[`` a JSON list, ``{`` JSONL, else CSV.
+A directory, a symlink loop, a socket or anything else that is not a file says what it is.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import os
+import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,8 +78,8 @@ def _validation_message(e: ValidationError) -> str:
 
 
 class _Collector:
-    def __init__(self, path: Path, skip_invalid: bool):
-        self.path = path
+    def __init__(self, path: str, skip_invalid: bool):
+        self.path = path  # as shown in messages
         self.skip_invalid = skip_invalid
         self.questions: list[Question] = []
         self.skipped: list[str] = []
@@ -130,25 +139,24 @@ def _decode(c: _Collector, lineno: int, raw: bytes | None) -> str | None:
         return None
 
 
-def _load_jsonl(c: _Collector) -> None:
-    with open(c.path, "rb") as f:
-        for lineno, raw in enumerate(_lines(f), 1):
-            text = _decode(c, lineno, raw)
-            if text is None or not text.strip():
-                continue
-            if lineno == 1 and text.startswith("\ufeff"):
-                text = text[1:]
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as e:
-                c.fail(lineno, f"invalid JSON: {e.msg} (column {e.colno})")
-                continue
-            c.add(lineno, rec)
+def _load_jsonl(c: _Collector, f) -> None:
+    for lineno, raw in enumerate(_lines(f), 1):
+        text = _decode(c, lineno, raw)
+        if text is None or not text.strip():
+            continue
+        if lineno == 1 and text.startswith("\ufeff"):
+            text = text[1:]
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            c.fail(lineno, f"invalid JSON: {e.msg} (column {e.colno})")
+            continue
+        c.add(lineno, rec)
 
 
-def _load_json_array(c: _Collector) -> None:
+def _load_json_array(c: _Collector, f) -> None:
     try:
-        data = json.loads(c.path.read_bytes().decode("utf-8"))
+        data = json.loads(f.read().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise InputError(f"{c.path}: not valid UTF-8 (byte {e.start + 1})") from None
     except json.JSONDecodeError as e:
@@ -166,11 +174,12 @@ def _choice_columns(header: list[str]) -> list[str]:
     return cols
 
 
-def _load_csv(c: _Collector) -> None:
+def _load_csv(c: _Collector, f) -> None:
+    data = f.read()
     try:
-        text = c.path.read_bytes().decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = c.path.read_bytes()[: e.start].count(b"\n") + 1
+        line = data[: e.start].count(b"\n") + 1
         raise InputError(f"{c.path}:{line}: not valid UTF-8") from None
     rows = csv.reader(io.StringIO(text, newline=""))
     try:
@@ -214,17 +223,58 @@ def _read_csv_rows(c: _Collector, rows) -> None:
         c.add(lineno, {"question": row[0], "choices": row[1:-1], "answer": row[-1].strip()})
 
 
+_LOADERS = {".csv": _load_csv, ".json": _load_json_array, ".jsonl": _load_jsonl}
+
+
+def _sniff(f):
+    """The loader of a stream without a known suffix, from its first character."""
+    if not hasattr(f, "peek"):
+        return _load_jsonl
+    head = f.peek(4096)[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head[:1] == b"[":
+        return _load_json_array
+    if head[:1] in (b"{", b""):
+        return _load_jsonl
+    return _load_csv
+
+
+def _open(p: Path):
+    """``p`` opened for reading, or an ``InputError`` saying why it cannot be (checked with
+    ``stat`` first, so a FIFO is known to be one before it is opened)."""
+    try:
+        st = os.stat(p)
+        kind = stat.S_IFMT(st.st_mode)
+        if kind == stat.S_IFDIR:
+            raise InputError(f"{p}: is a directory, not a question file")
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFCHR):
+            raise InputError(f"{p}: not a regular file (a socket or block device), "
+                             f"not a question file")
+        return open(p, "rb"), kind != stat.S_IFREG
+    except FileNotFoundError:
+        raise InputError(f"{p}: question file not found") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError(f"{p}: symlink loop (too many levels of symbolic links)") from None
+        raise InputError(f"{p}: cannot read the question file: {e.strerror or e}") from None
+
+
 def load_questions(path: str | Path, skip_invalid: bool = False) -> LoadReport:
-    """Read a question file (``.jsonl``, ``.json`` list, or ``.csv``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: question file not found")
-    c = _Collector(p, skip_invalid)
-    suffix = p.suffix.lower()
-    if suffix == ".csv":
-        _load_csv(c)
-    elif suffix == ".json":
-        _load_json_array(c)
+    """Read a question file (``.jsonl``, ``.json`` list, or ``.csv``); ``-`` is standard
+    input."""
+    if str(path) == "-":
+        f, name, stream, suffix = getattr(sys.stdin, "buffer", sys.stdin), "<stdin>", None, ""
     else:
-        _load_jsonl(c)
+        p = Path(path)
+        (f, stream), name, suffix = _open(p), str(p), p.suffix.lower()
+    c = _Collector(name, skip_invalid)
+    loader = _LOADERS.get(suffix)
+    if loader is None:
+        loader = _load_jsonl if stream is False else _sniff(f)
+    try:
+        loader(c, f)
+    except OSError as e:
+        raise InputError(f"{name}: cannot read the question file: {e.strerror or e}") from None
+    finally:
+        if stream is not None:  # not standard input
+            f.close()
     return c.report()

@@ -220,6 +220,7 @@ class QuestionResult(BaseModel):
 
     id: str
     question: str
+    choices: list[str] | None = None  # as asked: ``--resume`` reruns a question asked otherwise
     category: str | None = None
     gold: str | None = None
     route: Route
