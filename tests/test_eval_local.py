@@ -99,11 +99,12 @@ def test_local_models_every_strategy_then_zero_generations(tmp_path):
 @pytest.mark.slow
 def test_killed_eval_resumes_with_only_the_missing_generations(proxy, tmp_path):
     """SIGKILL on an event: the pool is experts.yaml plus an API expert behind the fault proxy
-    (the session's llama_cpp.server), one request at a time. The experts phase runs gemma's
-    group first (the smollm2 group goes last: its generalist is the llm aggregator, whose
-    weights stay loaded), then the API expert's; the proxy kills ``coe eval`` when the API
-    expert's KILL_AT-th request arrives and never answers it. Each generation is stored before
-    the next request is sent, so exactly 8 (gemma) + KILL_AT - 1 are kept."""
+    (the session's llama_cpp.server), one request at a time. The experts phase runs the groups
+    holding weights first, one at a time (gemma's, then smollm2's, whose generalist is the llm
+    aggregator: its weights stay loaded for the aggregation), then the endpoint groups (at once;
+    here one); the proxy kills ``coe eval`` when the API expert's KILL_AT-th request arrives and
+    never answers it. Each generation is stored before the next request is sent, so exactly
+    8 (gemma) + 16 (smollm2's two personas) + KILL_AT - 1 are kept."""
     kill_at = 4
     cfg = local_pool(tmp_path, max_tokens=24)
     pool = yaml.safe_load(cfg.read_text())
@@ -127,7 +128,7 @@ def test_killed_eval_resumes_with_only_the_missing_generations(proxy, tmp_path):
     assert killed.is_set(), err
     assert proc.returncode == -signal.SIGKILL
     done = cached_generations(db)
-    assert done == n + kill_at - 1 and proxy.count == kill_at
+    assert done == 3 * n + kill_at - 1 and proxy.count == kill_at
     proxy.reset()
     resumed = coe(*args, "--resume", "-o", tmp_path / "resumed", env=env)
     assert resumed.returncode == 0, resumed.stderr
