@@ -151,6 +151,9 @@ def _load_jsonl(c: _Collector, f) -> None:
         except json.JSONDecodeError as e:
             c.fail(lineno, f"invalid JSON: {e.msg} (column {e.colno})")
             continue
+        except RecursionError:
+            c.fail(lineno, "JSON nested too deeply")
+            continue
         c.add(lineno, rec)
 
 
@@ -161,6 +164,8 @@ def _load_json_array(c: _Collector, f) -> None:
         raise InputError(f"{c.path}: not valid UTF-8 (byte {e.start + 1})") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{c.path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise InputError(f"{c.path}: JSON nested too deeply") from None
     if not isinstance(data, list):
         raise InputError(f"{c.path}: expected a JSON list of questions")
     for i, rec in enumerate(data, 1):

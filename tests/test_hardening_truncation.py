@@ -95,6 +95,7 @@ def test_openai_finish_reason_length_is_flagged_and_counted_by_eval(openai_serve
     assert p.returncode == 0, p.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["responses"][0]["truncated"] for r in rows] == [True, True]
+    assert [r["responses"][0]["truncated_by"] for r in rows] == ["max_tokens"] * 2
     assert "warning: 2 answers cut off" in p.stderr and "api on q0, q1" in p.stderr
 
     rep = tmp_path / "rep"

@@ -235,3 +235,16 @@ def test_use_after_close_is_a_clear_error(replay_pool, tmp_path):
             call([{"id": "r0", "question": "Question number 0?"}])
     with pytest.raises(RuntimeError, match="^orchestrator is closed$"):
         asyncio.run(o.arun([{"id": "r0", "question": "Question number 0?"}]))
+
+
+def test_a_question_file_nested_too_deeply_is_one_line(tmp_path):
+    from coe.errors import InputError
+    from coe.questions import load_questions
+
+    deep = '{"id": "a", "question": "q", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
+    (tmp_path / "q.jsonl").write_text(deep)
+    with pytest.raises(InputError, match=r"q.jsonl:1: JSON nested too deeply"):
+        load_questions(tmp_path / "q.jsonl")
+    (tmp_path / "q.json").write_text("[" + deep.strip() + "]")
+    with pytest.raises(InputError, match=r"q.json: JSON nested too deeply$"):
+        load_questions(tmp_path / "q.json")

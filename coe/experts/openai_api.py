@@ -46,7 +46,15 @@ from pydantic import Field
 from coe import secrets
 from coe.config import ExpertConfig
 from coe.errors import ConfigError, ExpertError
-from coe.experts.base import Backend, Generation, GenRequest, OnResult, OnToken, run_sync
+from coe.experts.base import (
+    Backend,
+    Generation,
+    GenRequest,
+    OnResult,
+    OnToken,
+    run_sync,
+    truncation,
+)
 
 MAX_ERROR_CHARS = 300
 
@@ -266,8 +274,10 @@ class OpenAIBackend(Backend):
         if finish is None:  # cut off: llama_cpp.server ends a stream when another request comes
             raise BadResponse(f"stream ended before the answer did (no finish_reason) after "
                               f"{chunks} pieces")
+        done = (getattr(usage, "completion_tokens", 0) or 0) if usage else chunks
         return Generation(text=self.redact("".join(pieces)), seconds=time.perf_counter() - t0,
                           finish_reason=finish,
+                          truncated_by=truncation(finish, done, kw["max_tokens"]),
                           prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                           completion_tokens=(getattr(usage, "completion_tokens", 0) or 0)
                           if usage else chunks)
@@ -297,8 +307,11 @@ class OpenAIBackend(Backend):
         else:
             text = choices[0].text or ""
         usage = out.usage
+        finish = getattr(choices[0], "finish_reason", None)
         return Generation(text=self.redact(text), seconds=time.perf_counter() - t0,
-                          finish_reason=getattr(choices[0], "finish_reason", None),
+                          finish_reason=finish,
+                          truncated_by=truncation(finish, getattr(usage, "completion_tokens", 0)
+                                                  or 0, s.max_tokens),
                           prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                           completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
 

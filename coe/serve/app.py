@@ -35,6 +35,7 @@ from coe.errors import ConfigError
 from coe.executor import Executor
 from coe.orchestrator import open_cache
 from coe.registry import EXECUTORS
+from coe.secrets import redact
 from coe.serve.batcher import Batcher, BatchReport, Cancelled, Job, QueueFull
 from coe.serve.compositions import DEFAULT, Compositions, UnknownModel
 from coe.serve.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -409,7 +410,7 @@ async def _complete(svc: Service, request: Request, model_cls, chat: bool) -> Re
     except Exception as e:  # a bug or a broken router: one line to the client, logged here
         log.warning("%s failed: %s: %s", call.id, type(e).__name__, e)
         status = 500
-        return ApiError(500, f"{type(e).__name__}: {e}", "internal_error").response()
+        return ApiError(500, redact(f"{type(e).__name__}: {e}"), "internal_error").response()
     finally:
         if not streaming:
             call.finish(status)
@@ -501,7 +502,7 @@ async def _events(svc: Service, call: _Call, job: Job, include_usage: bool
         raise
     except Exception as e:
         log.warning("%s failed: %s: %s", call.id, type(e).__name__, e)
-        yield _sse(ApiError(500, f"{type(e).__name__}: {e}", "internal_error").body())
+        yield _sse(ApiError(500, redact(f"{type(e).__name__}: {e}"), "internal_error").body())
     finally:
         if get is not None and not get.done():
             get.cancel()
