@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -116,8 +117,9 @@ def run_case(case: str, setting: str, pool: Path, tmp: Path, timeout: float, n: 
         for i in range(2 if case == "pair" else 1):
             runs.append(start_run(pool, setting, tmp, f"{setting}-{case}-{n}-{i}"))
         deadline = min(t0 for _, t0 in runs) + timeout
-        return [finish(p, t0, deadline, tmp, f"{setting}-{case}-{n}-{i}")
-                for i, (p, t0) in enumerate(runs)]
+        with ThreadPoolExecutor(len(runs)) as pool_:  # each run's own end, not the other's
+            return list(pool_.map(lambda i: finish(*runs[i], deadline, tmp,
+                                                   f"{setting}-{case}-{n}-{i}"), range(len(runs))))
     finally:  # interrupted too: nothing of ours left running
         for p in [p for p, _ in runs] + ([busy] if busy is not None else []):
             if p.poll() is None:
