@@ -111,11 +111,32 @@ _NO_ROOM = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+
 
 def default_threads() -> int:
     """Threads for a model whose ``n_threads`` is unset: the process's CPU budget when it was
-    given one (``OMP_NUM_THREADS``; a Ray actor gets its ``num_cpus`` there), else every core."""
+    given one (``OMP_NUM_THREADS``; a Ray actor gets its ``num_cpus`` there), else the cores
+    this process may run on (its affinity mask, e.g. ``taskset`` or a container's cpuset) less
+    one, and at least one. The core left free is what keeps a shared machine usable: two runs
+    at once, or a run beside any other busy process, then each find a core of their own
+    instead of making llama.cpp's threads wait for one another at every step (see
+    benchmarks/shared_cpu.py)."""
     try:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     except (KeyError, ValueError):
-        return os.cpu_count() or 1
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def wait_passively() -> None:
+    """Make OpenMP threads sleep, not spin, while they wait (unless the user chose otherwise).
+
+    llama.cpp's CPU backend here runs its threads with OpenMP (GNU libgomp), whose idle threads
+    spin for a while at every barrier: with another process on the machine they burn the CPU
+    the working threads need. libgomp reads ``OMP_WAIT_POLICY`` once, when the first library
+    using it is loaded (torch, for the embedding router, shares the same ``libgomp.so.1``), so
+    ``coe/__init__.py`` sets it before anything is imported, and ``load`` again."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _silence_llama_log() -> None:
@@ -180,18 +201,19 @@ class LlamaCppBackend(Backend):
         return f"gguf:{file_fingerprint(self.path)}:ctx{self.config.n_ctx}"
 
     def load(self) -> None:
+        wait_passively()  # before llama.cpp's libgomp is first loaded
         from llama_cpp import Llama
 
         _silence_llama_log()
-
+        threads = self.config.n_threads or default_threads()
         try:
             self.llm = Llama(
                 model_path=str(self.path),
                 n_ctx=self.config.n_ctx,
                 # prompts too: llama-cpp-python's n_threads_batch is every core otherwise,
                 # whatever share of the machine the model was given (a Ray actor's CPUs)
-                n_threads=self.config.n_threads or default_threads(),
-                n_threads_batch=self.config.n_threads or default_threads(),
+                n_threads=threads,
+                n_threads_batch=threads,
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as e:
