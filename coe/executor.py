@@ -222,6 +222,32 @@ class Executor(ABC):
                        key=lambda g: (g.key == last_key, g.key not in loaded))
         return Plan(requests, order, keys, hits, same_as)
 
+    def _begin(self, requests: list[GenRequest], plan: Plan | None
+               ) -> tuple[Plan, RunStats, list[Generation | None]]:
+        """A run's plan, its stats, and its results with the cache hits already in."""
+        plan = plan or self.plan(requests)
+        stats = RunStats(requests=len(requests), naive_loads=plan.naive_loads)
+        results: list[Generation | None] = [None] * len(requests)
+        for i, gen in plan.hits.items():
+            results[i] = gen
+            stats.cache_hits += 1
+        return plan, stats, results
+
+    def _store(self, plan: Plan, i: int, gen: Generation, stats: RunStats,
+               cacheable: bool) -> None:
+        """Count request ``i``'s finished generation in ``stats``; a successful one goes to
+        the response cache at once (what makes a killed run resumable)."""
+        if gen.error is None:
+            stats.generations += 1
+            stats.generation_seconds += gen.seconds
+            stats.prompt_tokens += gen.prompt_tokens
+            stats.completion_tokens += gen.completion_tokens
+            if self.cache is not None and cacheable:
+                self.cache.put(plan.cache_keys[i], gen)
+        else:
+            stats.failed_generations += 1
+            stats.failures.setdefault(plan.requests[i].expert, gen.error)
+
     @abstractmethod
     def run(self, requests: list[GenRequest], plan: Plan | None = None,
             on_token: OnToken | None = None) -> Execution:
@@ -386,12 +412,7 @@ class LocalExecutor(Executor):
     # -- running --------------------------------------------------------------------------
     def run(self, requests: list[GenRequest], plan: Plan | None = None,
             on_token: OnToken | None = None) -> Execution:
-        plan = plan or self.plan(requests)
-        stats = RunStats(requests=len(requests), naive_loads=plan.naive_loads)
-        results: list[Generation | None] = [None] * len(requests)
-        for i, gen in plan.hits.items():
-            results[i] = gen
-            stats.cache_hits += 1
+        plan, stats, results = self._begin(requests, plan)
         jobs = [(g, todo) for g in plan.groups
                 if (todo := [i for i in g.indices if results[i] is None])]
         per_group = [RunStats() for _ in jobs]  # groups may run in different threads
@@ -499,16 +520,7 @@ class LocalExecutor(Executor):
         def on_result(j: int, gen: Generation) -> None:
             i = todo[j]
             results[i] = gen
-            if gen.error is None:
-                stats.generations += 1
-                stats.generation_seconds += gen.seconds
-                stats.prompt_tokens += gen.prompt_tokens
-                stats.completion_tokens += gen.completion_tokens
-                if self.cache is not None and backend.cacheable:
-                    self.cache.put(plan.cache_keys[i], gen)
-            else:
-                stats.failed_generations += 1
-                stats.failures.setdefault(requests[i].expert, gen.error)
+            self._store(plan, i, gen, stats, backend.cacheable)
             bar.update(1)
             if abort is not None and abort.is_set():
                 raise _Stopped  # the run was interrupted: end this batch here (all stored)

@@ -337,12 +337,7 @@ class RayExecutor(Executor):
     # -- running --------------------------------------------------------------------------
     def run(self, requests: list[GenRequest], plan: Plan | None = None,
             on_token: OnToken | None = None) -> Execution:
-        plan = plan or self.plan(requests)
-        stats = RunStats(requests=len(requests), naive_loads=plan.naive_loads)
-        results: list[Generation | None] = [None] * len(requests)
-        for i, gen in plan.hits.items():
-            results[i] = gen
-            stats.cache_hits += 1
+        plan, stats, results = self._begin(requests, plan)
         jobs: list[_Job] = []
         ok = False
         try:
@@ -440,19 +435,11 @@ class RayExecutor(Executor):
                 if results[i] is not None:
                     continue
                 results[i] = gen
+                self._store(plan, i, gen, stats, backend.cacheable)
                 if gen.error is None:
                     span.generations += 1
-                    stats.generations += 1
-                    stats.generation_seconds += gen.seconds
-                    stats.prompt_tokens += gen.prompt_tokens
-                    stats.completion_tokens += gen.completion_tokens
-                    if self.cache is not None and backend.cacheable:
-                        self.cache.put(plan.cache_keys[i], gen)
-                else:
-                    stats.failed_generations += 1
-                    stats.failures.setdefault(plan.requests[i].expert, gen.error)
-                    if self.fail_fast:
-                        raise ExpertError(plan.requests[i].expert, gen.error)
+                elif self.fail_fast:
+                    raise ExpertError(plan.requests[i].expert, gen.error)
             if on_token is not None:
                 for j, piece in item[2]:
                     on_token(job.todo[j], piece)
