@@ -248,3 +248,22 @@ def test_a_question_file_nested_too_deeply_is_one_line(tmp_path):
     (tmp_path / "q.json").write_text("[" + deep.strip() + "]")
     with pytest.raises(InputError, match=r"q.json: JSON nested too deeply$"):
         load_questions(tmp_path / "q.json")
+
+
+def test_a_pool_without_categories_routes_to_its_experts_by_default(replay_pool):
+    """The default router is 'category': a yaml listing only experts used to crash it
+    (softmax over zero categories)."""
+    from coe.questions import load_questions
+
+    cfg_path, qpath = replay_pool
+    raw = yaml.safe_load(cfg_path.read_text())
+    del raw["router"]
+    for e in raw["experts"]:
+        e.pop("categories", None)
+    cfg = parse_config(raw, base_dir=cfg_path.parent)
+    with Orchestrator(cfg, cache=False) as orch:
+        result = orch.run(load_questions(qpath).questions)
+    assert [r.route.names for r in result.results] == [["alpha", "beta", "gamma"]] * 6
+    assert result.results[0].route.reason == ("category 'default' (the pool has no other "
+                                             "category, confidence 1.00)")
+    assert result.stats.failures == {}

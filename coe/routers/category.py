@@ -6,7 +6,7 @@ otherwise it predicts one. Without a trained classifier the prediction is a zero
 question embedding to each category's name and description from the yaml (a softmax over
 cosine similarities gives the confidence). Step two is the yaml's category-to-expert map.
 A confidence below ``threshold``, or a category with no experts, sends the question to the
-``default`` experts.
+``default`` experts; so does a pool that declares no category at all.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ class CategoryRouter(Router):
         return self._classifier
 
     def _route(self, q: Question, category: str, confidence: float, how: str) -> Route:
-        experts = self.config.category_experts(category)
+        experts = (self.config.default_experts() if category == DEFAULT_CATEGORY
+                   else self.config.category_experts(category))
         reason = f"category {category!r} ({how}, confidence {confidence:.2f})"
         if confidence < self.threshold or not experts:
             why = "low confidence" if experts else "no experts"
@@ -93,6 +94,13 @@ class CategoryRouter(Router):
                 routes[i] = self._route(q, q.category, 1.0, "given")
             else:
                 unknown.append(i)
+        if unknown and self._classifier is None and self.known <= {DEFAULT_CATEGORY}:
+            # nothing to predict (a pool that declares no categories): the default experts,
+            # without loading an embedding model
+            for i in unknown:
+                routes[i] = self._route(questions[i], DEFAULT_CATEGORY, 1.0,
+                                        "the pool has no other category")
+            unknown = []
         if unknown:
             labels, proba = self.classifier.predict_proba([questions[i].question for i in unknown])
             for row, i in enumerate(unknown):
