@@ -141,9 +141,14 @@ class Executor(ABC):
 
     keep_resident: bool = False
 
-    def __init__(self, config: PoolConfig, cache: ResponseCache | None = None) -> None:
+    def __init__(self, config: PoolConfig, cache: ResponseCache | None = None,
+                 progress: bool = False, fail_fast: bool = False,
+                 keep_resident: bool = False) -> None:
         self.config = config
         self.cache = cache
+        self.progress = progress
+        self.fail_fast = fail_fast
+        self.keep_resident = keep_resident
         self._backends: dict[tuple, Backend] = {}  # one per load key, loaded or not
         self._backends_lock = threading.Lock()
         self._open_sessions = 0
@@ -296,14 +301,11 @@ class LocalExecutor(Executor):
                  max_resident: int | None = 1, memory_gb: float | None = None):
         """``max_resident``: how many models holding weights may be loaded at once (None: no
         limit). ``memory_gb``: the budget (GiB) their ``memory_bytes`` must fit in (None: none)."""
-        super().__init__(config, cache)
+        super().__init__(config, cache, progress, fail_fast, keep_resident)
         if max_resident is not None and max_resident < 1:
             raise ValueError("max_resident must be at least 1")
         if memory_gb is not None and memory_gb <= 0:
             raise ValueError("memory_gb must be positive")
-        self.progress = progress
-        self.fail_fast = fail_fast
-        self.keep_resident = keep_resident
         self.max_resident = max_resident
         self.memory_gb = memory_gb
         self._budget = None if memory_gb is None else int(memory_gb * GB)

@@ -233,14 +233,11 @@ class RayExecutor(Executor):
                  max_resident: int | None = None, memory_gb: float | None = None):
         """``max_resident``/``memory_gb`` (a server's residency limits for the local executor)
         are accepted and ignored: on Ray, resources decide what runs at once."""
-        super().__init__(config, cache)
+        super().__init__(config, cache, progress, fail_fast, keep_resident)
         if importlib.util.find_spec("ray") is None:  # at once, not at the first generation
             raise ConfigError(NEEDS_RAY)
         if max_restarts < 0:
             raise ValueError("max_restarts must be 0 or more")
-        self.progress = progress
-        self.fail_fast = fail_fast
-        self.keep_resident = keep_resident
         self.address = address
         self.runtime_env = runtime_env
         self.namespace = namespace
