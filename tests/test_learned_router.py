@@ -257,3 +257,21 @@ def test_cli_train_router_and_route(tmp_path, labelled):
     first = table.stdout.splitlines()[0].split("\t")
     assert first[0] == held[0].id and first[1].startswith(f"{expected[0][:4]} 1.00")
     assert f"category '{expected[0]}' (predicted" in first[3]
+
+
+def test_a_router_trained_on_other_static_embeddings_is_refused(tmp_path, labelled):
+    """A classifier fits the vectors of the static model it was trained on: a file from a
+    machine whose distilled model differs (another model2vec, another source) is refused in
+    one line instead of routing on vectors it never saw."""
+    import joblib
+
+    clf, _ = train_category_router(labelled[:90], labelled[90:], embedding_model="static")
+    clf.save(tmp_path / "r.joblib")
+    LearnedCategoryClassifier.load(tmp_path / "r.joblib")  # this machine's own: fine
+    blob = joblib.load(tmp_path / "r.joblib")
+    assert blob["embedding_tag"].startswith("static-")
+    blob["embedding_tag"] = "static-000000000000"
+    joblib.dump(blob, tmp_path / "r.joblib")
+    with pytest.raises(ConfigError, match="retrain it with coe train-router") as e:
+        LearnedCategoryClassifier.load(tmp_path / "r.joblib")
+    assert "static-000000000000" in str(e.value) and "\n" not in str(e.value)

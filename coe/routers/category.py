@@ -57,6 +57,7 @@ class CategoryRouter(Router):
         self._classifier = classifier
         self.known = set(config.category_names())
         self.use_given = config.router.use_given_category
+        self._experts: dict[str, list[str]] = {}  # category -> its experts (the map, once)
 
     @classmethod
     def from_config(cls, config, *, executor=None, k=None) -> "CategoryRouter":
@@ -73,13 +74,20 @@ class CategoryRouter(Router):
             self._classifier = ZeroShotCategoryClassifier(self.config)
         return self._classifier
 
+    def _experts_of(self, category: str) -> list[str]:
+        experts = self._experts.get(category)
+        if experts is None:
+            experts = self._experts[category] = (
+                self.config.default_experts() if category == DEFAULT_CATEGORY
+                else self.config.category_experts(category))
+        return experts
+
     def _route(self, q: Question, category: str, confidence: float, how: str) -> Route:
-        experts = (self.config.default_experts() if category == DEFAULT_CATEGORY
-                   else self.config.category_experts(category))
+        experts = self._experts_of(category)
         reason = f"category {category!r} ({how}, confidence {confidence:.2f})"
         if confidence < self.threshold or not experts:
             why = "low confidence" if experts else "no experts"
-            experts = self.config.default_experts()
+            experts = self._experts_of(DEFAULT_CATEGORY)
             reason += f" -> default experts ({why})"
         names = top_k(experts, self.k)
         n = len(names)
@@ -103,8 +111,8 @@ class CategoryRouter(Router):
             unknown = []
         if unknown:
             labels, proba = self.classifier.predict_proba([questions[i].question for i in unknown])
-            for row, i in enumerate(unknown):
-                best = int(np.argmax(proba[row]))
-                routes[i] = self._route(questions[i], labels[best], float(proba[row, best]),
-                                        "predicted")
+            best = np.argmax(proba, axis=1)
+            confidence = proba[np.arange(len(unknown)), best].tolist()
+            for i, b, c in zip(unknown, best.tolist(), confidence):
+                routes[i] = self._route(questions[i], labels[b], c, "predicted")
         return [routes[i] for i in range(len(questions))]

