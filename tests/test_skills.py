@@ -217,3 +217,55 @@ def test_a_persona_is_kept_when_a_task_brings_its_own_system_prompt():
     r1, r2 = (build_request(e, q, stage="aggregate", messages=msgs) for e in cfg.experts)
     assert r1.messages[0] == ("system", "You are a judge.\n\nAggregate the answers.")
     assert r1.messages != r2.messages  # two personas are two experts, not one cached request
+
+
+def test_vectorised_recruiting_equals_the_per_question_definition():
+    """The sparse products and the batched top-k / top-p pick give, question by question,
+    what the module docstring defines: local suitability as the weighted mean of the matched
+    skills' scores, global competence where nothing matched, then top k or top p."""
+    import numpy as np
+    from scipy.special import softmax
+
+    class Given:  # skills as if inferred: a fixed {skill: weight} per question
+        source = "vocabulary"
+
+        def __init__(self, skills):
+            self.skills = skills
+
+        def infer(self, questions):
+            return [self.skills[q.id] for q in questions]
+
+    cfg = pool_cfg()
+    prof = specialist_profiles(cfg)
+    names = prof.skill_names()
+    rng = np.random.default_rng(0)
+    skills = {}
+    for i in range(60):
+        picked = rng.choice(len(names), size=rng.integers(0, 4), replace=False)
+        w = rng.dirichlet(np.ones(len(picked))) if len(picked) else []
+        skills[str(i)] = {names[j]: float(x) for j, x in zip(picked, w)}
+    qs = [Question(id=str(i), question=f"q{i}") for i in range(60)]
+    for kw in ({"k": 2}, {"k": 3, "top_p": 0.7}, {"k": 1, "min_prob": 0.3, "temperature": 2.0}):
+        router = SkillRouter(cfg, prof, Given(skills), **kw)
+        scores, _ = router.scores(qs)
+        routes = router.route(qs)
+        for qi, q in enumerate(qs):
+            sk = skills[q.id]
+            total = sum(sk.values())
+            want = (sum(w * router.table[:, router.skill_index[s]] for s, w in sk.items()) / total
+                    if total else router.global_competence)
+            want = want + router.global_weight * router.global_competence
+            assert np.allclose(scores[qi], want)
+            p = softmax(want / router.temperature)
+            order = list(np.argsort(-p, kind="stable"))
+            if router.top_p is not None:
+                picked, cum = [], 0.0
+                for i in order:
+                    picked.append(i)
+                    cum += p[i]
+                    if cum >= router.top_p:
+                        break
+            else:
+                picked = order[: router.k]
+            kept = [i for i in picked if p[i] >= router.min_prob] or picked[:1]
+            assert routes[qi].names == [router.experts[i] for i in kept]
