@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, Field, computed_field
+from scipy import sparse
 
 from coe.answers import is_correct
 from coe.errors import ConfigError
@@ -105,9 +107,40 @@ class Profiles(BaseModel):
 
 def add_expert_results(prof: Profiles, questions, skills, responses) -> Profiles:
     """Add each expert's right/wrong answers on ``questions`` (with their inferred ``skills``
-    and the experts' ``responses``) to the profiles. Failed generations do not count."""
-    for q, sk, resp in zip(questions, skills, responses):
+    and the experts' ``responses``) to the profiles. Failed generations do not count.
+
+    Grading is per response; the tallies are two sparse products: the questions' skill
+    weights (questions x skills), transposed, times the signed outcomes (+1 right, -1 wrong,
+    0 failed or absent; questions x experts) gives every expert's net score per skill, and
+    times the answered indicator its summed weights (``seen``)."""
+    experts: dict[str, int] = {}
+    rows, cols, signs = [], [], []
+    for qi, (q, resp) in enumerate(zip(questions, responses)):
         for r in resp:
             if r.error is None:
-                prof.experts.setdefault(r.expert, ExpertProfile()).add(sk, bool(is_correct(r.answer, q)))
+                rows.append(qi)
+                cols.append(experts.setdefault(r.expert, len(experts)))
+                signs.append(1.0 if is_correct(r.answer, q) else -1.0)
+    if not experts:
+        return prof
+    names = list(dict.fromkeys(s for sk in skills for s in sk))
+    col = {n: i for i, n in enumerate(names)}
+    weights = sparse.csr_matrix(
+        ([w for sk in skills for w in sk.values()],
+         ([qi for qi, sk in enumerate(skills) for _ in sk], [col[s] for sk in skills for s in sk])),
+        shape=(len(questions), len(names)))
+    outcome = sparse.csr_matrix((signs, (rows, cols)), shape=(len(questions), len(experts)))
+    answered = abs(outcome)
+    net = (weights.T @ outcome).toarray()  # skills x experts
+    seen = (weights.T @ answered).toarray()
+    right = np.asarray((outcome > 0).sum(axis=0)).ravel()
+    total = np.asarray(answered.sum(axis=0)).ravel()
+    for name, e in experts.items():
+        p = prof.experts.setdefault(name, ExpertProfile())
+        p.total += int(total[e])
+        p.correct += int(right[e])
+        for j in np.flatnonzero(seen[:, e]):
+            s = names[j]
+            p.skills[s] = round(p.skills.get(s, 0.0) + float(net[j, e]), 6)
+            p.seen[s] = round(p.seen.get(s, 0.0) + float(seen[j, e]), 6)
     return prof
