@@ -91,6 +91,8 @@ def test_readme_command_offline_default_pool(tmp_path):
     n = sum(1 for line in (REPO / "examples/questions.jsonl").read_text().splitlines() if line.strip())
     assert len(rows) == n
     assert "2 model loads" in proc.stderr
+    # a fresh machine: the static embedding model is distilled once, in one line
+    assert proc.stderr.count("coe: distilling a static embedding model") == 1
     for row in rows:
         assert row["route"]["experts"] and row["route"]["category"]
         assert row["aggregator"] == "vote" and 0.0 <= row["confidence"] <= 1.0

@@ -36,11 +36,14 @@ def client(server: CoeServer, key: str = "unused") -> openai.OpenAI:
 # -- the default local pool ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def local_server(tmp_path_factory):
+def local_server(tmp_path_factory, _shared_models):
     """The repository's default pool (three llama.cpp experts, two sets of weights)."""
     d = tmp_path_factory.mktemp("serve-local")
     shutil.copy(REPO / "experts.yaml", d / "experts.yaml")
-    # a cache of its own (module fixtures start before the per-test cache isolation)
+    # a cache of its own (module fixtures start before the per-test cache isolation), with
+    # the session's static embedding model
+    (d / "cache").mkdir()
+    (d / "cache" / "models").symlink_to(_shared_models, target_is_directory=True)
     server = CoeServer(d / "experts.yaml", d, "--batch-window-ms", "50",
                        env={"COE_CACHE_DIR": str(d / "cache")}).start()
     try:
