@@ -51,7 +51,7 @@ from typing import Iterator
 
 from tqdm.auto import tqdm
 
-from coe.cache import ResponseCache, cache_key
+from coe.cache import CacheKeys, ResponseCache
 from coe.config import GB, PoolConfig
 from coe.errors import CoeError, ExpertError, StorageError
 from coe.experts import Backend, create_backend
@@ -192,6 +192,7 @@ class Executor(ABC):
         # Per plan, each expert's backend and weights fingerprint are looked up once (hashing
         # a model file per request made planning 48k replayed generations take 90 s).
         per_expert: dict[str, tuple] = {}
+        cache_key = CacheKeys()
         for i, r in enumerate(requests):
             hit = per_expert.get(r.expert)
             if hit is None:
