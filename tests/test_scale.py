@@ -14,8 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
+
 from coe.cache import CacheKeys, cache_key
-from coe.types import GenRequest, Sampling
+from coe.config import parse_config
+from coe.errors import ExpertError
+from coe.experts.replay import ReplayBackend
+from coe.types import Generation, GenRequest, Sampling
+from tests.conftest import write_jsonl
 
 # -- cache keys --------------------------------------------------------------------------------
 
@@ -53,3 +59,65 @@ def test_cache_keys_are_unchanged():
         "1660fbe941a07193932a1f650981e431392eb56da12322a7fb3e9c36fcc954f1"
     assert cache_key("llamacpp:m", r) == \
         "cc3fd320ac24383078d8a3b7e3dd53f6c27e017d421e9c4a26b5ac939060923e"
+
+
+# -- the replay backend ----------------------------------------------------------------------
+
+def _replay(tmp_path, records: list[dict] | None = None, raw: bytes | None = None):
+    path = tmp_path / "rec.jsonl"
+    if raw is not None:
+        path.write_bytes(raw)
+    else:
+        write_jsonl(path, records)
+    cfg = parse_config({"experts": [{"name": "r", "backend": "replay", "model": str(path)}]})
+    return ReplayBackend(cfg.experts[0]), path
+
+
+def _ask(backend, *ids) -> list[Generation]:
+    out: dict[int, Generation] = {}
+    backend.generate([GenRequest(expert="r", question_id=i, sampling=Sampling()) for i in ids],
+                     lambda i, g: out.__setitem__(i, g))
+    return [out[i] for i in range(len(ids))]
+
+
+def test_replay_reads_each_record_when_it_is_asked_for(tmp_path):
+    backend, path = _replay(tmp_path, [
+        {"id": "a", "text": "The answer is (A).", "answer": "A", "prompt_tokens": 3},
+        {"id": 7, "text": "The answer is (B).", "finish_reason": "length",
+         "truncated_by": "max_tokens"},
+        {"id": "a", "text": "Later: (C).", "answer": "C"},  # a repeated id: the last one wins
+    ])
+    backend.load()
+    # what a loaded replay holds: an offset per id, no record, no text
+    assert set(backend.index) == {"a", "7"}
+    assert all(type(v) is int for v in backend.index.values())
+    # the record is read when it is asked for: rewrite a text in place (same length) after
+    # loading, and the new text is what is replayed
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"Later: (C).", b"Later: (D)."))
+    c, b, missing = _ask(backend, "a", "7", "nope")
+    assert (c.text, c.recorded_answer, c.has_recorded_answer) == ("Later: (D).", "C", True)
+    assert (b.text, b.has_recorded_answer, b.finish_reason, b.truncated_by) == \
+        ("The answer is (B).", False, "length", "max_tokens")
+    assert missing.error == "no recorded response for question 'nope'"
+    # a file rewritten so that a record moved is an error naming the file, not a wrong answer
+    path.write_bytes(b"\n" + data)
+    with pytest.raises(ExpertError, match="changed while it was replayed"):
+        _ask(backend, "7")
+    backend.unload()
+    assert backend.index is None
+
+
+@pytest.mark.parametrize("line, why", [
+    (b'{"id": "b", "text": "x"', "not a {id, text} record"),
+    (b'{"text": "no id"}', "not a {id, text} record"),
+    (b'["a", "list"]', "not a {id, text} record"),
+    (b'{"id": "b", "text": "\xff\xfe"}', "not a {id, text} record"),  # not UTF-8
+    (b'{"id": "b", "text": "x", "truncated_by": "tokens"}',
+     "truncated_by must be max_tokens, context or null"),
+])
+def test_replay_bad_record_names_file_and_line(tmp_path, line, why):
+    backend, path = _replay(tmp_path, raw=b'{"id": "a", "text": "ok"}\n\n' + line + b"\n")
+    with pytest.raises(ExpertError) as e:
+        backend.load()
+    assert f"{path}:3: {why}" in str(e.value)
