@@ -19,6 +19,7 @@ import pytest
 from coe.cache import CacheKeys, cache_key
 from coe.config import parse_config
 from coe.errors import ExpertError
+from coe.executor import LocalExecutor
 from coe.experts.replay import ReplayBackend
 from coe.types import Generation, GenRequest, Sampling
 from tests.conftest import write_jsonl
@@ -121,3 +122,26 @@ def test_replay_bad_record_names_file_and_line(tmp_path, line, why):
     with pytest.raises(ExpertError) as e:
         backend.load()
     assert f"{path}:3: {why}" in str(e.value)
+
+
+# -- the executor's stages --------------------------------------------------------------------
+
+def test_local_stages_one_model_at_a_time_endpoints_together(tmp_path):
+    (tmp_path / "shared.jsonl").write_text("")
+    (tmp_path / "own.jsonl").write_text("")
+    api = {"backend": "openai", "base_url": "http://127.0.0.1:9/v1"}
+    cfg = parse_config({"experts": [
+        {"name": "api1", **api, "model": "m1"},
+        {"name": "p1", "backend": "replay", "model": "shared.jsonl"},
+        {"name": "own", "backend": "replay", "model": "own.jsonl"},
+        {"name": "p2", "backend": "replay", "model": "shared.jsonl"},  # p1's weights
+        {"name": "api2", **api, "model": "m2"},
+    ]}, base_dir=tmp_path)
+    ex = LocalExecutor(cfg)
+    names = [e.name for e in cfg.experts]
+    # the models holding weights one per stage (two personas of one file together), in
+    # first-come order; the endpoints all together, last: as one plan would run them
+    assert ex.stages(names) == [["p1", "p2"], ["own"], ["api1", "api2"]]
+    # the next stage's model (an aggregator) last among those holding weights
+    assert ex.stages(names, last="p2") == [["own"], ["p1", "p2"], ["api1", "api2"]]
+    assert ex.keeps_loaded
