@@ -16,9 +16,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from coe.answers import describe_ungraded
+from coe.eval.responses import ResponseTable
+from coe.eval.routes import NONE
 from coe.eval.runner import EvalResult
-from coe.eval.scoring import NO_CATEGORY, Outcome, StrategyScore
+from coe.eval.scoring import NO_CATEGORY, StrategyScore
 from coe.results import truncation_warning
 from coe.types import ExpertResponse
 
@@ -29,32 +33,30 @@ CI_METHOD = "Wilson score interval, 95%"
 TRUNCATION_POLICY = "truncated answers are graded as given"
 
 
-def _cut(o: Outcome) -> bool:
-    """Whether a strategy's answer to a question rests on a truncated generation."""
-    return any(r.truncated for r in o.used) or bool(o.aggregator and o.aggregator.truncated)
-
-
 def truncated_questions(result: EvalResult, strategy: str) -> int:
-    return sum(_cut(o) for o in result.outcomes.get(strategy, []))
+    """Questions whose answer of ``strategy`` rests on a truncated generation."""
+    outcomes = result.outcomes.get(strategy)
+    return 0 if outcomes is None else int(outcomes.truncated.sum())
 
 
-def _generations(result: EvalResult) -> list[tuple[str, ExpertResponse]]:
-    """(question id, response) of every test-set generation: the experts' (one per question
-    and expert, shared by the strategies) and each distinct llm aggregator generation."""
-    out = [(qid, r) for (qid, _), r in result.responses.items()]
+def _cut_generations(result: EvalResult) -> list[tuple[str, ExpertResponse]]:
+    """(question id, response) of every truncated test-set generation: the experts' (one per
+    question and expert, shared by the strategies), then each distinct llm aggregator one."""
+    t: ResponseTable = result.responses
+    ids = [q.id for q in result.questions]
+    out = [(ids[i], t.response(i, j)) for i, j in zip(*np.nonzero(t.truncated & t.has))]
     seen = set()
     for outs in result.outcomes.values():
-        for o in outs:
-            a = o.aggregator
-            if a is not None and (o.question_id, a.expert, a.text) not in seen:
-                seen.add((o.question_id, a.expert, a.text))
-                out.append((o.question_id, a))
+        for qid, a in zip(ids, outs.aggregator or ()):
+            if a is not None and a.truncated and (qid, a.expert, a.text) not in seen:
+                seen.add((qid, a.expert, a.text))
+                out.append((qid, a))
     return out
 
 
 def truncation_json(result: EvalResult) -> dict:
     by_expert: dict[str, dict] = {}
-    cut = [(qid, r) for qid, r in _generations(result) if r.truncated]
+    cut = _cut_generations(result)
     for qid, r in cut:
         e = by_expert.setdefault(r.expert, {"responses": 0, "context": 0, "max_tokens": 0,
                                             "unknown": 0, "questions": []})
@@ -133,7 +135,7 @@ def summary_lines(result: EvalResult) -> list[str]:
     for name, why in result.skipped.items():
         out.append(f"skipped {name}: {why}")
     out += result.notes
-    cut = truncation_warning(_generations(result))
+    cut = truncation_warning(_cut_generations(result))
     if cut:
         out.append(cut)
     return out
@@ -194,16 +196,27 @@ def markdown(result: EvalResult) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_outcomes(result: EvalResult, path: Path) -> None:
+def write_outcomes(result: EvalResult, path: Path, block: int = 4096) -> None:
+    """One line per test question, each strategy's answer on it, written from the outcome
+    tables a block of questions at a time (no row is built before it is written)."""
+    names = [e.name for e in result.config.experts]
+    encode = json.JSONEncoder(ensure_ascii=False).encode
     with open(path, "w", encoding="utf-8") as f:
-        for i, q in enumerate(result.questions):
-            row = {"id": q.id, "category": q.category, "strategies": {}}
-            for name, outs in result.outcomes.items():
-                o = outs[i]
-                row["strategies"][name] = {"answer": o.answer, "correct": o.correct,
-                                           "failed": o.failed, "experts": o.recruited,
-                                           "truncated": _cut(o)}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for start in range(0, len(result.questions), block):
+            end = start + block
+            columns = [(name, [t.answers.value(a) for a in t.answer[start:end].tolist()],
+                        [None if c < 0 else bool(c) for c in t.correct[start:end].tolist()],
+                        t.failed[start:end].tolist(),
+                        [[names[j] for j in row if j != NONE]
+                         for row in t.routes.experts[start:end].tolist()],
+                        t.truncated[start:end].tolist())
+                       for name, t in result.outcomes.items()]
+            for k, q in enumerate(result.questions[start:end]):
+                row = {"id": q.id, "category": q.category, "strategies": {
+                    name: {"answer": answer[k], "correct": correct[k], "failed": failed[k],
+                           "experts": experts[k], "truncated": cut[k]}
+                    for name, answer, correct, failed, experts, cut in columns}}
+                f.write(encode(row) + "\n")
 
 
 def _pyplot():
