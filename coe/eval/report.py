@@ -20,7 +20,6 @@ import numpy as np
 
 from coe.answers import describe_ungraded
 from coe.eval.responses import ResponseTable
-from coe.eval.routes import NONE
 from coe.eval.runner import EvalResult
 from coe.eval.scoring import NO_CATEGORY, StrategyScore
 from coe.results import truncation_warning
@@ -196,27 +195,25 @@ def markdown(result: EvalResult) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_outcomes(result: EvalResult, path: Path, block: int = 4096) -> None:
-    """One line per test question, each strategy's answer on it, written from the outcome
-    tables a block of questions at a time (no row is built before it is written)."""
+def write_outcomes(result: EvalResult, path: Path) -> None:
+    """One line per test question, each strategy's answer on it, written as it is made from
+    the outcome tables. (Row by row: holding a block of rows alive would make the garbage
+    collector walk every question again and again, three times slower at 100,000.)"""
     names = [e.name for e in result.config.experts]
+    columns = []
+    for name, t in result.outcomes.items():
+        value = t.answers.value
+        columns.append((name, [value(a) for a in t.answer.tolist()],
+                        [None if c < 0 else bool(c) for c in t.correct.tolist()],
+                        t.failed.tolist(), t.routes, t.truncated.tolist()))
     encode = json.JSONEncoder(ensure_ascii=False).encode
     with open(path, "w", encoding="utf-8") as f:
-        for start in range(0, len(result.questions), block):
-            end = start + block
-            columns = [(name, [t.answers.value(a) for a in t.answer[start:end].tolist()],
-                        [None if c < 0 else bool(c) for c in t.correct[start:end].tolist()],
-                        t.failed[start:end].tolist(),
-                        [[names[j] for j in row if j != NONE]
-                         for row in t.routes.experts[start:end].tolist()],
-                        t.truncated[start:end].tolist())
-                       for name, t in result.outcomes.items()]
-            for k, q in enumerate(result.questions[start:end]):
-                row = {"id": q.id, "category": q.category, "strategies": {
-                    name: {"answer": answer[k], "correct": correct[k], "failed": failed[k],
-                           "experts": experts[k], "truncated": cut[k]}
-                    for name, answer, correct, failed, experts, cut in columns}}
-                f.write(encode(row) + "\n")
+        for i, q in enumerate(result.questions):
+            row = {"id": q.id, "category": q.category, "strategies": {
+                name: {"answer": answer[i], "correct": correct[i], "failed": failed[i],
+                       "experts": [names[j] for j in routes.recruited(i)], "truncated": cut[i]}
+                for name, answer, correct, failed, routes, cut in columns}}
+            f.write(encode(row) + "\n")
 
 
 def _pyplot():

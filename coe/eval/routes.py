@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from coe.types import Recruit, Route
+from coe.types import Route
 
 NONE = -1  # no expert in this slot (a shorter route)
 
@@ -129,7 +129,7 @@ class RouteTable(Sequence):
             category, skills, confidence, reason, aggregator = values[code]
             out.append(Route(question_id=qid, category=category, skills=list(skills),
                              confidence=confidence, reason=reason, aggregator=aggregator,
-                             experts=[Recruit(name=names[j], weight=w)
+                             experts=[{"name": names[j], "weight": w}  # made Recruits
                                       for j, w in zip(row, ws) if j != NONE]))
         return out
 

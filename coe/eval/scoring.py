@@ -165,9 +165,12 @@ class OutcomeTable(Sequence):
         self.note = np.full(n, -1, np.int32)
         self.notes = Codes()
         self.aggregator: list[ExpertResponse | None] | None = None  # llm aggregators only
-        # the generations each question used, flattened question by question in route order
-        rows, slots = np.nonzero(routes.experts != NONE)
-        self.used_rows, self.used_cols = rows, routes.experts[rows, slots].astype(np.intp)
+
+    def used(self) -> tuple[np.ndarray, np.ndarray]:
+        """(question, expert) of every expert generation used, question by question in route
+        order (made when asked: kept, they would be 16 bytes a generation per strategy)."""
+        rows, slots = np.nonzero(self.routes.experts != NONE)
+        return rows, self.routes.experts[rows, slots].astype(np.intp)
 
     def set_answers(self, start: int, answers: list[str | None], notes: list[str],
                     aggregators: list[ExpertResponse | None] | None = None) -> None:
@@ -183,14 +186,14 @@ class OutcomeTable(Sequence):
 
     def recruit_right(self) -> np.ndarray:
         """Per question, whether a recruit that did not fail gave the (gradable) gold answer."""
-        r, rows, cols = self.responses, self.used_rows, self.used_cols
+        r, (rows, cols) = self.responses, self.used()
         right = (r.right[rows, cols] == 1) & ~r.failed[rows, cols]
         return np.bincount(rows, weights=right, minlength=len(self)) > 0
 
     def finish(self, oracle: bool = False) -> None:
         """Grade the final answers (the oracle: right when a recruit is) once all are set. A
         question on which a generation the strategy needed failed is graded neither way."""
-        r, rows, cols = self.responses, self.used_rows, self.used_cols
+        r, (rows, cols) = self.responses, self.used()
         n = len(self)
         used_failed = np.bincount(rows, weights=r.failed[rows, cols], minlength=n) > 0
         used_cut = np.bincount(rows, weights=r.truncated[rows, cols], minlength=n) > 0
@@ -257,7 +260,7 @@ def score_strategy(name: str, description: str, outcomes: OutcomeTable,
     names = r.names
     s = StrategyScore(name=name, description=description, route_seconds=route_seconds,
                       questions=len(o))
-    rows, cols = o.used_rows, o.used_cols
+    rows, cols = o.used()
     recruits = _first_seen(cols)  # in the order they are first recruited
     per_expert = o.routes.counts()  # questions recruiting each (once, even if named twice)
     s.usage = Counter({names[j]: int(per_expert[j]) for j in recruits.tolist()})
