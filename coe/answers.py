@@ -183,12 +183,18 @@ def describe_ungraded(ungraded: dict[str, str], show: int = 5) -> str:
 
 def is_correct(pred: str | None, question: Question, rel_tol: float = 1e-6) -> bool | None:
     """None when the question has no gold answer."""
-    gold = gold_answer(question)
+    return grade(pred, gold_answer(question), question.answer_kind, rel_tol)
+
+
+def grade(pred: str | None, gold: str | None, kind: AnswerKind,
+          rel_tol: float = 1e-6) -> bool | None:
+    """``is_correct`` with the question's ``gold_answer`` and ``answer_kind`` already known
+    (an evaluation grades every answer to a question against the same gold)."""
     if gold is None:
         return None
     if pred is None:
         return False
-    if question.answer_kind == "number":
+    if kind == "number":
         a, b = parse_number(pred), parse_number(gold)
         if a is None or b is None:
             return False
@@ -196,19 +202,23 @@ def is_correct(pred: str | None, question: Question, rel_tol: float = 1e-6) -> b
     return pred == gold
 
 
+def answer_of(gen: Generation, question: Question) -> str | None:
+    """The normalised final answer of a generation: None for a failed one; the answer
+    recorded with a replayed generation, normalised; else the one extracted from its text."""
+    if gen.error:
+        return None
+    if gen.has_recorded_answer:
+        return (normalize(gen.recorded_answer, question.answer_kind,
+                          len(question.choices or LETTERS)) if gen.recorded_answer else None)
+    return extract_answer(gen.text, question)
+
+
 def response_from(expert: str, gen: Generation, question: Question) -> ExpertResponse:
     """An expert's generation with its final answer extracted (or the answer recorded with a
     replayed generation, normalised)."""
-    if gen.error:
-        answer = None
-    elif gen.has_recorded_answer:
-        answer = (normalize(gen.recorded_answer, question.answer_kind,
-                            len(question.choices or LETTERS)) if gen.recorded_answer else None)
-    else:
-        answer = extract_answer(gen.text, question)
     return ExpertResponse(expert=expert, text=gen.text, prompt_tokens=gen.prompt_tokens,
                           completion_tokens=gen.completion_tokens, seconds=round(gen.seconds, 4),
-                          cached=gen.cached, error=gen.error, answer=answer,
+                          cached=gen.cached, error=gen.error, answer=answer_of(gen, question),
                           finish_reason=gen.finish_reason,
                           truncated=gen.error is None and gen.finish_reason == "length",
                           truncated_by=gen.truncated_by)

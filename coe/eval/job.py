@@ -29,7 +29,7 @@ def run_eval_job(questions: str | Path, config: str | Path | PoolConfig, *,
     if validation is not None:
         val = load_questions(validation, skip_invalid=skip_invalid).questions
     opts = EvalOptions(validation=val, validation_source=str(validation) if validation else "",
-                       log=log, **options)
+                       log=log, keep_texts=record_dir is not None, **options)
     result = evaluate(cfg, report.questions, opts)
     files = write_report(result, out_dir, plots=plots) if out_dir is not None else []
     recorded = None

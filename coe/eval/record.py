@@ -8,11 +8,16 @@ pool with every expert turned into a ``replay`` expert (names, categories, param
 strengths kept). ``coe eval QUESTIONS -c DIR/experts.yaml`` then re-runs the evaluation with no
 model. Aggregator-LLM generations are not recorded: a replay expert answers per question id,
 so it cannot also stand for an aggregation prompt.
+
+The files are written record by record. The texts they hold are the one thing an evaluation
+otherwise drops once each answer is extracted: with ``--record`` the job keeps them
+(``EvalOptions.keep_texts``) until they are written, so recording costs the texts' memory.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -34,40 +39,49 @@ def _record(q: Question, r: ExpertResponse) -> dict:
 
 
 def write_replay(out_dir: str | Path, config: PoolConfig,
-                 sets: list[tuple[list[Question], dict[tuple[str, str], ExpertResponse]]]) -> dict:
+                 sets: list[tuple[list[Question], Mapping[tuple[str, str], ExpertResponse]]]
+                 ) -> dict:
     """Write the replay pool; ``sets`` are (questions, responses by (question id, expert)).
-    A question id already written for an expert (from an earlier set) is not written again."""
+    A question id already written for an expert (from an earlier set) is not written again.
+    Each file is written record by record, as the responses are read."""
     out = Path(out_dir)
     (out / "replay").mkdir(parents=True, exist_ok=True)
     written: dict[str, int] = {}
     conflicts = 0
     for e in config.experts:
-        lines, skipped = _records(e.name, sets)
+        count, skipped = _write_records(out / "replay" / f"{e.name}.jsonl", e.name, sets)
         conflicts += skipped
-        if lines:
-            (out / "replay" / f"{e.name}.jsonl").write_text("".join(lines), encoding="utf-8")
-            written[e.name] = len(lines)
+        if count:
+            written[e.name] = count
     (out / "experts.yaml").write_text(
         yaml.safe_dump(replay_pool(config, set(written)), sort_keys=False, allow_unicode=True),
         encoding="utf-8")
     return {"dir": str(out), "records": written, "duplicate_ids_skipped": conflicts}
 
 
-def _records(expert: str, sets) -> tuple[list[str], int]:
-    """One expert's JSONL record lines, and how many repeated question ids were skipped."""
+def _write_records(path: Path, expert: str, sets) -> tuple[int, int]:
+    """Write one expert's JSONL records (the file only if there is one); return how many,
+    and how many repeated question ids were skipped."""
     seen: set[str] = set()
-    lines, conflicts = [], 0
-    for questions, responses in sets:
-        for q in questions:
-            r = responses.get((q.id, expert))
-            if r is None or r.error is not None:
-                continue
-            if q.id in seen:
-                conflicts += 1
-                continue
-            seen.add(q.id)
-            lines.append(json.dumps(_record(q, r), ensure_ascii=False) + "\n")
-    return lines, conflicts
+    count, conflicts, f = 0, 0, None
+    try:
+        for questions, responses in sets:
+            for q in questions:
+                r = responses.get((q.id, expert))
+                if r is None or r.error is not None:
+                    continue
+                if q.id in seen:
+                    conflicts += 1
+                    continue
+                seen.add(q.id)
+                if f is None:
+                    f = open(path, "w", encoding="utf-8")
+                f.write(json.dumps(_record(q, r), ensure_ascii=False) + "\n")
+                count += 1
+    finally:
+        if f is not None:
+            f.close()
+    return count, conflicts
 
 
 def replay_pool(config: PoolConfig, names: set[str]) -> dict:

@@ -16,9 +16,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from coe.answers import describe_ungraded
+from coe.eval.responses import ResponseTable
 from coe.eval.runner import EvalResult
-from coe.eval.scoring import NO_CATEGORY, Outcome, StrategyScore
+from coe.eval.scoring import NO_CATEGORY, StrategyScore
 from coe.results import truncation_warning
 from coe.types import ExpertResponse
 
@@ -29,32 +32,30 @@ CI_METHOD = "Wilson score interval, 95%"
 TRUNCATION_POLICY = "truncated answers are graded as given"
 
 
-def _cut(o: Outcome) -> bool:
-    """Whether a strategy's answer to a question rests on a truncated generation."""
-    return any(r.truncated for r in o.used) or bool(o.aggregator and o.aggregator.truncated)
-
-
 def truncated_questions(result: EvalResult, strategy: str) -> int:
-    return sum(_cut(o) for o in result.outcomes.get(strategy, []))
+    """Questions whose answer of ``strategy`` rests on a truncated generation."""
+    outcomes = result.outcomes.get(strategy)
+    return 0 if outcomes is None else int(outcomes.truncated.sum())
 
 
-def _generations(result: EvalResult) -> list[tuple[str, ExpertResponse]]:
-    """(question id, response) of every test-set generation: the experts' (one per question
-    and expert, shared by the strategies) and each distinct llm aggregator generation."""
-    out = [(qid, r) for (qid, _), r in result.responses.items()]
+def _cut_generations(result: EvalResult) -> list[tuple[str, ExpertResponse]]:
+    """(question id, response) of every truncated test-set generation: the experts' (one per
+    question and expert, shared by the strategies), then each distinct llm aggregator one."""
+    t: ResponseTable = result.responses
+    ids = [q.id for q in result.questions]
+    out = [(ids[i], t.response(i, j)) for i, j in zip(*np.nonzero(t.truncated & t.has))]
     seen = set()
     for outs in result.outcomes.values():
-        for o in outs:
-            a = o.aggregator
-            if a is not None and (o.question_id, a.expert, a.text) not in seen:
-                seen.add((o.question_id, a.expert, a.text))
-                out.append((o.question_id, a))
+        for qid, a in zip(ids, outs.aggregator or ()):
+            if a is not None and a.truncated and (qid, a.expert, a.text) not in seen:
+                seen.add((qid, a.expert, a.text))
+                out.append((qid, a))
     return out
 
 
 def truncation_json(result: EvalResult) -> dict:
     by_expert: dict[str, dict] = {}
-    cut = [(qid, r) for qid, r in _generations(result) if r.truncated]
+    cut = _cut_generations(result)
     for qid, r in cut:
         e = by_expert.setdefault(r.expert, {"responses": 0, "context": 0, "max_tokens": 0,
                                             "unknown": 0, "questions": []})
@@ -133,7 +134,7 @@ def summary_lines(result: EvalResult) -> list[str]:
     for name, why in result.skipped.items():
         out.append(f"skipped {name}: {why}")
     out += result.notes
-    cut = truncation_warning(_generations(result))
+    cut = truncation_warning(_cut_generations(result))
     if cut:
         out.append(cut)
     return out
@@ -195,15 +196,24 @@ def markdown(result: EvalResult) -> str:
 
 
 def write_outcomes(result: EvalResult, path: Path) -> None:
+    """One line per test question, each strategy's answer on it, written as it is made from
+    the outcome tables. (Row by row: holding a block of rows alive would make the garbage
+    collector walk every question again and again, three times slower at 100,000.)"""
+    names = [e.name for e in result.config.experts]
+    columns = []
+    for name, t in result.outcomes.items():
+        value = t.answers.value
+        columns.append((name, [value(a) for a in t.answer.tolist()],
+                        [None if c < 0 else bool(c) for c in t.correct.tolist()],
+                        t.failed.tolist(), t.routes, t.truncated.tolist()))
+    encode = json.JSONEncoder(ensure_ascii=False).encode
     with open(path, "w", encoding="utf-8") as f:
         for i, q in enumerate(result.questions):
-            row = {"id": q.id, "category": q.category, "strategies": {}}
-            for name, outs in result.outcomes.items():
-                o = outs[i]
-                row["strategies"][name] = {"answer": o.answer, "correct": o.correct,
-                                           "failed": o.failed, "experts": o.recruited,
-                                           "truncated": _cut(o)}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            row = {"id": q.id, "category": q.category, "strategies": {
+                name: {"answer": answer[i], "correct": correct[i], "failed": failed[i],
+                       "experts": [names[j] for j in routes.recruited(i)], "truncated": cut[i]}
+                for name, answer, correct, failed, routes, cut in columns}}
+            f.write(encode(row) + "\n")
 
 
 def _pyplot():

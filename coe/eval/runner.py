@@ -5,8 +5,8 @@ The job
    ``build_router``; a router that cannot be built for this pool is skipped with a note);
 2. takes the *union* of all (question, expert) pairs any strategy recruits, plus every expert
    on the validation questions when ``best-single`` is asked for, and hands it to the load-once
-   executor in **one** call (each model loaded once, identical requests made once, the
-   response cache consulted first and filled as each generation finishes);
+   executor (each model loaded once, identical requests made once, the response cache
+   consulted first and filled as each generation finishes);
 3. asks every ``llm`` aggregation strategy for its aggregation requests, runs all of them in
    one more executor call, and gives each strategy its own generations back;
 4. scores each strategy on its own subset of the shared generations.
@@ -16,42 +16,85 @@ they need), one executor call for all of them, then ``aggregate`` with those gen
 
 ``EvaluationJob`` runs the stages in that order, one method each; ``evaluate`` is the job as a
 function.
+
+**Time and memory grow linearly with questions x experts**, and what is held per question is
+small, so 100,000 questions x 8 replayed experts evaluate in well under 1 GiB:
+
+- routes are ``RouteTable``s (expert indices and weights in arrays), outcomes are
+  ``OutcomeTable``s, and the generations are one ``ResponseTable`` per question set: per
+  (question, expert) the extracted answer, whether it is right, tokens, seconds and why it
+  failed or was cut off. The generation's *text* is kept only when a strategy's aggregator
+  may read it (anything but ``vote`` and ``single``: an ``llm`` aggregator builds its prompt
+  from the responses) or ``keep_texts`` asks (``--record`` writes them);
+- the expert generations are planned and run in the executor's ``stages``: with the local
+  executor, one model's requests at a time (the models run one after another anyway, so no
+  load is added), so the job never holds more than one model's requests and generations;
+  each generation is reduced to its cell of the table as its stage returns. (An executor
+  that runs every model at once, Ray, has one stage: it holds every generation of the phase
+  until the phase ends.) Replay experts are sent requests without a prompt (their backend
+  answers by question id), so none is built;
+- aggregators that need no generation (``vote``, ``single``, the oracle's vote) see the
+  questions in blocks of ``BLOCK``: the ``ExpertResponse`` objects they take are built for a
+  block, then dropped. Aggregators that generate (``llm``) get every question at once, as
+  their generations must be one executor call: their prompts hold the experts' texts;
+- nothing per question is held for the report: ``outcomes.jsonl`` is written row by row from
+  the tables.
 """
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from coe.aggregators import Aggregator, build_aggregator, vote
+import numpy as np
+
+from coe.aggregators import Aggregator, VoteAggregator, build_aggregator, vote
 from coe.aggregators.base import aggregate_together
-from coe.answers import (
-    describe_ungraded,
-    gold_answer,
-    gold_problem,
-    is_correct,
-    response_from,
-)
+from coe.aggregators.single import SingleAggregator
+from coe.answers import describe_ungraded, gold_answer, gold_problem
 from coe.config import PoolConfig
 from coe.errors import CoeError, ConfigError
-from coe.eval.scoring import Accuracy, Outcome, StrategyScore, score_strategy
+from coe.eval.responses import ResponseTable
+from coe.eval.routes import NONE, RouteTable
+from coe.eval.scoring import Accuracy, OutcomeTable, StrategyScore, score_strategy
 from coe.eval.strategies import (
     StrategySpec,
     all_specs,
     has_categories,
     overlap,
-    random_routes,
+    random_table,
     select,
-    single_routes,
     split_validation,
 )
-from coe.executor import RunStats
+from coe.executor import PLAN_HEADER, RunStats, plan_row, plan_summary
 from coe.orchestrator import Orchestrator
+from coe.prompts import build_request
 from coe.routers import build_router
-from coe.types import ExpertResponse, FinalAnswer, Generation, GenRequest, Question, Recruit, Route
+from coe.types import ExpertResponse, Generation, GenRequest, Question
+
+#: questions whose responses are built and aggregated at a time by the aggregators that
+#: need no generation: a few megabytes of ``ExpertResponse`` objects, however many questions
+BLOCK = 2048
+
+#: expert requests handed to the executor in one run at most, when it keeps a model loaded
+#: from one run to the next (the local executor): one model's share of 100,000 questions is
+#: given in a few runs, so at most this many requests and generations are held at a time
+CHUNK = 16384
+
+#: questions routed by one ``Router.route`` call at most, when the executor keeps a model
+#: loaded from one run to the next (a router may generate: skill keywords): the router's
+#: ``Route`` objects for 100,000 questions are never all held at once
+ROUTE_BLOCK = 8192
+
+#: aggregators known to read only the experts' extracted answers: when every strategy's
+#: aggregator is one of these, the job keeps no generation text
+ANSWER_ONLY = (VoteAggregator, SingleAggregator)
 
 
 @dataclass
@@ -67,11 +110,13 @@ class EvalOptions:
     resume: bool = False
     progress: bool = False
     log: Callable[[str], None] | None = None
+    keep_texts: bool = False  # keep every generation's text (``--record`` writes them)
 
 
 @dataclass
 class Phase:
-    """One executor call of the job."""
+    """One stage of the job: the expert generations (``validation``, ``experts``) or the
+    aggregators' (``aggregation``), with what the executor calls made of it."""
 
     name: str
     requests: int = 0
@@ -93,7 +138,8 @@ class EvalResult:
     questions: list[Question]
     specs: list[StrategySpec]
     scores: list[StrategyScore]
-    outcomes: dict[str, list[Outcome]]
+    #: strategy -> its outcome on each test question (a sequence of ``Outcome``)
+    outcomes: dict[str, OutcomeTable]
     skipped: dict[str, str]
     validation: list[Question]
     validation_source: str
@@ -104,8 +150,10 @@ class EvalResult:
     stats: RunStats
     phases: list[Phase]
     wall_seconds: float
-    responses: dict[tuple[str, str], ExpertResponse] = field(default_factory=dict)
-    val_responses: dict[tuple[str, str], ExpertResponse] = field(default_factory=dict)
+    #: (question id, expert) -> ExpertResponse of the test and the validation questions
+    #: (``ResponseTable``s; ``text`` is empty unless texts were kept)
+    responses: Mapping[tuple[str, str], ExpertResponse] = field(default_factory=dict)
+    val_responses: Mapping[tuple[str, str], ExpertResponse] = field(default_factory=dict)
     seed: int = 0
     notes: list[str] = field(default_factory=list)
     #: test question id -> why it cannot be graded (no gold answer, or one naming no answer)
@@ -147,29 +195,25 @@ def _log(opts: EvalOptions, msg: str) -> None:
         opts.log(msg)
 
 
-def _all_routes(questions: list[Question], names: list[str], reason: str = "") -> list[Route]:
-    return [Route(question_id=q.id, experts=[Recruit(name=n) for n in names], reason=reason)
-            for q in questions]
+@contextmanager
+def _gc_skips_what_exists() -> Iterator[None]:
+    """Leave the objects alive now (the questions: millions of small Python objects for
+    100,000 questions) out of the cyclic garbage collector's scans until the block ends
+    (``gc.freeze``, then ``gc.unfreeze``). The job makes and drops millions of short-lived
+    objects (responses, routes, final answers); each full collection they trigger would walk
+    every question again: at 100,000 questions x 8 experts that was 75 s of a 97 s
+    aggregation. Nothing is collected any later than it would be: the frozen objects are
+    the caller's, alive throughout."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
-def _union_routes(questions: list[Question], per_spec: list[list[Route]],
-                  order: list[str]) -> list[Route]:
-    rank = {n: i for i, n in enumerate(order)}
-    out = []
-    for i, q in enumerate(questions):
-        names = {n for routes in per_spec for n in routes[i].names}
-        out.append(Route(question_id=q.id, experts=[Recruit(name=n) for n in
-                                                    sorted(names, key=rank.__getitem__)]))
-    return out
-
-
-def _responses(questions, routes, gens) -> dict[tuple[str, str], ExpertResponse]:
-    it = iter(gens)
-    out = {}
-    for q, route in zip(questions, routes):
-        for name in route.names:
-            out[(q.id, name)] = response_from(name, next(it), q)
-    return out
+def _generates(agg: Aggregator) -> bool:
+    """Whether the aggregator asks for generations of its own (overrides ``requests``)."""
+    return type(agg).requests is not Aggregator.requests
 
 
 class EvaluationJob:
@@ -190,16 +234,18 @@ class EvaluationJob:
         self.val_source = ""
         self.orch: Orchestrator | None = None
         self.phases: list[Phase] = []
-        self.routes_of: dict[str, list[Route]] = {}  # strategy -> its routes on the test set
+        self.ids: list[str] = []  # the test question ids, shared by every RouteTable
+        self.gold: list[str | None] = []  # the test questions' normalised gold answers
+        self.routes_of: dict[str, RouteTable] = {}  # strategy -> its routes on the test set
         self.route_seconds: dict[str, float] = {}
-        self.responses: dict[tuple[str, str], ExpertResponse] = {}  # (question id, expert)
-        self.val_resp: dict[tuple[str, str], ExpertResponse] = {}
+        self.responses: ResponseTable | None = None  # the test questions' generations
+        self.val_resp: ResponseTable | None = None
         self.val_acc: dict[str, Accuracy] = {}
         self.val_failed: dict[str, int] = {}  # expert -> failed validation generations
         self.best: str | None = None
         self.strength: dict[str, float] = {}
         self.strength_source: dict[str, str] = {}
-        self.finals: dict[str, list[FinalAnswer]] = {}
+        self.outcomes: dict[str, OutcomeTable] = {}
         self.ungraded: dict[str, str] = {}
         self.overlap: dict | None = None
 
@@ -209,8 +255,10 @@ class EvaluationJob:
         self.hold_out_validation()
         self.check_overlap()
         self.find_ungraded()
-        with Orchestrator(self.config, router="all", aggregator="vote", cache=self.opts.cache,
-                          progress=self.opts.progress) as orch, orch.executor.session() as stats:
+        with _gc_skips_what_exists(), \
+                Orchestrator(self.config, router="all", aggregator="vote", cache=self.opts.cache,
+                             progress=self.opts.progress) as orch, \
+                orch.executor.session() as stats:
             self.orch = orch
             if self.opts.resume:
                 _log(self.opts, "resuming: generations already in the response cache are not redone")
@@ -218,19 +266,19 @@ class EvaluationJob:
             self.answer_experts()
             self.break_ties()
             self.aggregate()
-        scores, outcomes = self.score()
+        scores = self.score()
         kept = [s for s in self.specs if s.name in self.routes_of]
         return EvalResult(
             config=self.config, questions=self.questions, specs=kept, scores=scores,
-            outcomes=outcomes, skipped={s.name: self.skipped[s.name] for s in self.specs
-                                        if s.name in self.skipped},
+            outcomes=self.outcomes, skipped={s.name: self.skipped[s.name] for s in self.specs
+                                             if s.name in self.skipped},
             validation=self.validation, validation_source=self.val_source,
             validation_accuracy=self.val_acc, best_single=self.best, strength=self.strength,
             strength_source=self.strength_source, stats=stats, phases=self.phases,
             wall_seconds=time.perf_counter() - t0, responses=self.responses,
-            val_responses=self.val_resp, seed=self.opts.seed, notes=self.notes,
-            ungraded=self.ungraded, validation_overlap=self.overlap,
-            validation_failed=self.val_failed)
+            val_responses=self.val_resp if self.val_resp is not None else {},
+            seed=self.opts.seed, notes=self.notes, ungraded=self.ungraded,
+            validation_overlap=self.overlap, validation_failed=self.val_failed)
 
     # -- 1. inputs --------------------------------------------------------------------------
     def check(self) -> None:
@@ -264,6 +312,7 @@ class EvaluationJob:
             self.skipped["best-single"] = "no validation questions (--validation or --val-fraction)"
         if not self.questions:
             raise CoeError("no test questions left to score")
+        self.ids = [q.id for q in self.questions]
 
     def check_overlap(self) -> None:
         """Warn when the questions best-single is picked on share questions (by id or text)
@@ -281,26 +330,27 @@ class EvaluationJob:
             _log(self.opts, note)
 
     def find_ungraded(self) -> None:
-        """The test questions no strategy can be graded on, and why."""
-        self.ungraded = {q.id: gold_problem(q) or "no gold answer" for q in self.questions
-                         if gold_answer(q) is None}
+        """The test questions' gold answers, and those no strategy can be graded on, and why."""
+        self.gold = [gold_answer(q) for q in self.questions]
+        self.ungraded = {q.id: gold_problem(q) or "no gold answer"
+                         for q, g in zip(self.questions, self.gold) if g is None}
 
     # -- 2. routes --------------------------------------------------------------------------
     def route_strategies(self) -> None:
         """The routes of every strategy on the test questions. A router that cannot serve
         this pool, or a model-using aggregator that would be a replay, is skipped with why."""
-        routed: dict[tuple[str, int | None], tuple[list[Route] | None, float, str]] = {}
+        routed: dict[tuple[str, int | None], tuple[RouteTable | None, float, str]] = {}
         for s in self.specs:
             if s.name in self.skipped or s.kind == "best-single":
                 continue
             if s.kind == "single":
-                self.routes_of[s.name] = single_routes(self.questions, s.expert, "single expert")
+                self.routes_of[s.name] = RouteTable.fixed(self.ids, self.names, [s.expert],
+                                                          "single expert", confidence=1.0)
             elif s.kind == "random":
-                self.routes_of[s.name] = random_routes(self.questions, self.names, s.k,
-                                                       self.opts.seed)
+                self.routes_of[s.name] = random_table(self.ids, self.names, s.k, self.opts.seed)
             elif s.kind == "oracle":
-                self.routes_of[s.name] = _all_routes(self.questions, self.names,
-                                                     "every expert (oracle)")
+                self.routes_of[s.name] = RouteTable.fixed(self.ids, self.names, self.names,
+                                                          "every expert (oracle)")
             else:
                 k = s.k or (None if s.router == "all" else self.config.router.k)
                 key = (s.router, k)
@@ -311,24 +361,32 @@ class EvaluationJob:
                 if why:
                     self.skipped[s.name] = why
                     continue
-                self.routes_of[s.name] = [r.model_copy(deep=True) for r in routes]
+                self.routes_of[s.name] = routes
                 self.route_seconds[s.name] = secs
 
-    def _route_with(self, kind: str, k: int | None) -> tuple[list[Route] | None, float, str]:
+    def _route_with(self, kind: str, k: int | None) -> tuple[RouteTable | None, float, str]:
         if kind == "category" and not has_categories(self.config):
             return None, 0.0, "the pool declares no categories"
-        t0 = time.perf_counter()
+        ex, n = self.orch.executor, len(self.questions)
+        step = ROUTE_BLOCK if ex.keeps_loaded else max(n, 1)
+        blocks, secs = [], 0.0
         try:
-            routes = build_router(kind, self.config, self.orch.executor, k).route(self.questions)
+            router = build_router(kind, self.config, ex, k)
+            for start in range(0, n, step):
+                t0 = time.perf_counter()
+                routes = router.route(self.questions[start:start + step])
+                secs += time.perf_counter() - t0
+                blocks.append(RouteTable.of(self.ids[start:start + step], self.names, routes,
+                                            unknown=self.config.expert))
         except Exception as e:  # an unavailable or unfit router: skip, say why
             return None, 0.0, f"{kind} router unavailable: {type(e).__name__}: {e}"
-        return routes, time.perf_counter() - t0, ""
+        return RouteTable.concat(self.ids, blocks), secs, ""
 
     def _aggregator(self, spec: StrategySpec) -> Aggregator:
         return build_aggregator(spec.aggregator, self.config, strength=self.strength,
                                 expert=self.opts.aggregator_expert)
 
-    def _replayed_aggregator(self, spec: StrategySpec, routes: list[Route]) -> str:
+    def _replayed_aggregator(self, spec: StrategySpec, routes: RouteTable) -> str:
         """Why a strategy whose aggregator would generate with a replay expert is skipped."""
         replayed = sorted(set(self._aggregator(spec).experts(routes)) & self.replay)
         if not replayed:
@@ -337,27 +395,43 @@ class EvaluationJob:
                 f"({', '.join(replayed)}), which can only repeat its recorded answers "
                 f"(use --aggregator-expert)")
 
-    # -- 3. expert generations: the union, in one executor call -------------------------------
+    # -- 3. expert generations: the union, made once ------------------------------------------
+    def _keep_texts(self) -> bool:
+        """Whether generation texts are kept: asked for, or some strategy's aggregator may
+        read them (anything but vote and single, which read the extracted answers)."""
+        return self.opts.keep_texts or any(
+            not isinstance(self._aggregator(s), ANSWER_ONLY) for s in self.specs
+            if s.name in self.routes_of and s.kind not in ("oracle", "best-single"))
+
+    def _union(self) -> np.ndarray:
+        """Questions x experts: the generations some strategy needs."""
+        need = np.zeros((len(self.questions), len(self.names)), bool)
+        for routes in self.routes_of.values():
+            need |= routes.mask()
+        return need
+
     def answer_experts(self) -> None:
         """Every (question, expert) pair any strategy needs, plus every expert on the
-        validation questions for best-single, in one executor call. When best-single's pick
-        would add test generations no other strategy needs, validation runs first."""
+        validation questions for best-single, made once. When best-single's pick would add
+        test generations no other strategy needs, validation runs first."""
         best_spec = next((s for s in self.specs if s.kind == "best-single"
                           and s.name not in self.skipped), None)
-        val_routes = _all_routes(self.validation, self.names) if best_spec else []
-        union = _union_routes(self.questions, list(self.routes_of.values()), self.names)
-        if best_spec and not all(len(r.experts) == len(self.names) for r in union):
-            gens = self._phase("validation", self.orch.expert_requests(self.validation, val_routes))
-            self.val_resp = _responses(self.validation, val_routes, gens)
+        keep = self._keep_texts()
+        self.responses = ResponseTable(self.questions, self.names, self.gold, keep)
+        every = np.ones((len(self.validation), len(self.names)), bool)
+        if best_spec:
+            self.val_resp = ResponseTable(self.validation, self.names,
+                                          [gold_answer(q) for q in self.validation], keep)
+        need = self._union()
+        val_need = every if best_spec else every[:0]
+        if best_spec and not need.all():
+            self._generate("validation", [(self.val_resp, every)])
             self.pick_best(best_spec)
-            union = _union_routes(self.questions, list(self.routes_of.values()), self.names)
-            val_routes = []
-        val_requests = self.orch.expert_requests(self.validation, val_routes)
-        gens = self._phase("experts", val_requests + self.orch.expert_requests(self.questions, union),
-                           last=self._aggregation_model())
-        if val_requests:
-            self.val_resp = _responses(self.validation, val_routes, gens[:len(val_requests)])
-        self.responses = _responses(self.questions, union, gens[len(val_requests):])
+            need, val_need = self._union(), every[:0]
+        parts = [(self.responses, need)]
+        if len(val_need):
+            parts.insert(0, (self.val_resp, val_need))
+        self._generate("experts", parts, last=self._aggregation_model())
         if best_spec and self.best is None:
             self.pick_best(best_spec)
 
@@ -366,24 +440,26 @@ class EvaluationJob:
         then pool order) becomes best-single's route. A failed generation is left out of the
         expert's validation accuracy (as on the test) but counts against it in the pick: an
         expert that could not answer is not the one to rely on."""
-        for n in self.names:
+        v = self.val_resp
+        ok = v.has & ~v.failed
+        for j, n in enumerate(self.names):
+            failed = int((v.has[:, j] & v.failed[:, j]).sum())
+            if failed:
+                self.val_failed[n] = self.val_failed.get(n, 0) + failed
             acc = self.val_acc.setdefault(n, Accuracy())
-            for q in self.validation:
-                if self.val_resp[(q.id, n)].error is not None:
-                    self.val_failed[n] = self.val_failed.get(n, 0) + 1
-                    continue
-                ok = is_correct(self.val_resp[(q.id, n)].answer, q)
-                if ok is not None:
-                    acc.add(ok)
+            acc.correct += int((ok[:, j] & (v.right[:, j] == 1)).sum())
+            acc.n += int((ok[:, j] & (v.right[:, j] >= 0)).sum())
         prior = {e.name: e.strength or 0.0 for e in self.config.experts}
+        rank_of = {n: i for i, n in enumerate(self.names)}
 
         def rank(n: str) -> tuple:
             a, tried = self.val_acc[n], self.val_acc[n].n + self.val_failed.get(n, 0)
-            return a.correct / tried if tried else 0.0, prior[n], -self.names.index(n)
+            return a.correct / tried if tried else 0.0, prior[n], -rank_of[n]
 
         self.best = max(self.names, key=rank)
-        self.routes_of[spec.name] = single_routes(self.questions, self.best,
-                                                  f"best on validation: {self.best}")
+        self.routes_of[spec.name] = RouteTable.fixed(self.ids, self.names, [self.best],
+                                                     f"best on validation: {self.best}",
+                                                     confidence=1.0)
         best, failed = self.val_acc[self.best], self.val_failed.get(self.best, 0)
         spec.description = (f"{self.best} (validation accuracy "
                             + ("-" if best.value is None else f"{best.value:.1%}")
@@ -398,12 +474,82 @@ class EvaluationJob:
         top = used.most_common(1)
         return top[0][0] if top else None
 
-    def _phase(self, name: str, requests: list[GenRequest],
-               last: str | None = None) -> list[Generation]:
-        """One executor call of the job, recorded as a ``Phase``."""
+    @staticmethod
+    def _request(q: Question, cfg, promptless: bool) -> GenRequest:
+        if promptless:  # a replay answers by question id: no prompt to build
+            return GenRequest(expert=cfg.name, question_id=q.id, sampling=cfg.sampling)
+        return build_request(cfg, q)
+
+    def _generate(self, name: str, parts: list[tuple[ResponseTable, np.ndarray]],
+                  last: str | None = None) -> None:
+        """One phase of expert generations: the cells of each (table, questions x experts
+        mask), planned and run stage by stage (``Executor.stages``: one model at a time for
+        the local executor, so no load is added) and, where the executor keeps a model loaded
+        from one run to the next, in runs of at most ``CHUNK`` requests; each run's
+        generations go into their tables as it returns, then are dropped. The plan table is
+        logged a stage at a time, once the stage has run; a ``Phase`` records the totals."""
         t0 = time.perf_counter()
         ex = self.orch.executor
-        plan = ex.plan(requests, last=last)  # ``last``'s weights stay loaded for the next phase
+        wanted = np.zeros(len(self.names), bool)
+        for _, mask in parts:
+            wanted |= mask.any(axis=0)
+        experts = [n for n, w in zip(self.names, wanted) if w]
+        col = {n: j for j, n in enumerate(self.names)}
+        configs = {col[n]: self.config.expert(n) for n in experts}
+        promptless = {col[n]: not ex.backend_for(n).uses_prompt for n in experts}
+        phase = Phase(name)
+        duplicates = loads = 0
+        header = [PLAN_HEADER]
+        for stage in ex.stages(experts, last=last):
+            cols = sorted(col[n] for n in stage)  # each question's experts in pool order
+            cells = []  # (table, question, expert) of every request of the stage, in order
+            for table, mask in parts:
+                rows, which = np.nonzero(mask[:, cols])
+                cells += zip([table] * len(rows), rows.tolist(),
+                             np.asarray(cols)[which].tolist())
+            step = CHUNK if ex.keeps_loaded else max(len(cells), 1)
+            groups: dict[tuple, list] = {}  # load key -> [label, experts, jobs, cached]
+            for start in range(0, len(cells), step):
+                chunk = cells[start:start + step]
+                requests = [self._request(t.questions[i], configs[j], promptless[j])
+                            for t, i, j in chunk]
+                plan = ex.plan(requests, last=last)
+                done = ex.run(requests, plan)
+                gens: list[Generation] = done.generations
+                for table in {id(t): t for t, _, _ in chunk}.values():
+                    mine = [k for k, (t, _, _) in enumerate(chunk) if t is table]
+                    table.fill([chunk[k][1] for k in mine], [chunk[k][2] for k in mine],
+                               [gens[k] for k in mine])
+                unique = [i for g in plan.groups for i in g.indices]
+                phase.requests += len(requests)
+                phase.unique += len(unique)
+                phase.cached += len(plan.hits)
+                phase.generations += done.stats.generations
+                phase.failed += done.stats.failed_generations
+                phase.loads += done.stats.loads
+                phase.replayed += sum(1 for i in unique if requests[i].expert in self.replay
+                                      and gens[i].error is None and not gens[i].cached)
+                duplicates += len(plan.same_as)
+                for g in plan.groups:
+                    row = groups.setdefault(g.key, [g.label, g.experts, 0, 0])
+                    row[2] += len(g.indices)
+                    row[3] += g.cached
+            loads += sum(1 for _, _, jobs, cached in groups.values() if jobs > cached)
+            _log(self.opts, "\n".join(f"[{name}] {line}" for line in
+                                      header + [plan_row(*row) for row in groups.values()]))
+            header = []
+        if phase.requests:
+            _log(self.opts, f"[{name}] " + plan_summary(phase.requests, duplicates, phase.cached,
+                                                       loads, phase.requests))
+        phase.seconds = time.perf_counter() - t0
+        self.phases.append(phase)
+
+    def _phase(self, name: str, requests: list[GenRequest]) -> list[Generation]:
+        """One executor call of the job (the aggregators' generations), recorded as a
+        ``Phase``."""
+        t0 = time.perf_counter()
+        ex = self.orch.executor
+        plan = ex.plan(requests)
         unique = [i for g in plan.groups for i in g.indices]
         phase = Phase(name, requests=len(requests), unique=len(unique), cached=len(plan.hits))
         if requests:
@@ -413,8 +559,9 @@ class EvaluationJob:
             phase.generations = done.stats.generations
             phase.failed = done.stats.failed_generations
             phase.loads = done.stats.loads
-        replayed = sum(1 for i in unique if requests[i].expert in self.replay)
-        phase.replayed = min(replayed, phase.generations)
+            phase.replayed = sum(1 for i in unique if requests[i].expert in self.replay
+                                 and done.generations[i].error is None
+                                 and not done.generations[i].cached)
         phase.seconds = time.perf_counter() - t0
         self.phases.append(phase)
         return done.generations if done is not None else []
@@ -429,58 +576,83 @@ class EvaluationJob:
                 self.strength[e.name] = self.val_acc[e.name].value
                 self.strength_source[e.name] = "validation"
 
-    def _per_question(self, name: str) -> list[list[ExpertResponse]]:
-        return [[self.responses[(q.id, n)] for n in r.names]
-                for q, r in zip(self.questions, self.routes_of[name])]
+    def _cells(self, start: int, end: int) -> dict[tuple[int, int], ExpertResponse]:
+        """The responses of questions start..end-1, by (question, expert) index: built once
+        for every strategy that uses them."""
+        rows, cols = np.nonzero(self.responses.has[start:end])
+        rows += start
+        return dict(zip(zip(rows.tolist(), cols.tolist()),
+                        self.responses.responses(rows, cols)))
+
+    @staticmethod
+    def _responses(routes: RouteTable, start: int, end: int,
+                   cells: dict[tuple[int, int], ExpertResponse]) -> list[list[ExpertResponse]]:
+        """The responses of questions start..end-1's recruits, in route order."""
+        return [[cells[(i, j)] for j in row if j != NONE]
+                for i, row in zip(range(start, end), routes.experts[start:end].tolist())]
 
     def aggregate(self) -> None:
-        """Each strategy's final answers. Aggregators that need generations get them from one
-        executor call for all strategies."""
-        jobs = {s.name: (self._aggregator(s), self.routes_of[s.name], self._per_question(s.name))
-                for s in self.specs if s.name in self.routes_of and s.kind != "oracle"}
-        self.finals = aggregate_together(self.questions, jobs,
-                                         lambda requests: self._phase("aggregation", requests))
-        if self.replay and not any(r.prompt_tokens or r.completion_tokens for (_, n), r in
-                                   self.responses.items() if n in self.replay):
+        """Each strategy's final answers, into its ``OutcomeTable``. Aggregators that
+        generate get every question at once and one executor call for all of them; the
+        others (and the oracle) take the questions a block at a time."""
+        specs = [s for s in self.specs if s.name in self.routes_of]
+        self.outcomes = {s.name: OutcomeTable(self.routes_of[s.name], self.responses)
+                         for s in specs}
+        aggs = {s.name: self._aggregator(s) for s in specs if s.kind != "oracle"}
+        generating = {n: a for n, a in aggs.items() if _generates(a)}
+        if generating:
+            n = len(self.questions)
+            cells = self._cells(0, n)
+            jobs = {name: (agg, self.routes_of[name][:],
+                           self._responses(self.routes_of[name], 0, n, cells))
+                    for name, agg in generating.items()}
+            del cells
+            finals = aggregate_together(self.questions, jobs,
+                                        lambda requests: self._phase("aggregation", requests))
+            for name, fs in finals.items():
+                self.outcomes[name].set_answers(0, [f.answer for f in fs], [f.note for f in fs],
+                                                [f.response for f in fs])
+        oracle_right = next((self.outcomes[s.name].recruit_right() for s in specs
+                             if s.kind == "oracle"), None)
+        for start in range(0, len(self.questions), BLOCK):
+            end = min(start + BLOCK, len(self.questions))
+            cells = self._cells(start, end)
+            for s in specs:
+                if s.name in generating:
+                    continue
+                routes, out = self.routes_of[s.name], self.outcomes[s.name]
+                resp = self._responses(routes, start, end, cells)
+                if s.kind == "oracle":  # the gold answer when a recruit has it, else the vote
+                    right = oracle_right[start:end].tolist()
+                    answers = [self.gold[i] if ok else vote(rs, self.strength)[0]
+                               for i, ok, rs in zip(range(start, end), right, resp)]
+                    out.set_answers(start, answers, [""] * len(answers))
+                    continue
+                finals = aggs[s.name].aggregate(self.questions[start:end], routes[start:end],
+                                                resp, None)
+                out.set_answers(start, [f.answer for f in finals], [f.note for f in finals],
+                                [f.response for f in finals])
+        for s in specs:
+            self.outcomes[s.name].finish(oracle=s.kind == "oracle")
+        t = self.responses
+        replay_cols = [j for j, n in enumerate(self.names) if n in self.replay]
+        if replay_cols and not ((t.prompt_tokens[:, replay_cols] > 0)
+                                | (t.completion_tokens[:, replay_cols] > 0)).any():
             self.notes.append("the replay records carry no token counts: tokens and cost of "
                               "replay experts show as 0")
 
     # -- 5. scores ----------------------------------------------------------------------------
-    def score(self) -> tuple[list[StrategyScore], dict[str, list[Outcome]]]:
-        scores, outcomes = [], {}
+    def score(self) -> list[StrategyScore]:
+        scores = []
         for s in self.specs:
             if s.name not in self.routes_of:
                 continue
-            outcomes[s.name] = self._outcomes(s)
-            score = score_strategy(s.name, s.description, outcomes[s.name], self.config,
+            score = score_strategy(s.name, s.description, self.outcomes[s.name], self.config,
                                    self.route_seconds.get(s.name, 0.0))
             if s.kind in ("single", "best-single"):
                 score.recruit_oracle = Accuracy()  # same as the accuracy: not informative
             scores.append(score)
-        return scores, outcomes
-
-    def _outcomes(self, s: StrategySpec) -> list[Outcome]:
-        rows = []
-        for i, (q, route, resp) in enumerate(zip(self.questions, self.routes_of[s.name],
-                                                 self._per_question(s.name))):
-            any_right = None if gold_answer(q) is None else \
-                any(bool(is_correct(r.answer, q)) for r in resp if r.error is None)
-            if s.kind == "oracle":
-                answer = gold_answer(q) if any_right else vote(resp, self.strength)[0]
-                correct, note, agg_response = any_right, "", None
-            else:
-                final = self.finals[s.name][i]
-                answer, note, agg_response = final.answer, final.note, final.response
-                correct = is_correct(answer, q)
-            failed = any(r.error is not None for r in resp) or \
-                (agg_response is not None and agg_response.error is not None)
-            if failed:
-                correct = any_right = None
-            rows.append(Outcome(question_id=q.id, category=q.category, answer=answer,
-                                correct=correct, recruited=route.names, used=list(resp),
-                                any_right=any_right, aggregator=agg_response, note=note,
-                                failed=failed))
-        return rows
+        return scores
 
 
 def evaluate(config: PoolConfig, questions: list[Question],

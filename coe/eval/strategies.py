@@ -18,10 +18,13 @@ import fnmatch
 import random
 from dataclasses import dataclass
 
+import numpy as np
+
 from coe.config import DEFAULT_CATEGORY, PoolConfig
 from coe.errors import ConfigError
+from coe.eval.routes import RouteTable
 from coe.registry import AGGREGATORS, ROUTERS
-from coe.types import Question, Recruit, Route
+from coe.types import Question, Route
 
 DESCRIBE_AGGREGATOR = {"vote": "majority vote (ties: router weight, then strength)",
                        "llm": "an aggregator LLM reads their responses"}
@@ -92,24 +95,22 @@ def has_categories(config: PoolConfig) -> bool:
     return any(c != DEFAULT_CATEGORY for c in config.category_names())
 
 
-def single_routes(questions: list[Question], expert: str, reason: str) -> list[Route]:
-    return [Route(question_id=q.id, experts=[Recruit(name=expert)], confidence=1.0,
-                  reason=reason) for q in questions]
-
-
 def random_routes(questions: list[Question], names: list[str], k: int, seed: int) -> list[Route]:
     """k distinct experts per question, drawn with a generator seeded by (seed, question id),
     so a question's draw does not depend on which other questions are in the set.
 
     The baseline knows nothing about the experts: the recruits are weighted by draw order, so
     a vote tie goes to the first expert drawn (a random tie-break), not to the strongest."""
-    out = []
-    for q in questions:
-        drawn = random.Random(f"{seed}:{q.id}").sample(names, k)
-        out.append(Route(question_id=q.id, confidence=None, reason=f"random {k} (seed {seed})",
-                         experts=[Recruit(name=n, weight=(k - i) / k)
-                                  for i, n in enumerate(drawn)]))
-    return out
+    return list(random_table([q.id for q in questions], names, k, seed))
+
+
+def random_table(ids: list[str], names: list[str], k: int, seed: int) -> RouteTable:
+    """``random_routes`` as a ``RouteTable``."""
+    pool = range(len(names))  # ``sample`` draws positions: the same draw as from the names
+    drawn = np.array([random.Random(f"{seed}:{qid}").sample(pool, k) for qid in ids],
+                     np.int16).reshape(len(ids), k)
+    weights = np.tile(np.array([(k - i) / k for i in range(k)]), (len(ids), 1))
+    return RouteTable.from_arrays(ids, names, drawn, weights, reason=f"random {k} (seed {seed})")
 
 
 def split_validation(questions: list[Question], fraction: float,

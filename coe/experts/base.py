@@ -73,6 +73,10 @@ class Backend(ABC):
     cacheable: ClassVar[bool] = True
     #: whether the response depends on the question id, not only on the prompt (a replay)
     keyed_by_question: ClassVar[bool] = False
+    #: whether the response depends on the prompt at all: a replay answers by question id
+    #: only, so a caller with many requests may send it none (``prompt`` and ``messages``
+    #: None) instead of building a prompt per request
+    uses_prompt: ClassVar[bool] = True
     #: whether a loaded instance holds weights in this process's memory (an endpoint does not):
     #: only those count against the executor's limit on resident models
     holds_weights: ClassVar[bool] = True
