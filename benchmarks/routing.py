@@ -76,7 +76,9 @@ def startup() -> list[tuple[str, float]]:
 
 
 def cache_rows(ref: str, texts: list[str]) -> tuple:
+    models = StaticEncoder().ensure().parent  # the distilled model, not distilled again
     with tempfile.TemporaryDirectory() as tmp:
+        os.symlink(models, Path(tmp) / "models")
         old = os.environ.get("COE_CACHE_DIR")
         os.environ["COE_CACHE_DIR"] = tmp
         try:
