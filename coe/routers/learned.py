@@ -112,9 +112,10 @@ class LearnedCategoryClassifier:
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise ConfigError(f"{p}: not a coe router file (expected {FORMAT})")
         trained = blob.get("embedding_tag")
-        if trained is not None and trained != static_tag(blob["embedding_model"], base_dir):
+        here = static_tag(blob["embedding_model"], base_dir) if trained is not None else None
+        if trained != here:
             raise ConfigError(f"{p}: trained on static embeddings {trained}, but this machine "
-                              f"distils {static_tag(blob['embedding_model'], base_dir)} (another "
+                              f"distils {here} (another "
                               f"model2vec version or source model): retrain it with coe "
                               f"train-router")
         return cls(blob["estimator"], blob["embedding_model"], base_dir=base_dir)

@@ -29,7 +29,7 @@ from scipy.special import softmax
 
 from coe.embeddings import phrase_model, shared_embedder
 from coe.errors import ConfigError
-from coe.profiles import Profiles
+from coe.profiles import Profiles, skill_matrix
 from coe.routers.base import Recruit, Route, Router
 from coe.skills import build_skill_inferrer
 from coe.types import Question
@@ -103,14 +103,9 @@ class SkillRouter(Router):
         the names' matches (inferred names x profile skills) gives each question's weight on
         every profile skill; that times the skill table gives the local suitabilities."""
         inferred = self.inferrer.infer(questions)
-        names = list(dict.fromkeys(s for sk in inferred for s in sk))
+        weights, names = skill_matrix(inferred)
         col = {n: i for i, n in enumerate(names)}
         matches = self._match(names)
-        weights = sparse.csr_matrix(
-            ([w for sk in inferred for w in sk.values()],
-             ([qi for qi, sk in enumerate(inferred) for _ in sk],
-              [col[s] for sk in inferred for s in sk])),
-            shape=(len(questions), len(names)))
         m_rows = [col[n] for n in names for _ in matches.get(n, [])]
         m_cols = [j for n in names for j, _ in matches.get(n, [])]
         m_vals = [sim for n in names for _, sim in matches.get(n, [])]
