@@ -247,9 +247,13 @@ class StaticEncoder:
     @property
     def model(self):
         if self._model is None:
+            folder = self.ensure()
+            # model2vec takes a path that is not there (a store removed meanwhile) for a hub
+            # id: never let it reach for the network
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from model2vec import StaticModel
 
-            model = StaticModel.from_pretrained(str(self.ensure()))
+            model = StaticModel.from_pretrained(str(folder))
             table = model.embedding.astype(np.float32)
             if model.token_mapping is not None:
                 table = table[model.token_mapping]
