@@ -145,6 +145,13 @@ class RouterConfig(_Strict):
                                 description="dynamic k: recruit until this cumulative probability")
     min_prob: float = Field(0.02, ge=0.0, lt=1.0, description="drop recruits below this probability")
     global_weight: float = Field(0.5, ge=0.0, description="weight of global competence")
+    # knn router
+    neighbours: int = Field(200, gt=0, description="knn: profiled questions to compare with")
+    # cascade (knn router)
+    budget: float | None = Field(
+        None, ge=1.0, description="cascade: ask the strongest recruits first, one more per round, "
+        "until the answer selector is confident; its threshold is calibrated on the profiles' "
+        "validation record so that the average number of experts asked is at most this")
     options: dict[str, Any] = Field(default_factory=dict, description="a plugin router's own options")
 
     @model_validator(mode="before")
@@ -162,6 +169,8 @@ class AggregatorConfig(_Strict):
     # llm: the aggregator expert. It wins over the router's suggestion (the skill router picks
     # the best aggregator from the profiles), which wins over the question's top recruit.
     expert: str | None = None
+    profiles: str | None = Field(None, description="learned: the profiles holding the answer "
+                                 "selector (coe profile; default: router.profiles)")
     options: dict[str, Any] = Field(default_factory=dict,
                                     description="a plugin aggregator's own options")
 

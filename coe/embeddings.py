@@ -283,6 +283,14 @@ class StaticEncoder:
         return vecs / np.maximum(norms, 1e-12)
 
 
+def static_tag(embedding_model: str, base_dir: Path | str = ".") -> str | None:
+    """Which distilled static model ``embedding_model`` is here (None: not a static one):
+    anything fitted on vectors (a classifier, a validation record) fits only the vectors of
+    the model it was built with."""
+    source = static_source(embedding_model)
+    return None if source is None else StaticEncoder(source, base_dir).tag
+
+
 def build_encoder(ref: str, batch_size: int = 64, base_dir: Path | str = "."):
     source = static_source(ref)
     if source is not None:

@@ -298,13 +298,54 @@ def plan_together(parts: list[Part]) -> Plan:
     return executor.plan(requests, last=last[0][0] if last else None)
 
 
+def _first(routes: list[Route], counts: list[int]) -> list[Route]:
+    """Each route with only its first ``count`` recruits (the route itself when all)."""
+    return [r if n >= len(r.experts) else r.model_copy(update={"experts": r.experts[:n]})
+            for r, n in zip(routes, counts)]
+
+
+def _cascade_rounds(executor: Executor, parts: list[Part], cascades: list, full: list,
+                    counts: list[list[int]], responses: list) -> None:
+    """The cascades' further rounds (``coe.cascade``): every question a cascade is not yet
+    confident in asks its next recruit; one executor call per round for every part (one
+    batch per model). Each part's routes become the recruits actually asked."""
+    while True:
+        todo = []  # (part, question index, recruit)
+        for n, (p, cascade) in enumerate(zip(parts, cascades)):
+            if cascade is None:
+                continue
+            for i in cascade.open_questions(p.questions, counts[n], full[n], responses[n]):
+                todo.append((n, i, full[n][i].experts[counts[n][i]]))
+        if not todo:
+            break
+        requests = [build_request(parts[n].orchestrator.config.expert(r.name), parts[n].questions[i])
+                    for n, i, r in todo]
+        for (n, i, r), g in zip(todo, executor.run(requests).generations):
+            responses[n][i].append(response_from(r.name, g, parts[n].questions[i]))
+            counts[n][i] += 1
+    for n, cascade in enumerate(cascades):
+        if cascade is not None:
+            routes = _first(full[n], counts[n])
+            for r, k, route in zip(routes, counts[n], full[n]):
+                r.reason += f"; cascade: asked {k} of {len(route.experts)}"
+            parts[n].routes = routes
+
+
 def answer_together(parts: list[Part], on_plan: Callable[[Plan], None] | None = None,
                     on_token: PartToken | None = None) -> tuple[list[list[QuestionResult]], Plan]:
     """Answer several orchestrators' routed questions on their one shared executor: every
     expert generation of every part in one plan (each model loads once for all of them), then
-    every aggregator generation in one more executor call. Returns each part's results and the
-    experts' plan. ``on_token`` streams the aggregators' generations where the backend can."""
+    every aggregator generation in one more executor call. A part whose router cascades
+    (``coe.cascade``) asks its first recruits in that plan, then the next recruit of its
+    unsure questions in one more executor call per round. Returns each part's results and the
+    experts' plan (the first round's). ``on_token`` streams the aggregators' generations where the backend can."""
     executor = parts[0].orchestrator.executor
+    cascades = [getattr(p.orchestrator.router, "cascade", None) for p in parts]
+    full = [p.routes for p in parts]
+    # a cascade's first round asks each question's first recruit; the others ask them all
+    counts = [[1 if c else len(r.experts) for r in p.routes] for p, c in zip(parts, cascades)]
+    parts = [Part(p.orchestrator, p.questions, _first(p.routes, n))
+             for p, n in zip(parts, counts)]
     plan = plan_together(parts)
     requests = plan.requests
     if on_plan is not None:
@@ -312,12 +353,12 @@ def answer_together(parts: list[Part], on_plan: Callable[[Plan], None] | None = 
     gens = iter(executor.run(requests, plan).generations if requests else [])
     responses: list[list[list[ExpertResponse]]] = []
     for p in parts:
-        mine = []
-        for q, route in zip(p.questions, p.routes):
-            resp = [response_from(name, next(gens), q) for name in route.names]
-            route.failed = {r.expert: r.error for r in resp if r.error}
-            mine.append(resp)
-        responses.append(mine)
+        responses.append([[response_from(name, next(gens), q) for name in route.names]
+                          for q, route in zip(p.questions, p.routes)])
+    _cascade_rounds(executor, parts, cascades, full, counts, responses)
+    for p, resp in zip(parts, responses):
+        for route, r in zip(p.routes, resp):
+            route.failed = {x.expert: x.error for x in r if x.error}
 
     asked = [p.orchestrator.aggregator.requests(p.questions, p.routes, resp)
              for p, resp in zip(parts, responses)]

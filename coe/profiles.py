@@ -14,6 +14,11 @@ expert:
 and per aggregator candidate, its *aggregation* accuracy: given the experts' responses, does
 it write the gold answer. The file is readable JSON; profiling more questions into an existing
 file adds to it (questions already in it are skipped).
+
+The profiles also keep the validation run itself (``record``): every profiled question's
+embedding and every expert's answer, in a sidecar array file the JSON names and checks
+(``coe.neighbours``), for the kNN router and the learned answer selector (``selector``: the
+fitted model, a few hundred numbers, in the JSON).
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field, computed_field
+from pydantic import BaseModel, Field, PrivateAttr, computed_field
 from scipy import sparse
 
 from coe.answers import is_correct
 from coe.errors import ConfigError
+from coe.neighbours import ValidationRecord, file_sha256
+from coe.selector import Selector, SelectorModel, build_selector
 
 FORMAT_VERSION = 1
 
@@ -60,12 +67,58 @@ class AggregatorProfile(BaseModel):
         return self.correct / self.total if self.total else 0.0
 
 
+class RecordInfo(BaseModel):
+    """Where the validation record is (relative to the JSON) and what it must be."""
+
+    file: str
+    sha256: str
+    questions: int
+    embedding_model: str
+    embedding_tag: str | None = None
+
+
 class Profiles(BaseModel):
     version: int = FORMAT_VERSION
     skill_source: str
     experts: dict[str, ExpertProfile] = Field(default_factory=dict)
     aggregators: dict[str, AggregatorProfile] = Field(default_factory=dict)
+    record: RecordInfo | None = None  # the validation run, for kNN routing and selection
+    selector: SelectorModel | None = None  # the learned answer selector, fitted on the record
     questions: list[str] = Field(default_factory=list)  # ids profiled so far
+    _path: Path | None = PrivateAttr(None)
+    _record: ValidationRecord | None = PrivateAttr(None)
+
+    def attach_record(self, record: ValidationRecord) -> None:
+        """The validation record to write beside the JSON on ``save``."""
+        self._record = record
+
+    def validation_record(self) -> ValidationRecord:
+        """The validation record (read from the sidecar file and checked against the JSON)."""
+        if self._record is not None:
+            return self._record
+        where = self._path or Path("profiles.json")
+        if self.record is None:
+            raise ConfigError(f"{where}: the profiles hold no validation record (they were "
+                              "built by an older coe): rebuild them with coe profile")
+        side = where.parent / self.record.file
+        if not side.is_file():
+            raise ConfigError(f"{side}: validation record not found (it belongs beside {where})")
+        if file_sha256(side) != self.record.sha256:
+            raise ConfigError(f"{side}: validation record does not match {where.name} "
+                              "(changed or damaged): rebuild the profiles with coe profile")
+        rec = ValidationRecord.load(side, self.record.embedding_model, self.record.embedding_tag)
+        if len(rec) != self.record.questions:
+            raise ConfigError(f"{side}: {len(rec)} questions, {where.name} says "
+                              f"{self.record.questions}")
+        self._record = rec
+        return rec
+
+    def selector_for(self, config) -> Selector:
+        """The fitted answer selector, ready for ``config``'s pool."""
+        if self.selector is None:
+            raise ConfigError(f"{self._path or 'profiles'}: no answer selector (rebuild the "
+                              "profiles with coe profile)")
+        return build_selector(config, self.selector, self.validation_record())
 
     def skill_names(self) -> list[str]:
         names: dict[str, None] = {}
@@ -80,11 +133,19 @@ class Profiles(BaseModel):
     def save(self, path: str | Path) -> None:
         """Indented JSON, the profiles first and the (long) list of question ids last, on one
         line, so the file reads from the top."""
+        path = Path(path)
+        if self._record is not None:
+            side = path.with_suffix(".npz")
+            self._record.save(side)
+            self.record = RecordInfo(file=side.name, sha256=file_sha256(side),
+                                     questions=len(self._record),
+                                     embedding_model=self._record.embedding_model,
+                                     embedding_tag=self._record.embedding_tag)
         data = json.loads(self.model_dump_json())
         ids = data.pop("questions")
         text = json.dumps({**data, "questions": "__ids__"}, indent=1, ensure_ascii=False)
         head, _, tail = text.rpartition('"__ids__"')
-        Path(path).write_text(head + json.dumps(ids) + tail + "\n", encoding="utf-8")
+        path.write_text(head + json.dumps(ids) + tail + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> "Profiles":
@@ -92,7 +153,9 @@ class Profiles(BaseModel):
         if not p.is_file():
             raise ConfigError(f"{p}: profiles file not found (build it with coe profile)")
         try:
-            return cls.model_validate_json(p.read_text(encoding="utf-8"))
+            prof = cls.model_validate_json(p.read_text(encoding="utf-8"))
+            prof._path = p
+            return prof
         except ValueError as e:
             first = str(e).splitlines()
             raise ConfigError(f"{p}: not a coe profiles file ({first[1] if len(first) > 1 else e})") from None

@@ -12,10 +12,13 @@ from __future__ import annotations
 from coe.aggregators.base import aggregate_together
 from coe.aggregators.llm import LLMAggregator
 from coe.answers import is_correct
+from coe.embeddings import shared_embedder, static_tag
 from coe.errors import ConfigError
+from coe.neighbours import Neighbourhood, ValidationRecord
 from coe.orchestrator import Orchestrator
 from coe.profiles import AggregatorProfile, Profiles, add_expert_results
 from coe.routers.all import AllRouter
+from coe.selector import fit_selector
 from coe.skills import build_skill_inferrer
 
 
@@ -52,9 +55,27 @@ def build_profiles(config, questions, existing: Profiles | None = None, skills: 
         add_expert_results(prof, todo, inferrer.infer(todo), responses)
         _profile_aggregators(prof, orch, candidates, todo, routes, responses)
         prof.questions.extend(q.id for q in todo)
+        record = _record(config, todo, responses, prof if existing is not None else None)
+        prof.attach_record(record)
+        prof.selector = fit_selector(record, Neighbourhood(record, config,
+                                                           config.router.neighbours))
+        log(f"validation record: {len(record)} questions; answer selector "
+            + ("fitted" if prof.selector else "not fitted (no right or no wrong answer to learn from)"))
     log(f"profiled {len(todo)} questions: {stats.generations} generations, "
         f"{stats.cache_hits} cached, {stats.loads} model loads")
     return prof
+
+
+def _record(config, questions, responses, existing: Profiles | None) -> ValidationRecord:
+    """The validation run of ``questions``, after the existing profiles' record if any."""
+    ref, base = config.embeddings.model, str(config.base_dir)
+    vecs = shared_embedder(ref, config.embeddings.batch_size, base).encode(
+        [q.question for q in questions])
+    new = ValidationRecord.from_run(questions, responses, [e.name for e in config.experts],
+                                    vecs, ref, static_tag(ref, base))
+    if existing is None or existing.record is None:
+        return new
+    return existing.validation_record().extend(new)
 
 
 def _profile_aggregators(prof: Profiles, orch: Orchestrator, candidates: dict[str, LLMAggregator],

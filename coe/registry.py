@@ -126,11 +126,13 @@ ROUTERS = Registry("router", "coe.routers", {
     "all": "coe.routers.all:AllRouter",
     "category": "coe.routers.category:CategoryRouter",
     "skill": "coe.routers.skill:SkillRouter",
+    "knn": "coe.routers.knn:KnnRouter",
 })
 
 AGGREGATORS = Registry("aggregator", "coe.aggregators", {
     "vote": "coe.aggregators.vote:VoteAggregator",
     "llm": "coe.aggregators.llm:LLMAggregator",
+    "learned": "coe.aggregators.learned:LearnedAggregator",
     "single": "coe.aggregators.single:SingleAggregator",
 })
 

@@ -19,9 +19,10 @@ def test_profiles_file_reads_from_the_top_and_round_trips(tmp_path):
     lines = text.splitlines()
     assert lines[-2].startswith(' "questions": ["0", "1"') and len(lines) < 40  # ids on one line, last
     data = json.loads(text)
-    assert list(data) == ["version", "skill_source", "experts", "aggregators", "questions"]
+    assert list(data) == ["version", "skill_source", "experts", "aggregators", "record", "selector",
+                          "questions"]
     assert data["experts"]["alpha"]["skills"] == {"algebra": 0.5, "contract law": -1.5}
     assert data["experts"]["alpha"]["accuracy"] == 1 / 3
     assert data["aggregators"]["alpha"]["accuracy"] == 2 / 3
     again = Profiles.load(path)  # the written-out accuracies are ignored on load
-    assert again == prof and again.experts["alpha"].accuracy == prof.experts["alpha"].accuracy
+    assert again.model_dump() == prof.model_dump() and again.experts["alpha"].accuracy == prof.experts["alpha"].accuracy

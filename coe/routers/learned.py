@@ -17,7 +17,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 
-from coe.embeddings import DEFAULT_MODEL, StaticEncoder, shared_embedder, static_source
+from coe.embeddings import DEFAULT_MODEL, shared_embedder, static_tag
 from coe.errors import ConfigError
 
 FORMAT = "coe-category-router/1"
@@ -32,13 +32,6 @@ def one_thread():
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=1)
-
-
-def static_tag(embedding_model: str, base_dir: str = ".") -> str | None:
-    """Which distilled static model ``embedding_model`` is here (None: not a static one): a
-    classifier only fits the vectors of the model it was trained on."""
-    source = static_source(embedding_model)
-    return None if source is None else StaticEncoder(source, base_dir).tag
 
 
 def make_estimator(name: str = "logreg"):
