@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from coe.config import load_config  # noqa: E402
 from coe.embeddings import MINILM, STATIC, Embedder, StaticEncoder, shared_embedder  # noqa: E402
-from coe.eval.mmlu_pro import ensure_pool  # noqa: E402
+from coe.eval.pools import ensure_pool  # noqa: E402
 from coe.orchestrator import Orchestrator  # noqa: E402
 from coe.profiling import build_profiles  # noqa: E402
 from coe.questions import load_questions  # noqa: E402

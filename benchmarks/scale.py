@@ -43,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from coe.eval.mmlu_pro import ensure_pool  # noqa: E402
+from coe.eval.pools import ensure_pool  # noqa: E402
 
 NO_EMBEDDING = "single:*,best-single,all+vote,category+vote,category@1,random3+vote,oracle"
 VALIDATION = 2000

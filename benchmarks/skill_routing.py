@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from coe.aggregators import vote  # noqa: E402
 from coe.answers import is_correct  # noqa: E402
 from coe.config import load_config  # noqa: E402
-from coe.eval.mmlu_pro import ensure_pool  # noqa: E402
+from coe.eval.pools import ensure_pool  # noqa: E402
 from coe.orchestrator import Orchestrator  # noqa: E402
 from coe.profiles import Profiles, add_expert_results  # noqa: E402
 from coe.questions import load_questions  # noqa: E402

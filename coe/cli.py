@@ -192,6 +192,42 @@ def _check_eval_outputs(cfg, out: Path, record: Optional[Path], inputs: list) ->
 
 
 @app.command()
+def pool(
+    source: Path = typer.Argument(..., help="folder of recorded outputs: MMLU-Pro .zip/.json "
+                                  "files, or questions.jsonl + outputs/<model>.jsonl"),
+    out: Path = typer.Option(..., "--out", "-o", help="pool folder to write"),
+    experts: Optional[str] = typer.Option(
+        None, "--experts", help="comma-separated model names or shell patterns, in pool order "
+        "(default: every model of SOURCE)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the train/test split"),
+    top_per_category: int = typer.Option(3, "--top-per-category", min=1,
+                                         help="experts per category (and default) in the yaml"),
+    params: Optional[list[str]] = typer.Option(
+        None, "--params", help="NAME=BILLIONS, repeatable or comma-separated (known for the "
+        "8 shared MMLU-Pro models)"),
+    fmt: str = typer.Option("auto", "--format", help="auto | mmlu-pro | generic"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines"),
+):
+    """Build a replay pool from recorded outputs: train.jsonl / test.jsonl (seeded 50/50
+    split), replay/<model>.jsonl and experts.yaml (strengths = train-half accuracy)."""
+    from coe.eval.pools import build_pool, parse_params
+    from coe.eval.recorded import PoolSourceError
+
+    if fmt not in ("auto", "mmlu-pro", "generic"):
+        raise PoolSourceError(f"--format {fmt!r}: expected auto, mmlu-pro or generic")
+    summary = build_pool(source, out, seed=seed, top_per_category=top_per_category,
+                         experts=experts, params=parse_params(params), fmt=fmt,
+                         log=None if quiet else err)
+    typer.echo(f"{'expert':<28} {'train acc':>9} {'params':>7}")
+    for name, s in sorted(summary["strength"].items(), key=lambda kv: -kv[1]):
+        b = summary["params"][name]
+        typer.echo(f"{name:<28} {s:>9.1%} {(f'{b:g}B' if b is not None else '-'):>7}")
+    err(f"{out / 'experts.yaml'}: {len(summary['strength'])} replay experts, "
+        f"{summary['questions']:,} {summary['format']} questions "
+        f"(train {summary['train']:,}, test {summary['test']:,})")
+
+
+@app.command()
 def profile(
     validation: Path = typer.Argument(..., help="questions with gold answers"),
     config: Path = ConfigOpt,
