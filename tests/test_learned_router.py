@@ -275,3 +275,26 @@ def test_a_router_trained_on_other_static_embeddings_is_refused(tmp_path, labell
     with pytest.raises(ConfigError, match="retrain it with coe train-router") as e:
         LearnedCategoryClassifier.load(tmp_path / "r.joblib")
     assert "static-000000000000" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_training_question_is_classified_by_the_copy_that_did_not_see_it(tmp_path, labelled):
+    """Cross-fitting: routing the training questions again is out-of-sample; new questions get
+    the classifier fitted on everything; the copies survive save and load."""
+    from coe.neighbours import text_hash
+    from coe.routers.learned import FOLDS
+
+    clf, _ = train_category_router(labelled[:90], labelled[90:])
+    clf.save(tmp_path / "r.joblib")
+    clf = LearnedCategoryClassifier.load(tmp_path / "r.joblib")
+    hashes, fold, copies = clf.folds
+    assert len(copies) == FOLDS and len(hashes) == 90  # every training question
+    seen = [q.question for q in labelled[:40]]
+    x = clf.embed(seen)
+    f = (text_hash(seen) % FOLDS).astype(int)
+    _, p = clf.predict_proba(seen)
+    for i in range(len(seen)):
+        assert np.allclose(p[i], copies[f[i]].predict_proba(x[i:i + 1])[0])
+        assert not np.allclose(p[i], clf.estimator.predict_proba(x[i:i + 1])[0])
+    new = ["Under contract law, is a promise made without any consideration enforceable?"]
+    assert np.allclose(clf.predict_proba(new)[1], clf.estimator.predict_proba(clf.embed(new)))
+    assert build_router("category", pool(tmp_path, "r.joblib")).cross_fitted

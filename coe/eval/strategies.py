@@ -8,6 +8,10 @@ Names (``--strategies`` takes a comma-separated list of names or shell patterns)
                        each registered aggregator but ``single`` (``vote``, ``llm``,
                        plugins); ``all+vote`` is the all-experts vote;
 - ``<router>@1``       the router's first expert only (CoE's one-expert route);
+- ``knn+learned~<b>`` a cascade (``coe.cascade``): the knn router's recruits asked in rounds
+                       until the answer selector is confident, at most ``b`` experts per
+                       question on average on the validation record (``--budgets``, and the
+                       yaml's ``router.budget``);
 - ``random<k>+vote``   k experts drawn at random per question (seeded), voting;
 - ``oracle``           right when any expert of the pool is right: the upper bound.
 """
@@ -27,7 +31,8 @@ from coe.registry import AGGREGATORS, ROUTERS
 from coe.types import Question, Route
 
 DESCRIBE_AGGREGATOR = {"vote": "majority vote (ties: router weight, then strength)",
-                       "llm": "an aggregator LLM reads their responses"}
+                       "llm": "an aggregator LLM reads their responses",
+                       "learned": "the learned answer selector picks"}
 
 
 def router_kinds() -> list[str]:
@@ -48,10 +53,13 @@ class StrategySpec:
     aggregator: str | None = None  # vote | llm | single; None for the oracle
     k: int | None = None
     expert: str | None = None  # for single
+    budget: float | None = None  # a cascade's average experts per question (router.budget)
 
 
-def all_specs(config: PoolConfig, random_k: int = 3) -> list[StrategySpec]:
-    """Every strategy the pool could support, before availability checks."""
+def all_specs(config: PoolConfig, random_k: int = 3,
+              budgets: list[float] | tuple[float, ...] = ()) -> list[StrategySpec]:
+    """Every strategy the pool could support, before availability checks; ``budgets``: the
+    cascades to try (the yaml's ``router.budget`` is added when its router is knn)."""
     specs = [StrategySpec(f"single:{e.name}", "single", f"{e.name} alone",
                           aggregator="single", expert=e.name) for e in config.experts]
     specs.append(StrategySpec("best-single", "best-single",
@@ -67,6 +75,15 @@ def all_specs(config: PoolConfig, random_k: int = 3) -> list[StrategySpec]:
             specs.append(StrategySpec(f"{router}@1", "router",
                                       f"{router} router's first expert only",
                                       router=router, aggregator="vote", k=1))
+    budgets = list(budgets)
+    if config.router.kind == "knn" and config.router.budget is not None:
+        budgets.append(config.router.budget)
+    for b in sorted(set(budgets)):
+        specs.append(StrategySpec(
+            f"knn+learned~{b:g}", "router",
+            f"knn router's recruits asked in rounds until the answer selector is confident: "
+            f"at most {b:g} experts/question on average on validation",
+            router="knn", aggregator="learned", budget=b))
     k = max(1, min(random_k, len(config.experts)))
     specs.append(StrategySpec(f"random{k}+vote", "random",
                               f"{k} experts drawn at random per question (seeded), voting; "

@@ -69,6 +69,15 @@ class CategoryRouter(Router):
         return cls(config, k, classifier=classifier)
 
     @property
+    def cross_fitted(self) -> bool:
+        """Whether a question the router was trained on is routed out-of-sample: the
+        zero-shot match and given categories learn nothing from questions; a trained
+        classifier must be cross-fitted (``coe.routers.learned``)."""
+        clf = self._classifier
+        return (clf is None or isinstance(clf, ZeroShotCategoryClassifier)
+                or getattr(clf, "folds", None) is not None)
+
+    @property
     def classifier(self):
         if self._classifier is None:
             self._classifier = ZeroShotCategoryClassifier(self.config)

@@ -12,9 +12,13 @@ validation questions again gives out-of-sample routes (``cross_fitted``).
 
 With ``budget`` the router's recruits are asked as a cascade (``coe.cascade``): the k
 strongest in order, one more per round, until the answer selector is confident enough.
+Without ``k`` in the yaml, the cascade's depth is chosen on the validation record too: the
+k (from the budget up to the pool's size) whose calibrated cascade is most accurate there.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -32,6 +36,8 @@ class KnnRouter(Router):
 
     def __init__(self, config, profiles: Profiles, k: int | None = 3, neighbours: int = 200,
                  budget: float | None = None):
+        """``k``: recruits per question (3 when None), or with ``budget`` the cascade's most
+        experts (None: the depth whose cascade is most accurate on the validation record)."""
         profiles.check_pool(config)
         self.config = config
         self.profiles = profiles
@@ -52,8 +58,16 @@ class KnnRouter(Router):
             if selector.experts != rec.experts:
                 raise ConfigError("the profiles' answer selector and validation record disagree "
                                   "(rebuild the profiles with coe profile)")
-            order = self.order(self.hood.local_of_record()[:, self.columns])[:, :self.k]
-            self.cascade = Cascade.calibrate(selector, order, self.columns, budget)
+            order = self.order(self.hood.local_of_record()[:, self.columns])
+            if k is not None:
+                self.cascade = Cascade.calibrate(selector, order[:, :self.k], self.columns, budget)
+            else:  # the cascade's depth, chosen on the validation record too
+                tried = [Cascade.calibrate(selector, order[:, :m], self.columns, budget)
+                         for m in range(max(2, math.ceil(budget)), len(self.experts) + 1)]
+                self.cascade = max(tried, key=lambda c: (c.validation_accuracy, -c.max_experts),
+                                   default=None) or Cascade.calibrate(
+                                       selector, order, self.columns, budget)
+                self.k = self.cascade.max_experts
 
     @classmethod
     def from_config(cls, config, *, executor=None, k=None) -> "KnnRouter":
@@ -62,8 +76,8 @@ class KnnRouter(Router):
             raise ConfigError(f"{config.source}: router 'knn' needs router.profiles "
                               "(build them with coe profile)")
         path = config.resolve_path(rc.profiles)
-        return cls(config, Profiles.load(path), k=k or rc.k or 3, neighbours=rc.neighbours,
-                   budget=rc.budget)
+        k = k or rc.k or (None if rc.budget is not None else 3)
+        return cls(config, Profiles.load(path), k=k, neighbours=rc.neighbours, budget=rc.budget)
 
     def local(self, questions: list[Question]) -> np.ndarray:
         """Local accuracy of every pool expert (questions x pool experts)."""

@@ -6,6 +6,12 @@ scikit-learn's habits (``fit``, ``predict``, ``predict_proba``) and saves to one
 holding the estimator, its category labels and the embedding model it was trained with.
 ``CategoryRouter`` uses it when the yaml's ``router.model_file`` names such a file; a file
 trained on categories the yaml does not know is refused before any model loads.
+
+**Cross-fitted.** Besides the classifier fitted on every training question, ``FOLDS`` copies
+are each fitted without one fold of them (folds by a hash of the question text). A question
+whose text was among the training questions is classified by the copy that did not see it,
+so routing the training questions again (``coe eval`` scoring strategies on the validation
+set the router was trained on) gives out-of-sample predictions, not memorised ones.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import numpy as np
 
 from coe.embeddings import DEFAULT_MODEL, shared_embedder, static_tag
 from coe.errors import ConfigError
+from coe.neighbours import text_hash
+
+FOLDS = 5
 
 FORMAT = "coe-category-router/1"
 ESTIMATORS = ("logreg", "knn", "svm")
@@ -59,6 +68,10 @@ class LearnedCategoryClassifier:
         self.batch_size = batch_size
         self.base_dir = base_dir
         self._embedder = embedder  # default: the process-wide one for embedding_model
+        #: the cross-fitted copies: (training texts' hashes, each one's fold, the estimators
+        #: fitted without each fold); None when not cross-fitted (too few questions, or a
+        #: file written before cross-fitting)
+        self.folds: tuple[np.ndarray, np.ndarray, list] | None = None
 
     @property
     def embedder(self):
@@ -73,23 +86,51 @@ class LearnedCategoryClassifier:
         return self.embedder.encode(list(texts))
 
     def fit(self, texts: list[str], categories: list[str]) -> "LearnedCategoryClassifier":
-        x = self.embed(texts)
+        from sklearn.base import clone
+
+        x, y = self.embed(texts), np.asarray(categories)
+        hashes = text_hash(list(texts))
+        fold = (hashes % FOLDS).astype(np.int64)
         with one_thread():
-            self.estimator.fit(x, np.asarray(categories))
+            self.estimator.fit(x, y)
+            self.folds = None
+            if all(len(set(y[fold != f])) > 1 for f in range(FOLDS)):
+                self.folds = (hashes, fold, [clone(self.estimator).fit(x[fold != f], y[fold != f])
+                                             for f in range(FOLDS)])
         return self
 
-    def predict(self, texts: list[str]) -> list[str]:
+    def _proba(self, texts: list[str]) -> np.ndarray:
+        """Class probabilities (columns: ``labels``); a training text's from the copy fitted
+        without it."""
         x = self.embed(texts)
         with one_thread():
-            return [str(c) for c in self.estimator.predict(x)]
+            p = self.estimator.predict_proba(x)
+            if self.folds is None:
+                return p
+            hashes, fold, estimators = self.folds
+            order = np.argsort(hashes)
+            h = text_hash(list(texts))
+            at = np.minimum(np.searchsorted(hashes[order], h), len(order) - 1)
+            seen = hashes[order][at] == h
+            for f, est in enumerate(estimators):
+                mine = np.flatnonzero(seen & (fold[order][at] == f))
+                if len(mine):
+                    col = [list(est.classes_).index(c) if c in est.classes_ else -1
+                           for c in self.estimator.classes_]
+                    q = est.predict_proba(x[mine])
+                    p[mine] = np.where(np.array(col) >= 0, q[:, np.maximum(col, 0)], 0.0)
+            return p
+
+    def predict(self, texts: list[str]) -> list[str]:
+        labels = self.labels
+        return [labels[i] for i in np.argmax(self._proba(texts), axis=1)]
 
     def predict_proba(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
-        x = self.embed(texts)
-        with one_thread():
-            return self.labels, self.estimator.predict_proba(x)
+        return self.labels, self._proba(texts)
 
     def save(self, path: str | Path) -> None:
         joblib.dump({"format": FORMAT, "estimator": self.estimator, "labels": self.labels,
+                     "folds": self.folds,
                      "embedding_model": self.embedding_model,
                      "embedding_tag": static_tag(self.embedding_model, self.base_dir)}, path)
 
@@ -111,7 +152,9 @@ class LearnedCategoryClassifier:
                               f"distils {here} (another "
                               f"model2vec version or source model): retrain it with coe "
                               f"train-router")
-        return cls(blob["estimator"], blob["embedding_model"], base_dir=base_dir)
+        clf = cls(blob["estimator"], blob["embedding_model"], base_dir=base_dir)
+        clf.folds = blob.get("folds")
+        return clf
 
     def check_categories(self, config, source: str) -> None:
         """Every category the classifier predicts must be a category of the pool."""
