@@ -102,7 +102,7 @@ def recommended_pool(config: PoolConfig, spec: StrategySpec, *, k: int | None,
 
     ``k``: the number of recruits the evaluation routed with (None: the router's own);
     ``experts``: the only experts the strategy runs (a single expert: the pool is reduced to
-    it and routed with ``all``); ``strength``: the vote tie-break strengths the evaluation
+    it, with no category map, and routed with ``all``); ``strength``: the vote tie-break strengths the evaluation
     used (written for the experts the yaml gives none); ``aggregator_expert``: the llm
     aggregator expert the evaluation was told to use."""
     raw = config.model_dump(mode="json", exclude_unset=True)
@@ -115,13 +115,12 @@ def recommended_pool(config: PoolConfig, spec: StrategySpec, *, k: int | None,
         if e.get("strength") is None and strength and e["name"] in strength:
             e["strength"] = strength[e["name"]]
     # the category map as the evaluation read it (strengths added above would reorder the
-    # experts that list a category themselves)
+    # experts that list a category themselves); a one-expert pool routes by none
     categories = {}
-    for c in config.category_names():
-        names = [n for n in config.category_experts(c) if n in keep]
+    for c in config.category_names() if not experts else ():
         desc = config.categories[c].description if c in config.categories else ""
-        if names or (desc and not experts):
-            categories[c] = {**({"description": desc} if desc else {}), "experts": names}
+        categories[c] = {**({"description": desc} if desc else {}),
+                         "experts": config.category_experts(c)}
     extra = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
              if f.name not in _SPEC_FIELDS and getattr(spec, f.name) is not None}
     if experts:
@@ -143,9 +142,10 @@ def recommended_pool(config: PoolConfig, spec: StrategySpec, *, k: int | None,
     aggregator.update({n: v for n, v in extra.items() if n in AggregatorConfig.model_fields})
     if aggregator.get("expert") not in (None, *keep):
         aggregator.pop("expert")
-    out = {"experts": pool, "categories": categories, "router": router,
-           "aggregator": aggregator}
-    rest = {n: v for n, v in raw.items() if n not in out}
+    out = {"experts": pool, **({"categories": categories} if categories else {}),
+           "router": router, "aggregator": aggregator}
+    rest = {n: v for n, v in raw.items() if n not in ("experts", "categories", "router",
+                                                       "aggregator")}
     emb = rest.get("embeddings", {}).get("model")
     if emb is not None:
         source = emb.partition(":")[2] if emb.startswith("static:") else emb
