@@ -322,10 +322,10 @@ def test_llm_strategies_are_scored_on_validation_through_the_executor(
     cfg, test, val = make_pool(tmp_path, extra_experts=[JUDGE])
     r = run_eval_job(test, cfg, out_dir=None, validation=val, cache=False,
                      strategies="best-single,all+llm", aggregator_expert="judge")[0]
-    phases = [(p.name, p.requests) for p in r.phases]
-    # the judge aggregates the 4 validation questions, then the 8 test questions
-    assert phases[-2:] == [("validation aggregation", 4), ("aggregation", 8)]
-    assert sum(1 for c in scripted if c[2] == "aggregate") == 12
+    # the judge aggregates the 4 validation questions and the 8 test questions, in one call
+    assert [(p.name, p.requests) for p in r.phases][-1] == ("aggregation", 12)
+    assert [c[1] for c in scripted if c[2] == "aggregate"] == [
+        *(f"v{i}" for i in range(4)), *(f"q{i}" for i in range(8))]
     # it repeats the last response shown, its own (D everywhere): right on v3 and q3, q7
     assert (r.val_score("all+llm").overall.correct, r.val_score("all+llm").overall.n) == (1, 4)
     assert r.score("all+llm").overall.correct == 2

@@ -9,8 +9,8 @@ The job
    so every strategy can be scored there at no generation more), and hands it to the
    load-once executor (each model loaded once, identical requests made once, the response
    cache consulted first and filled as each generation finishes);
-3. asks every ``llm`` aggregation strategy for its aggregation requests, runs all of them in
-   one more executor call per question set, and gives each strategy its own generations back;
+3. asks every ``llm`` aggregation strategy for its aggregation requests on both sets, runs
+   all of them in one more executor call, and gives each strategy its own generations back;
 4. scores each strategy on its own subset of the shared generations, on both sets;
 5. compares each strategy with best-single, question by question, on both sets
    (``coe.eval.compare``), and recommends one from the validation comparisons alone
@@ -43,8 +43,8 @@ small, so 100,000 questions x 8 replayed experts evaluate in well under 1 GiB:
   answers by question id), so none is built;
 - aggregators that need no generation (``vote``, ``single``, the oracle's vote) see the
   questions in blocks of ``BLOCK``: the ``ExpertResponse`` objects they take are built for a
-  block, then dropped. Aggregators that generate (``llm``) get every question of a set at
-  once, as their generations must be one executor call: their prompts hold the experts'
+  block, then dropped. Aggregators that generate (``llm``) get every question of both sets
+  at once, as their generations must be one executor call: their prompts hold the experts'
   texts;
 - the comparisons read the outcome tables' arrays (a few boolean arrays per strategy);
 - nothing per question is held for the report: ``outcomes.jsonl`` is written row by row from
@@ -322,8 +322,7 @@ class EvaluationJob:
             self.route_strategies()
             self.answer_experts()
             self.break_ties()
-            for qs in self.sets:
-                self.aggregate(qs)
+            self.aggregate()
         for qs in self.sets:
             self.score(qs)
         self.compare()
@@ -713,28 +712,52 @@ class EvaluationJob:
         return [[cells[(i, j)] for j in row if j != NONE]
                 for i, row in zip(range(start, end), routes.experts[start:end].tolist())]
 
-    def aggregate(self, qs: QuestionSet) -> None:
-        """Each strategy's final answers on one question set, into its ``OutcomeTable``.
-        Aggregators that generate get every question of the set at once and one executor call
-        for all of them (phase ``aggregation``, or ``validation aggregation``); the others (and
-        the oracle) take the questions a block at a time."""
-        specs = [s for s in self.specs if s.name in qs.routes_of]
-        qs.outcomes = {s.name: OutcomeTable(qs.routes_of[s.name], qs.responses) for s in specs}
+    def aggregate(self) -> None:
+        """Each strategy's final answers on every question set, into its ``OutcomeTable``s.
+        Aggregators that generate get every question of every set at once (validation then
+        test) and one executor call for all of them, so the aggregator models load once; the
+        others (and the oracle) take the questions a block at a time, set by set."""
+        specs = [s for s in self.specs if s.name in self.test.routes_of]
         aggs = {s.name: self._aggregator(s) for s in specs if s.kind != "oracle"}
         generating = {n: a for n, a in aggs.items() if _generates(a)}
-        n = len(qs.questions)
+        for qs in self.sets:
+            qs.outcomes = {s.name: OutcomeTable(qs.routes_of[s.name], qs.responses)
+                           for s in specs}
         if generating:
+            self._aggregate_generating(generating)
+        for qs in self.sets:
+            self._aggregate_blocks(qs, specs, aggs, generating)
+
+    def _aggregate_generating(self, generating: dict[str, Aggregator]) -> None:
+        """The generating aggregators over the questions of every set, one after the other,
+        in one ``aggregate_together`` call (one executor call, phase ``aggregation``)."""
+        questions: list[Question] = []
+        jobs = {name: (agg, [], []) for name, agg in generating.items()}
+        for qs in self.sets:
+            n = len(qs.questions)
+            questions += qs.questions
             cells = self._cells(qs, 0, n)
-            jobs = {name: (agg, qs.routes_of[name][:],
-                           self._responses(qs.routes_of[name], 0, n, cells))
-                    for name, agg in generating.items()}
+            for name, (_, routes, responses) in jobs.items():
+                routes += qs.routes_of[name][:]
+                responses += self._responses(qs.routes_of[name], 0, n, cells)
             del cells
-            phase = "aggregation" if qs is self.test else f"{qs.name} aggregation"
-            finals = aggregate_together(qs.questions, jobs,
-                                        lambda requests: self._phase(phase, requests))
+        finals = aggregate_together(questions, jobs,
+                                    lambda requests: self._phase("aggregation", requests))
+        start = 0
+        for qs in self.sets:
+            end = start + len(qs.questions)
             for name, fs in finals.items():
-                qs.outcomes[name].set_answers(0, [f.answer for f in fs], [f.note for f in fs],
-                                              [f.response for f in fs])
+                mine = fs[start:end]
+                qs.outcomes[name].set_answers(0, [f.answer for f in mine],
+                                              [f.note for f in mine],
+                                              [f.response for f in mine])
+            start = end
+
+    def _aggregate_blocks(self, qs: QuestionSet, specs: list[StrategySpec],
+                          aggs: dict[str, Aggregator], generating: dict[str, Aggregator]) -> None:
+        """The other strategies' final answers on one set, a block of questions at a time,
+        then every strategy's grading."""
+        n = len(qs.questions)
         oracle_right = next((qs.outcomes[s.name].recruit_right() for s in specs
                              if s.kind == "oracle"), None)
         for start in range(0, n, BLOCK):
