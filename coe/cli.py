@@ -151,7 +151,7 @@ def eval_cmd(
     """Compare strategies (single experts, best single, routers x aggregators, random-k,
     oracle) on questions with gold answers; each generation is made once and shared."""
     from coe.eval.job import run_eval_job
-    from coe.eval.report import strategy_table, summary_lines
+    from coe.eval.report import comparison_table, strategy_table, summary_lines
 
     cfg = _config(config, executor)
     _check_eval_outputs(cfg, out, record, [("question file", questions),
@@ -162,6 +162,10 @@ def eval_cmd(
         val_fraction=val_fraction, seed=seed, random_k=random_k,
         aggregator_expert=aggregator_expert, cache=cache, resume=resume, progress=not quiet)
     typer.echo(strategy_table(result))
+    table = comparison_table(result)
+    if table:
+        typer.echo("\npaired comparison with best-single (validation chooses; test checks):")
+        typer.echo(table)
     for line in summary_lines(result):
         err(line)
     err(f"report: {', '.join(str(f) for f in files)}")
@@ -174,8 +178,9 @@ def eval_cmd(
         raise typer.Exit(4)
 
 
-EVAL_REPORT_FILES = ("report.md", "report.json", "outcomes.jsonl", "accuracy.png",
-                     "categories.png", "usage.png", "cost.png")  # what coe.eval.report writes
+EVAL_REPORT_FILES = ("report.md", "report.json", "outcomes.jsonl", "recommended.yaml",
+                     "accuracy.png", "categories.png", "usage.png",
+                     "cost.png")  # what coe.eval.report writes
 
 
 def _check_eval_outputs(cfg, out: Path, record: Optional[Path], inputs: list) -> None:

@@ -281,8 +281,8 @@ def test_report_files(tmp_path):
     cfg, test, val = make_pool(tmp_path)
     r, files, _ = run_eval_job(test, cfg, out_dir=tmp_path / "rep", validation=val, cache=False)
     names = {f.name for f in files}
-    assert names == {"report.md", "report.json", "outcomes.jsonl", "accuracy.png",
-                     "categories.png", "usage.png", "cost.png"}
+    assert names == {"report.md", "report.json", "outcomes.jsonl", "recommended.yaml",
+                     "accuracy.png", "categories.png", "usage.png", "cost.png"}
     for f in files:
         assert f.stat().st_size > 0
         if f.suffix == ".png":

@@ -63,11 +63,12 @@ def test_local_models_every_strategy_then_zero_generations(tmp_path):
                          "best-single"]
     assert {"all+vote", "all+llm", "category+vote", "category+llm", "category@1",
             "random3+vote", "oracle"} <= set(names)
-    # one executor call for 3 experts x (3 test + 2 validation), one for 2 llm strategies x 3
+    # one executor call for 3 experts x (3 test + 2 validation), one for 2 llm strategies x
+    # (2 validation + 3 test: every strategy is scored on validation too)
     # (two aggregation prompts can coincide, e.g. when gemma's answer is empty: made once)
     experts, agg = r1["phases"]
     assert (experts["name"], experts["unique"], agg["name"], agg["requests"]) == \
-           ("experts", 15, "aggregation", 6)
+           ("experts", 15, "aggregation", 10)
     assert r1["generations"] == 15 + agg["unique"] and r1["cache_hits"] == 0
     assert r1["failed_generations"] == 0
     # two sets of weights (the two smollm2 personas share one): 2 loads for the experts, and

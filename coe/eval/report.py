@@ -1,11 +1,15 @@
 """The report of an evaluation job: a markdown table, a JSON file and matplotlib plots.
 
-- ``report.md``: the strategy table (accuracy with its 95% Wilson interval, active parameters,
-  tokens, cost, generation time, the recruit oracle, questions whose answer rests on a
-  truncated generation), then accuracy per category;
+- ``report.md``: the recommendation (which strategy to deploy, chosen on the validation
+  questions, why, and its validation and test figures), the paired comparison of every
+  strategy with best-single on the validation and the test questions, the strategy table
+  (accuracy with its 95% Wilson interval, active parameters, tokens, cost, generation time,
+  the recruit oracle, questions whose answer rests on a truncated generation), then accuracy
+  per category;
 - ``report.json``: the same figures and the job's generation counts, machine-readable, with
   ``truncated``: the expert generations cut off (finish_reason length) per expert and why;
-- ``outcomes.jsonl``: per question, each strategy's answer and whether it was right;
+- ``outcomes.jsonl``: per test question, each strategy's answer and whether it was right;
+- ``recommended.yaml``: the evaluated pool set to run the recommended strategy (``coe run -c``);
 - ``accuracy.png``, ``categories.png``, ``usage.png``, ``cost.png``: accuracy per strategy,
   accuracy per category, expert usage, and accuracy against average active parameters and
   average cost per question.
@@ -17,8 +21,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from coe.answers import describe_ungraded
+from coe.eval.compare import METHOD as COMPARISON_METHOD
+from coe.eval.compare import Comparison
+from coe.eval.recommend import generations_per_question
 from coe.eval.responses import ResponseTable
 from coe.eval.runner import EvalResult
 from coe.eval.scoring import NO_CATEGORY, StrategyScore
@@ -92,6 +100,110 @@ def strategy_table(result: EvalResult) -> str:
     return "\n".join(rows)
 
 
+def _delta(c: Comparison | None) -> str:
+    if c is None or c.diff is None:
+        return "-"
+    return f"{100 * c.diff:+.1f} [{100 * c.ci[0]:+.1f}, {100 * c.ci[1]:+.1f}]"
+
+
+def _p(c: Comparison | None) -> str:
+    if c is None or c.p_holm is None:
+        return "-"
+    return "<0.001" if c.p_holm < 0.001 else f"{c.p_holm:.3f}"
+
+
+def _verdicts(result: EvalResult, name: str) -> str:
+    """Where the strategy is significantly better or worse than best-single (after Holm)."""
+    out = []
+    for where in ("validation", "test"):
+        c = result.comparisons.get(where, {}).get(name)
+        if c is not None and c.verdict:
+            out.append(f"**worse on {where}**" if c.verdict == "worse" else f"better on {where}")
+    return "; ".join(out)
+
+
+def comparison_table(result: EvalResult) -> str:
+    """Per strategy: generations per question, accuracy and the paired difference with
+    best-single (95% bootstrap interval, Holm-corrected McNemar p) on the validation and the
+    test questions, and where it is significantly better or worse."""
+    if not result.comparisons:
+        return ""
+    ref = next(s.name for s in result.specs if s.kind == "best-single")
+    val = {s.name: s for s in result.val_scores}
+    rec = result.recommendation.strategy if result.recommendation else None
+    head = ("| strategy | generations/q | validation acc % | Δ validation [95% CI] | p (Holm) | "
+            "test acc % | Δ test [95% CI] | p (Holm) | vs best-single |")
+    rows = [head, "|" + "---|" * 9]
+    for s in result.scores:
+        v = val.get(s.name)
+        cv = result.comparisons["validation"].get(s.name)
+        ct = result.comparisons["test"].get(s.name)
+        mark = (" (recommended)" if s.name == rec else "") + \
+            (" †" if s.name in result.in_sample else "")
+        verdict = "reference" if s.name == ref else _verdicts(result, s.name)
+        rows.append(
+            f"| {s.name}{mark} | {_num(v and generations_per_question(v), '.2f')} | "
+            f"{_pct(v.overall.value if v else None)} | {_delta(cv)} | {_p(cv)} | "
+            f"{_pct(s.overall.value)} | {_delta(ct)} | {_p(ct)} | {verdict} |")
+    return "\n".join(rows)
+
+
+def comparison_notes(result: EvalResult) -> list[str]:
+    """What the comparison table's columns mean, and what it leaves out."""
+    if not result.comparisons:
+        return []
+    out = [f"Δ: accuracy of the strategy minus best-single's, in points, on the questions both "
+           f"are graded on; {COMPARISON_METHOD}. The intervals are not corrected for the "
+           "number of strategies; the verdicts are. *generations/q*: expert and aggregator "
+           "generations per validation question."]
+    for where, comps in result.comparisons.items():
+        left = {n: c.left_out for n, c in comps.items() if c.left_out}
+        if left:
+            out.append(f"Left out of the pairs on {where} (questions either one cannot be "
+                       "graded on: no gradable gold answer, or a generation it needed failed): "
+                       + ", ".join(f"{n} {k}" for n, k in left.items()) + ".")
+        else:
+            n = next((c.n for c in comps.values()), 0)
+            out.append(f"On {where}, every pair is over the same {n} graded questions.")
+    for name, why in result.in_sample.items():
+        out.append(f"† {name}: {why}.")
+    if "validation" in result.strength_source.values():
+        out.append("Vote ties are broken by expert strengths measured on the validation "
+                   "questions (experts without a yaml strength): the vote strategies' "
+                   "validation figures lean on them slightly.")
+    return out
+
+
+def recommendation_lines(result: EvalResult) -> list[str]:
+    """The recommendation, why, and its validation and test figures (markdown lines)."""
+    rec = result.recommendation
+    if rec is None:
+        return [result.no_recommendation] if result.no_recommendation else []
+    ref = next(s.name for s in result.specs if s.kind == "best-single")
+    v = next(s for s in result.val_scores if s.name == rec.strategy)
+    t = result.score(rec.strategy)
+
+    def figures(score, where: str) -> str:
+        line = (f"{_pct(score.overall.value)}% on {score.overall.n} {where} questions "
+                f"(95% CI {_ci(score)})")
+        c = result.comparisons[where].get(rec.strategy)
+        if c is not None:
+            line += (f"; vs best-single {_delta(c)} points, McNemar p (Holm) {_p(c)}"
+                     + (f": significantly {c.verdict}" if c.verdict else ": not significant"))
+        return line
+
+    out = [f"**{rec.strategy}**" + (f" (best-single is {result.best_single})"
+                                     if rec.strategy == ref else "") + f": {rec.reason}.",
+           "", f"- validation (chosen here): {figures(v, 'validation')}",
+           f"- test (a check, not used to choose): {figures(t, 'test')}",
+           f"- cost: {rec.generations:.2f} generations per question",
+           "- `recommended.yaml` in this folder runs it: `coe run QUESTIONS -c "
+           "recommended.yaml` (file paths in it are absolute)"]
+    for name, why in rec.not_recommendable.items():
+        out.append(f"- not recommendable: {name}, {why}")
+    return out
+
+
 def category_table(result: EvalResult) -> str:
     cats = sorted({c for s in result.scores for c in s.per_category})
     if not cats or cats == [NO_CATEGORY]:
@@ -118,6 +230,11 @@ def summary_lines(result: EvalResult) -> list[str]:
     if result.best_single:
         out.append(f"best single on validation ({result.validation_source}, "
                    f"n={len(result.validation)}): {result.best_single}")
+    rec = result.recommendation
+    if rec is not None:
+        out.append(f"recommended (chosen on validation): {rec.strategy}: {rec.reason}")
+    elif result.no_recommendation:
+        out.append(result.no_recommendation)
     if result.ungraded:
         out.append(f"{len(result.ungraded)} of {len(result.questions)} test questions could not "
                    f"be graded ({describe_ungraded(result.ungraded)}): accuracy is over the "
@@ -163,7 +280,16 @@ def to_json(result: EvalResult) -> dict:
             "accuracy": {n: a.to_json() for n, a in result.validation_accuracy.items()},
             "failed": result.validation_failed,
             "best_single": result.best_single,
+            "strategies": [s.to_json() for s in result.val_scores],
         },
+        "comparison": {
+            "reference": "best-single", "method": COMPARISON_METHOD,
+            **{where: {n: c.to_json() for n, c in comps.items()}
+               for where, comps in result.comparisons.items()},
+            "in_sample": result.in_sample,
+        },
+        "recommendation": (result.recommendation.to_json() if result.recommendation
+                           else {"none": result.no_recommendation}),
         "strength": result.strength, "strength_source": result.strength_source,
         "strategies": [{**s.to_json(), "truncated_questions": truncated_questions(result, s.name)}
                        for s in result.scores],
@@ -177,7 +303,14 @@ def to_json(result: EvalResult) -> dict:
 def markdown(result: EvalResult) -> str:
     parts = ["# Evaluation report", "", f"Pool: `{result.config.source}`", ""]
     parts += [f"- {line.strip()}" for line in summary_lines(result)]
-    parts += ["", "## Strategies", "", strategy_table(result), ""]
+    rec = recommendation_lines(result)
+    if rec:
+        parts += ["", "## Recommendation", "", *rec]
+    table = comparison_table(result)
+    if table:
+        parts += ["", "## Paired comparison with best-single", "", table, ""]
+        parts += [f"- {line}" for line in comparison_notes(result)]
+    parts += ["", "## Strategies (test questions)", "", strategy_table(result), ""]
     parts += ["*n*: questions graded; *failed*: questions on which a generation the strategy "
               "needed failed, left out of its accuracy; "
               "*experts/q*: experts recruited per question; *active params/q*: parameters "
@@ -352,6 +485,13 @@ def write_report(result: EvalResult, out_dir: str | Path, plots: bool = True) ->
     files[1].write_text(json.dumps(to_json(result), indent=1, ensure_ascii=False),
                         encoding="utf-8")
     write_outcomes(result, files[2])
+    if result.recommended_pool is not None:
+        files.append(out / "recommended.yaml")
+        rec = result.recommendation
+        head = (f"# coe eval: the recommended strategy, {rec.strategy} (chosen on the "
+                f"validation questions; see report.md)\n")
+        files[-1].write_text(head + yaml.safe_dump(result.recommended_pool, sort_keys=False,
+                                                   allow_unicode=True), encoding="utf-8")
     if plots:
         files += plot(result, out)
     return files

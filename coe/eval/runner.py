@@ -2,17 +2,25 @@
 
 The job
 1. routes the questions for every strategy (routers are built with the public
-   ``build_router``; a router that cannot be built for this pool is skipped with a note);
-2. takes the *union* of all (question, expert) pairs any strategy recruits, plus every expert
-   on the validation questions when ``best-single`` is asked for, and hands it to the load-once
-   executor (each model loaded once, identical requests made once, the response cache
-   consulted first and filled as each generation finishes);
-3. asks every ``llm`` aggregation strategy for its aggregation requests, runs all of them in
-   one more executor call, and gives each strategy its own generations back;
-4. scores each strategy on its own subset of the shared generations.
+   ``build_router``; a router that cannot be built for this pool is skipped with a note), on
+   the test questions and, when ``best-single`` is asked for, on the validation questions;
+2. takes the *union* of all (question, expert) pairs any strategy recruits on the test
+   questions, plus every expert on the validation questions (best-single is picked there, and
+   so every strategy can be scored there at no generation more), and hands it to the
+   load-once executor (each model loaded once, identical requests made once, the response
+   cache consulted first and filled as each generation finishes);
+3. asks every ``llm`` aggregation strategy for its aggregation requests on both sets, runs
+   all of them in one more executor call, and gives each strategy its own generations back;
+4. scores each strategy on its own subset of the shared generations, on both sets;
+5. compares each strategy with best-single, question by question, on both sets
+   (``coe.eval.compare``), and recommends one from the validation comparisons alone
+   (``coe.eval.recommend``).
 
-Aggregators are driven the way the orchestrator drives them: ``requests`` (what generations
-they need), one executor call for all of them, then ``aggregate`` with those generations.
+The route, aggregate and score stages run on a ``QuestionSet`` (the test or the validation
+questions, with what each stage leaves for them), so the validation scores are made exactly
+as the test's. Aggregators are driven the way the orchestrator drives them: ``requests``
+(what generations they need), one executor call for all of them, then ``aggregate`` with
+those generations.
 
 ``EvaluationJob`` runs the stages in that order, one method each; ``evaluate`` is the job as a
 function.
@@ -35,8 +43,10 @@ small, so 100,000 questions x 8 replayed experts evaluate in well under 1 GiB:
   answers by question id), so none is built;
 - aggregators that need no generation (``vote``, ``single``, the oracle's vote) see the
   questions in blocks of ``BLOCK``: the ``ExpertResponse`` objects they take are built for a
-  block, then dropped. Aggregators that generate (``llm``) get every question at once, as
-  their generations must be one executor call: their prompts hold the experts' texts;
+  block, then dropped. Aggregators that generate (``llm``) get every question of both sets
+  at once, as their generations must be one executor call: their prompts hold the experts'
+  texts;
+- the comparisons read the outcome tables' arrays (a few boolean arrays per strategy);
 - nothing per question is held for the report: ``outcomes.jsonl`` is written row by row from
   the tables.
 """
@@ -60,6 +70,8 @@ from coe.aggregators.single import SingleAggregator
 from coe.answers import describe_ungraded, gold_answer, gold_problem
 from coe.config import PoolConfig
 from coe.errors import CoeError, ConfigError
+from coe.eval.compare import Comparison, compare, holm
+from coe.eval.recommend import Recommendation, recommend, recommended_pool
 from coe.eval.responses import ResponseTable
 from coe.eval.routes import NONE, RouteTable
 from coe.eval.scoring import Accuracy, OutcomeTable, StrategyScore, score_strategy
@@ -75,7 +87,7 @@ from coe.eval.strategies import (
 from coe.executor import PLAN_HEADER, RunStats, plan_row, plan_summary
 from coe.orchestrator import Orchestrator
 from coe.prompts import build_request
-from coe.routers import build_router
+from coe.routers import Router, build_router
 from coe.types import ExpertResponse, Generation, GenRequest, Question
 
 #: questions whose responses are built and aggregated at a time by the aggregators that
@@ -95,6 +107,10 @@ ROUTE_BLOCK = 8192
 #: aggregators known to read only the experts' extracted answers: when every strategy's
 #: aggregator is one of these, the job keeps no generation text
 ANSWER_ONLY = (VoteAggregator, SingleAggregator)
+
+#: the yaml router fields that hold what a router learned (``coe train-router``, ``coe profile``)
+TRAINED_FILES = ("model_file", "profiles")
+
 
 
 @dataclass
@@ -133,6 +149,26 @@ class Phase:
 
 
 @dataclass
+class QuestionSet:
+    """The questions the route, aggregate and score stages run on (the test questions or the
+    validation questions) and what each stage leaves for them."""
+
+    name: str  # test | validation
+    questions: list[Question]
+    ids: list[str] = field(default_factory=list)  # shared by every RouteTable of the set
+    gold: list[str | None] = field(default_factory=list)  # normalised gold answers
+    routes_of: dict[str, RouteTable] = field(default_factory=dict)  # strategy -> its routes
+    route_seconds: dict[str, float] = field(default_factory=dict)
+    responses: ResponseTable | None = None  # the experts' generations
+    outcomes: dict[str, OutcomeTable] = field(default_factory=dict)
+    scores: list[StrategyScore] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.ids = [q.id for q in self.questions]
+        self.gold = [gold_answer(q) for q in self.questions]
+
+
+@dataclass
 class EvalResult:
     config: PoolConfig
     questions: list[Question]
@@ -162,6 +198,16 @@ class EvalResult:
     #: no validation questions were used
     validation_overlap: dict | None = None
     validation_failed: dict[str, int] = field(default_factory=dict)  # expert -> generations
+    #: every strategy scored on the validation questions too (empty: no best-single)
+    val_scores: list[StrategyScore] = field(default_factory=list)
+    val_outcomes: dict[str, OutcomeTable] = field(default_factory=dict)
+    #: question set (validation, test) -> strategy -> its comparison with best-single
+    comparisons: dict[str, dict[str, Comparison]] = field(default_factory=dict)
+    #: strategy -> why its validation figures may be in-sample (a router trained on them)
+    in_sample: dict[str, str] = field(default_factory=dict)
+    recommendation: Recommendation | None = None
+    recommended_pool: dict | None = None  # the recommendation's pool yaml
+    no_recommendation: str = ""  # why there is none
 
     @property
     def graded_questions(self) -> int:
@@ -181,6 +227,9 @@ class EvalResult:
 
     def score(self, name: str) -> StrategyScore:
         return next(s for s in self.scores if s.name == name)
+
+    def val_score(self, name: str) -> StrategyScore:
+        return next(s for s in self.val_scores if s.name == name)
 
     def counts_line(self) -> str:
         s = self.stats
@@ -216,6 +265,8 @@ def _generates(agg: Aggregator) -> bool:
     return type(agg).requests is not Aggregator.requests
 
 
+
+
 class EvaluationJob:
     """Every selected strategy over ``questions`` (which need gold answers). ``run`` calls the
     stages in order; each reads what the previous ones left on the job."""
@@ -234,20 +285,26 @@ class EvaluationJob:
         self.val_source = ""
         self.orch: Orchestrator | None = None
         self.phases: list[Phase] = []
-        self.ids: list[str] = []  # the test question ids, shared by every RouteTable
-        self.gold: list[str | None] = []  # the test questions' normalised gold answers
-        self.routes_of: dict[str, RouteTable] = {}  # strategy -> its routes on the test set
-        self.route_seconds: dict[str, float] = {}
-        self.responses: ResponseTable | None = None  # the test questions' generations
-        self.val_resp: ResponseTable | None = None
+        self.test: QuestionSet | None = None  # the test questions and what they hold
+        self.val: QuestionSet | None = None  # the validation questions (with best-single)
+        self.router_k: dict[str, int | None] = {}  # router strategy -> the k it routed with
+        self.in_sample: dict[str, str] = {}  # strategy -> why its validation is in-sample
         self.val_acc: dict[str, Accuracy] = {}
         self.val_failed: dict[str, int] = {}  # expert -> failed validation generations
         self.best: str | None = None
         self.strength: dict[str, float] = {}
         self.strength_source: dict[str, str] = {}
-        self.outcomes: dict[str, OutcomeTable] = {}
         self.ungraded: dict[str, str] = {}
         self.overlap: dict | None = None
+        self.comparisons: dict[str, dict[str, Comparison]] = {}
+        self.recommendation: Recommendation | None = None
+        self.recommended_pool: dict | None = None
+        self.no_recommendation = ""
+
+    @property
+    def sets(self) -> list[QuestionSet]:
+        """The question sets the stages run on: validation (if any) first, then test."""
+        return [s for s in (self.val, self.test) if s is not None]
 
     def run(self) -> EvalResult:
         t0 = time.perf_counter()
@@ -266,19 +323,28 @@ class EvaluationJob:
             self.answer_experts()
             self.break_ties()
             self.aggregate()
-        scores = self.score()
-        kept = [s for s in self.specs if s.name in self.routes_of]
+        for qs in self.sets:
+            self.score(qs)
+        self.compare()
+        self.recommend()
+        test, val = self.test, self.val
+        kept = [s for s in self.specs if s.name in test.routes_of]
         return EvalResult(
-            config=self.config, questions=self.questions, specs=kept, scores=scores,
-            outcomes=self.outcomes, skipped={s.name: self.skipped[s.name] for s in self.specs
+            config=self.config, questions=test.questions, specs=kept, scores=test.scores,
+            outcomes=test.outcomes, skipped={s.name: self.skipped[s.name] for s in self.specs
                                              if s.name in self.skipped},
             validation=self.validation, validation_source=self.val_source,
             validation_accuracy=self.val_acc, best_single=self.best, strength=self.strength,
             strength_source=self.strength_source, stats=stats, phases=self.phases,
-            wall_seconds=time.perf_counter() - t0, responses=self.responses,
-            val_responses=self.val_resp if self.val_resp is not None else {},
+            wall_seconds=time.perf_counter() - t0, responses=test.responses,
+            val_responses=val.responses if val is not None else {},
             seed=self.opts.seed, notes=self.notes, ungraded=self.ungraded,
-            validation_overlap=self.overlap, validation_failed=self.val_failed)
+            validation_overlap=self.overlap, validation_failed=self.val_failed,
+            val_scores=val.scores if val is not None else [],
+            val_outcomes=val.outcomes if val is not None else {},
+            comparisons=self.comparisons, in_sample=self.in_sample,
+            recommendation=self.recommendation, recommended_pool=self.recommended_pool,
+            no_recommendation=self.no_recommendation)
 
     # -- 1. inputs --------------------------------------------------------------------------
     def check(self) -> None:
@@ -294,8 +360,9 @@ class EvaluationJob:
             self.config.expert(self.opts.aggregator_expert)  # unknown name: one-line error
 
     def hold_out_validation(self) -> None:
-        """The questions best-single is picked on: ``--validation``, else a seeded split of
-        the question file (then left out of the test)."""
+        """The questions best-single is picked on (and every strategy is also scored on):
+        ``--validation``, else a seeded split of the question file (then left out of the
+        test)."""
         if not any(s.kind == "best-single" for s in self.specs):
             pass
         elif self.opts.validation:
@@ -306,13 +373,15 @@ class EvaluationJob:
                 self.questions, self.opts.val_fraction, self.opts.seed)
             self.val_source = (f"seeded split of the question file (seed {self.opts.seed}, "
                                f"{len(self.validation)} validation / {len(self.questions)} test)")
-            self.notes.append(f"best-single is picked on {self.val_source}; every strategy is "
-                              f"scored on the {len(self.questions)} test questions only")
+            self.notes.append(f"best-single is picked on {self.val_source}; the test figures "
+                              f"are over the {len(self.questions)} test questions only")
         else:
             self.skipped["best-single"] = "no validation questions (--validation or --val-fraction)"
         if not self.questions:
             raise CoeError("no test questions left to score")
-        self.ids = [q.id for q in self.questions]
+        self.test = QuestionSet("test", self.questions)
+        if self.validation:
+            self.val = QuestionSet("validation", self.validation)
 
     def check_overlap(self) -> None:
         """Warn when the questions best-single is picked on share questions (by id or text)
@@ -330,65 +399,113 @@ class EvaluationJob:
             _log(self.opts, note)
 
     def find_ungraded(self) -> None:
-        """The test questions' gold answers, and those no strategy can be graded on, and why."""
-        self.gold = [gold_answer(q) for q in self.questions]
+        """The test questions no strategy can be graded on, and why."""
         self.ungraded = {q.id: gold_problem(q) or "no gold answer"
-                         for q, g in zip(self.questions, self.gold) if g is None}
+                         for q, g in zip(self.test.questions, self.test.gold) if g is None}
 
     # -- 2. routes --------------------------------------------------------------------------
     def route_strategies(self) -> None:
-        """The routes of every strategy on the test questions. A router that cannot serve
-        this pool, or a model-using aggregator that would be a replay, is skipped with why."""
-        routed: dict[tuple[str, int | None], tuple[RouteTable | None, float, str]] = {}
+        """The routes of every strategy on every question set (best-single's come with its
+        pick). A router that cannot serve this pool, or a model-using aggregator that would be
+        a replay, is skipped with why."""
+        routed: dict[tuple[str, int | None], tuple[dict | None, str, str]] = {}
         for s in self.specs:
             if s.name in self.skipped or s.kind == "best-single":
                 continue
-            if s.kind == "single":
-                self.routes_of[s.name] = RouteTable.fixed(self.ids, self.names, [s.expert],
-                                                          "single expert", confidence=1.0)
-            elif s.kind == "random":
-                self.routes_of[s.name] = random_table(self.ids, self.names, s.k, self.opts.seed)
-            elif s.kind == "oracle":
-                self.routes_of[s.name] = RouteTable.fixed(self.ids, self.names, self.names,
-                                                          "every expert (oracle)")
-            else:
-                k = s.k or (None if s.router == "all" else self.config.router.k)
-                key = (s.router, k)
-                if key not in routed:
-                    routed[key] = self._route_with(s.router, k)
-                routes, secs, why = routed[key]
-                why = why or self._replayed_aggregator(s, routes)
-                if why:
-                    self.skipped[s.name] = why
-                    continue
-                self.routes_of[s.name] = routes
-                self.route_seconds[s.name] = secs
+            if s.kind in ("single", "random", "oracle"):
+                for qs in self.sets:
+                    qs.routes_of[s.name] = self._fixed_routes(s, qs)
+                continue
+            k = s.k or (None if s.router == "all" else self.config.router.k)
+            key = (s.router, k)
+            if key not in routed:
+                routed[key] = self._route_with(s.router, k)
+            tables, why, in_sample = routed[key]
+            why = why or self._replayed_aggregator(s, [t for t, _ in tables.values()])
+            if why:
+                self.skipped[s.name] = why
+                continue
+            for qs in self.sets:
+                qs.routes_of[s.name], qs.route_seconds[s.name] = tables[qs.name]
+            self.router_k[s.name] = k
+            if in_sample:
+                self.in_sample[s.name] = in_sample
 
-    def _route_with(self, kind: str, k: int | None) -> tuple[RouteTable | None, float, str]:
+    def _fixed_routes(self, s: StrategySpec, qs: QuestionSet) -> RouteTable:
+        if s.kind == "single":
+            return RouteTable.fixed(qs.ids, self.names, [s.expert], "single expert",
+                                    confidence=1.0)
+        if s.kind == "random":
+            return random_table(qs.ids, self.names, s.k, self.opts.seed)
+        return RouteTable.fixed(qs.ids, self.names, self.names, "every expert (oracle)")
+
+    def _route_with(self, kind: str, k: int | None) -> tuple[dict | None, str, str]:
+        """({question set: (routes, seconds)}, why the router is unavailable ("" if it is
+        not), why its validation routes may be in-sample ("" if they may not))."""
         if kind == "category" and not has_categories(self.config):
-            return None, 0.0, "the pool declares no categories"
-        ex, n = self.orch.executor, len(self.questions)
+            return None, "the pool declares no categories", ""
+        try:
+            router = build_router(kind, self.config, self.orch.executor, k)
+            tables = {qs.name: self._route_set(router, qs) for qs in self.sets}
+        except Exception as e:  # an unavailable or unfit router: skip, say why
+            return None, f"{kind} router unavailable: {type(e).__name__}: {e}", ""
+        in_sample = ("" if self.val is None
+                     else self._trained_on(kind, k, router, tables["validation"][0]))
+        return tables, "", in_sample
+
+    def _route_set(self, router: Router, qs: QuestionSet) -> tuple[RouteTable, float]:
+        """The router's routes of one question set, in blocks, and the seconds they took."""
+        ex, n = self.orch.executor, len(qs.questions)
         step = ROUTE_BLOCK if ex.keeps_loaded else max(n, 1)
         blocks, secs = [], 0.0
+        for start in range(0, n, step):
+            t0 = time.perf_counter()
+            routes = router.route(qs.questions[start:start + step])
+            secs += time.perf_counter() - t0
+            blocks.append(RouteTable.of(qs.ids[start:start + step], self.names, routes,
+                                        unknown=self.config.expert))
+        return RouteTable.concat(qs.ids, blocks), secs
+
+    def _trained_on(self, kind: str, k: int | None, router: Router,
+                    val_routes: RouteTable) -> str:
+        """Why the router's validation routes may be in-sample ("" if not): it reads a trained
+        file of the yaml (``router.model_file``, ``router.profiles``: without the file it
+        routes otherwise, or cannot route) and does not say it scores the questions it was
+        trained on out-of-fold (``Router.cross_fitted``). Whether the file was trained on
+        these validation questions is not known here: the note says it may have been."""
+        files = {f: v for f in TRAINED_FILES if (v := getattr(self.config.router, f, None))}
+        if getattr(router, "cross_fitted", False):
+            return ""
+        used = [f"router.{f} ({v})" for f, v in files.items()
+                if not self._routes_without(f, kind, k, val_routes)]
+        if not used:
+            return ""
+        return (f"the {kind} router routes by {' and '.join(used)} and does not score the "
+                "questions it was trained on out-of-fold (Router.cross_fitted is false): if "
+                "that was trained on these validation questions, its validation figures are "
+                "in-sample (optimistic)")
+
+    def _routes_without(self, field: str, kind: str, k: int | None,
+                        val_routes: RouteTable) -> bool:
+        """Whether the router routes the validation questions as it did with the yaml's
+        ``router.<field>`` unset (False: it fails or routes otherwise: it uses the file)."""
+        bare = self.config.model_copy(update={"router": self.config.router.model_copy(
+            update={field: None})})
         try:
-            router = build_router(kind, self.config, ex, k)
-            for start in range(0, n, step):
-                t0 = time.perf_counter()
-                routes = router.route(self.questions[start:start + step])
-                secs += time.perf_counter() - t0
-                blocks.append(RouteTable.of(self.ids[start:start + step], self.names, routes,
-                                            unknown=self.config.expert))
-        except Exception as e:  # an unavailable or unfit router: skip, say why
-            return None, 0.0, f"{kind} router unavailable: {type(e).__name__}: {e}"
-        return RouteTable.concat(self.ids, blocks), secs, ""
+            plain, _ = self._route_set(build_router(kind, bare, self.orch.executor, k), self.val)
+        except Exception:  # it needs the file
+            return False
+        return (np.array_equal(plain.experts, val_routes.experts)
+                and np.array_equal(plain.weights, val_routes.weights))
 
     def _aggregator(self, spec: StrategySpec) -> Aggregator:
         return build_aggregator(spec.aggregator, self.config, strength=self.strength,
                                 expert=self.opts.aggregator_expert)
 
-    def _replayed_aggregator(self, spec: StrategySpec, routes: RouteTable) -> str:
+    def _replayed_aggregator(self, spec: StrategySpec, tables: list[RouteTable]) -> str:
         """Why a strategy whose aggregator would generate with a replay expert is skipped."""
-        replayed = sorted(set(self._aggregator(spec).experts(routes)) & self.replay)
+        agg = self._aggregator(spec)
+        replayed = sorted({n for t in tables for n in agg.experts(t)} & self.replay)
         if not replayed:
             return ""
         return (f"the {spec.aggregator} aggregator would be a replay expert "
@@ -401,12 +518,12 @@ class EvaluationJob:
         read them (anything but vote and single, which read the extracted answers)."""
         return self.opts.keep_texts or any(
             not isinstance(self._aggregator(s), ANSWER_ONLY) for s in self.specs
-            if s.name in self.routes_of and s.kind not in ("oracle", "best-single"))
+            if s.name in self.test.routes_of and s.kind not in ("oracle", "best-single"))
 
     def _union(self) -> np.ndarray:
-        """Questions x experts: the generations some strategy needs."""
-        need = np.zeros((len(self.questions), len(self.names)), bool)
-        for routes in self.routes_of.values():
+        """Test questions x experts: the generations some strategy needs."""
+        need = np.zeros((len(self.test.questions), len(self.names)), bool)
+        for routes in self.test.routes_of.values():
             need |= routes.mask()
         return need
 
@@ -417,20 +534,20 @@ class EvaluationJob:
         best_spec = next((s for s in self.specs if s.kind == "best-single"
                           and s.name not in self.skipped), None)
         keep = self._keep_texts()
-        self.responses = ResponseTable(self.questions, self.names, self.gold, keep)
+        test, val = self.test, self.val
+        test.responses = ResponseTable(test.questions, self.names, test.gold, keep)
         every = np.ones((len(self.validation), len(self.names)), bool)
-        if best_spec:
-            self.val_resp = ResponseTable(self.validation, self.names,
-                                          [gold_answer(q) for q in self.validation], keep)
+        if val is not None:
+            val.responses = ResponseTable(val.questions, self.names, val.gold, keep)
         need = self._union()
-        val_need = every if best_spec else every[:0]
+        val_need = every if val is not None else every[:0]
         if best_spec and not need.all():
-            self._generate("validation", [(self.val_resp, every)])
+            self._generate("validation", [(val.responses, every)])
             self.pick_best(best_spec)
             need, val_need = self._union(), every[:0]
-        parts = [(self.responses, need)]
+        parts = [(test.responses, need)]
         if len(val_need):
-            parts.insert(0, (self.val_resp, val_need))
+            parts.insert(0, (val.responses, val_need))
         self._generate("experts", parts, last=self._aggregation_model())
         if best_spec and self.best is None:
             self.pick_best(best_spec)
@@ -440,7 +557,7 @@ class EvaluationJob:
         then pool order) becomes best-single's route. A failed generation is left out of the
         expert's validation accuracy (as on the test) but counts against it in the pick: an
         expert that could not answer is not the one to rely on."""
-        v = self.val_resp
+        v = self.val.responses
         ok = v.has & ~v.failed
         for j, n in enumerate(self.names):
             failed = int((v.has[:, j] & v.failed[:, j]).sum())
@@ -457,9 +574,10 @@ class EvaluationJob:
             return a.correct / tried if tried else 0.0, prior[n], -rank_of[n]
 
         self.best = max(self.names, key=rank)
-        self.routes_of[spec.name] = RouteTable.fixed(self.ids, self.names, [self.best],
-                                                     f"best on validation: {self.best}",
-                                                     confidence=1.0)
+        for qs in self.sets:
+            qs.routes_of[spec.name] = RouteTable.fixed(qs.ids, self.names, [self.best],
+                                                       f"best on validation: {self.best}",
+                                                       confidence=1.0)
         best, failed = self.val_acc[self.best], self.val_failed.get(self.best, 0)
         spec.description = (f"{self.best} (validation accuracy "
                             + ("-" if best.value is None else f"{best.value:.1%}")
@@ -469,10 +587,11 @@ class EvaluationJob:
         """The model most aggregations will use: its weights go last and stay loaded."""
         used: Counter = Counter()
         for s in self.specs:
-            if s.name in self.routes_of and s.kind != "oracle":
-                used += self._aggregator(s).experts(self.routes_of[s.name])
+            if s.name in self.test.routes_of and s.kind != "oracle":
+                used += self._aggregator(s).experts(self.test.routes_of[s.name])
         top = used.most_common(1)
         return top[0][0] if top else None
+
 
     @staticmethod
     def _request(q: Question, cfg, promptless: bool) -> GenRequest:
@@ -566,6 +685,7 @@ class EvaluationJob:
         self.phases.append(phase)
         return done.generations if done is not None else []
 
+
     # -- 4. tie-breaks and aggregation --------------------------------------------------------
     def break_ties(self) -> None:
         """Vote ties go to the stronger expert: the yaml's strength, else validation accuracy."""
@@ -576,13 +696,14 @@ class EvaluationJob:
                 self.strength[e.name] = self.val_acc[e.name].value
                 self.strength_source[e.name] = "validation"
 
-    def _cells(self, start: int, end: int) -> dict[tuple[int, int], ExpertResponse]:
+    @staticmethod
+    def _cells(qs: QuestionSet, start: int, end: int) -> dict[tuple[int, int], ExpertResponse]:
         """The responses of questions start..end-1, by (question, expert) index: built once
         for every strategy that uses them."""
-        rows, cols = np.nonzero(self.responses.has[start:end])
+        rows, cols = np.nonzero(qs.responses.has[start:end])
         rows += start
         return dict(zip(zip(rows.tolist(), cols.tolist()),
-                        self.responses.responses(rows, cols)))
+                        qs.responses.responses(rows, cols)))
 
     @staticmethod
     def _responses(routes: RouteTable, start: int, end: int,
@@ -592,67 +713,136 @@ class EvaluationJob:
                 for i, row in zip(range(start, end), routes.experts[start:end].tolist())]
 
     def aggregate(self) -> None:
-        """Each strategy's final answers, into its ``OutcomeTable``. Aggregators that
-        generate get every question at once and one executor call for all of them; the
-        others (and the oracle) take the questions a block at a time."""
-        specs = [s for s in self.specs if s.name in self.routes_of]
-        self.outcomes = {s.name: OutcomeTable(self.routes_of[s.name], self.responses)
-                         for s in specs}
+        """Each strategy's final answers on every question set, into its ``OutcomeTable``s.
+        Aggregators that generate get every question of every set at once (validation then
+        test) and one executor call for all of them, so the aggregator models load once; the
+        others (and the oracle) take the questions a block at a time, set by set."""
+        specs = [s for s in self.specs if s.name in self.test.routes_of]
         aggs = {s.name: self._aggregator(s) for s in specs if s.kind != "oracle"}
         generating = {n: a for n, a in aggs.items() if _generates(a)}
+        for qs in self.sets:
+            qs.outcomes = {s.name: OutcomeTable(qs.routes_of[s.name], qs.responses)
+                           for s in specs}
         if generating:
-            n = len(self.questions)
-            cells = self._cells(0, n)
-            jobs = {name: (agg, self.routes_of[name][:],
-                           self._responses(self.routes_of[name], 0, n, cells))
-                    for name, agg in generating.items()}
+            self._aggregate_generating(generating)
+        for qs in self.sets:
+            self._aggregate_blocks(qs, specs, aggs, generating)
+
+    def _aggregate_generating(self, generating: dict[str, Aggregator]) -> None:
+        """The generating aggregators over the questions of every set, one after the other,
+        in one ``aggregate_together`` call (one executor call, phase ``aggregation``)."""
+        questions: list[Question] = []
+        jobs = {name: (agg, [], []) for name, agg in generating.items()}
+        for qs in self.sets:
+            n = len(qs.questions)
+            questions += qs.questions
+            cells = self._cells(qs, 0, n)
+            for name, (_, routes, responses) in jobs.items():
+                routes += qs.routes_of[name][:]
+                responses += self._responses(qs.routes_of[name], 0, n, cells)
             del cells
-            finals = aggregate_together(self.questions, jobs,
-                                        lambda requests: self._phase("aggregation", requests))
+        finals = aggregate_together(questions, jobs,
+                                    lambda requests: self._phase("aggregation", requests))
+        start = 0
+        for qs in self.sets:
+            end = start + len(qs.questions)
             for name, fs in finals.items():
-                self.outcomes[name].set_answers(0, [f.answer for f in fs], [f.note for f in fs],
-                                                [f.response for f in fs])
-        oracle_right = next((self.outcomes[s.name].recruit_right() for s in specs
+                mine = fs[start:end]
+                qs.outcomes[name].set_answers(0, [f.answer for f in mine],
+                                              [f.note for f in mine],
+                                              [f.response for f in mine])
+            start = end
+
+    def _aggregate_blocks(self, qs: QuestionSet, specs: list[StrategySpec],
+                          aggs: dict[str, Aggregator], generating: dict[str, Aggregator]) -> None:
+        """The other strategies' final answers on one set, a block of questions at a time,
+        then every strategy's grading."""
+        n = len(qs.questions)
+        oracle_right = next((qs.outcomes[s.name].recruit_right() for s in specs
                              if s.kind == "oracle"), None)
-        for start in range(0, len(self.questions), BLOCK):
-            end = min(start + BLOCK, len(self.questions))
-            cells = self._cells(start, end)
+        for start in range(0, n, BLOCK):
+            end = min(start + BLOCK, n)
+            cells = self._cells(qs, start, end)
             for s in specs:
                 if s.name in generating:
                     continue
-                routes, out = self.routes_of[s.name], self.outcomes[s.name]
+                routes, out = qs.routes_of[s.name], qs.outcomes[s.name]
                 resp = self._responses(routes, start, end, cells)
                 if s.kind == "oracle":  # the gold answer when a recruit has it, else the vote
                     right = oracle_right[start:end].tolist()
-                    answers = [self.gold[i] if ok else vote(rs, self.strength)[0]
+                    answers = [qs.gold[i] if ok else vote(rs, self.strength)[0]
                                for i, ok, rs in zip(range(start, end), right, resp)]
                     out.set_answers(start, answers, [""] * len(answers))
                     continue
-                finals = aggs[s.name].aggregate(self.questions[start:end], routes[start:end],
+                finals = aggs[s.name].aggregate(qs.questions[start:end], routes[start:end],
                                                 resp, None)
                 out.set_answers(start, [f.answer for f in finals], [f.note for f in finals],
                                 [f.response for f in finals])
         for s in specs:
-            self.outcomes[s.name].finish(oracle=s.kind == "oracle")
-        t = self.responses
+            qs.outcomes[s.name].finish(oracle=s.kind == "oracle")
+        t = qs.responses
         replay_cols = [j for j, n in enumerate(self.names) if n in self.replay]
-        if replay_cols and not ((t.prompt_tokens[:, replay_cols] > 0)
-                                | (t.completion_tokens[:, replay_cols] > 0)).any():
+        if qs is self.test and replay_cols and not (
+                (t.prompt_tokens[:, replay_cols] > 0)
+                | (t.completion_tokens[:, replay_cols] > 0)).any():
             self.notes.append("the replay records carry no token counts: tokens and cost of "
                               "replay experts show as 0")
 
-    # -- 5. scores ----------------------------------------------------------------------------
-    def score(self) -> list[StrategyScore]:
-        scores = []
+    # -- 5. scores, comparisons, recommendation ----------------------------------------------
+    def score(self, qs: QuestionSet) -> None:
+        qs.scores = []
         for s in self.specs:
-            if s.name not in self.routes_of:
+            if s.name not in qs.routes_of:
                 continue
-            score = score_strategy(s.name, s.description, self.outcomes[s.name], self.config,
-                                   self.route_seconds.get(s.name, 0.0))
+            score = score_strategy(s.name, s.description, qs.outcomes[s.name], self.config,
+                                   qs.route_seconds.get(s.name, 0.0))
             if s.kind in ("single", "best-single"):
                 score.recruit_oracle = Accuracy()  # same as the accuracy: not informative
-            scores.append(score)
-        return scores
+            qs.scores.append(score)
+
+    def _reference(self) -> str | None:
+        return next((s.name for s in self.specs
+                     if s.kind == "best-single" and self.val is not None
+                     and s.name in self.val.outcomes), None)
+
+    def compare(self) -> None:
+        """Every strategy against best-single, question by question, on each question set;
+        Holm's correction across the strategies of a set (``coe.eval.compare``)."""
+        ref = self._reference()
+        if ref is None:
+            return
+        for qs in self.sets:
+            base = qs.outcomes[ref].correct
+            self.comparisons[qs.name] = holm({
+                name: compare(out.correct == 1, out.correct >= 0, base == 1, base >= 0,
+                              seed=self.opts.seed)
+                for name, out in qs.outcomes.items() if name != ref})
+
+    def recommend(self) -> None:
+        """The strategy to deploy, from the validation comparisons alone, and its pool yaml."""
+        ref = self._reference()
+        if ref is None:
+            self.no_recommendation = ("no recommendation: it needs best-single and validation "
+                                      "questions (--strategies without best-single, or no "
+                                      "--validation / --val-fraction 0)")
+            return
+        specs = [s for s in self.specs if s.name in self.val.outcomes]
+        rec = recommend(specs, {s.name: s for s in self.val.scores},
+                        self.comparisons["validation"], ref)
+        spec = next(s for s in specs if s.name == rec.strategy)
+        if spec.name in self.in_sample:
+            alt = recommend([s for s in specs if s.name not in self.in_sample],
+                            {s.name: s for s in self.val.scores},
+                            self.comparisons["validation"], ref)
+            rec.alternative = alt.strategy
+            rec.reason += (f"; but {self.in_sample[spec.name]}; among the strategies whose "
+                           f"validation figures are not in doubt, the recommendation is "
+                           f"{alt.strategy}")
+        one = [self.best] if spec.kind == "best-single" else [spec.expert] if spec.expert else None
+        self.recommendation = rec
+        self.recommended_pool = recommended_pool(
+            self.config, spec, k=self.router_k.get(spec.name), experts=one,
+            strength=self.strength, aggregator_expert=self.opts.aggregator_expert)
 
 
 def evaluate(config: PoolConfig, questions: list[Question],

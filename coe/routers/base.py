@@ -17,6 +17,7 @@ __all__ = ["Recruit", "Route", "Router", "top_k"]
 
 class Router(ABC):
     name: str = "router"
+    cross_fitted: bool = False  # routes a question it was trained on out-of-fold (honest on it)
 
     @classmethod
     def from_config(cls, config, *, executor=None, k: int | None = None) -> "Router":
