@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from coe.errors import CoeError, StorageError
+from coe.errors import CoeError, ConfigError, StorageError
 from coe.registry import AGGREGATORS, EXECUTORS, ROUTERS
 from coe.secrets import redact
 
@@ -137,6 +137,8 @@ def eval_cmd(
                                        "best-single; the rest is the test set"),
     seed: int = typer.Option(0, "--seed", help="seed of the validation split and random-k"),
     random_k: int = typer.Option(3, "--random-k", min=1, help="experts of the random baseline"),
+    budgets: str = typer.Option("2,3", "--budgets", help="cascades to evaluate (knn+learned~B): "
+                                "average experts per question, comma-separated ('' for none)"),
     aggregator_expert: Optional[str] = typer.Option(None, "--aggregator-expert",
                                                     help="expert of the llm strategies"),
     out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="report directory"),
@@ -159,7 +161,7 @@ def eval_cmd(
     result, files, recorded = run_eval_job(
         questions, cfg, out_dir=out, validation=validation, record_dir=record, plots=plots,
         skip_invalid=skip_invalid, log=None if quiet else err, strategies=strategies,
-        val_fraction=val_fraction, seed=seed, random_k=random_k,
+        val_fraction=val_fraction, seed=seed, random_k=random_k, budgets=_budgets(budgets),
         aggregator_expert=aggregator_expert, cache=cache, resume=resume, progress=not quiet)
     typer.echo(strategy_table(result))
     table = comparison_table(result)
@@ -181,6 +183,16 @@ def eval_cmd(
 EVAL_REPORT_FILES = ("report.md", "report.json", "outcomes.jsonl", "recommended.yaml",
                      "accuracy.png", "categories.png", "usage.png",
                      "cost.png")  # what coe.eval.report writes
+
+
+def _budgets(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise ConfigError(f"--budgets: {text!r} is not a comma-separated list of numbers") from None
+    if any(not b >= 1 for b in values):
+        raise ConfigError(f"--budgets: {text!r}: a cascade asks at least 1 expert per question")
+    return values
 
 
 def _check_eval_outputs(cfg, out: Path, record: Optional[Path], inputs: list) -> None:

@@ -20,6 +20,7 @@ accuracies of validation questions are what they would be for an unseen question
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,9 @@ from coe.types import ExpertResponse, Question
 PRIOR = 20.0
 #: query questions compared with the record at a time (a block x record similarity matrix)
 BLOCK = 1024
+#: questions whose local accuracies are remembered (a cascade asks about the same questions
+#: round after round); beyond it the memo starts again
+MEMO = 100_000
 
 NO_ANSWER = -1  # answer code: not asked, failed, or no answer extracted
 UNKNOWN = -2  # answer code: an answer the record's vocabulary does not hold
@@ -183,13 +187,31 @@ class Neighbourhood:
         self.right = (record.right == 1).astype(np.float32)
         self.answered = (record.right >= 0).astype(np.float32)
         self.glob = record.global_accuracy()
+        self._memo: dict[tuple[str, str], np.ndarray] = {}  # (id, text) -> local accuracies
+        self._record_local: np.ndarray | None = None
+        self._lock = threading.Lock()
 
     def local(self, questions: list[Question]) -> np.ndarray:
-        """Local accuracy (questions x record experts) of each expert around each question."""
-        if not questions:
-            return np.zeros((0, len(self.record.experts)))
-        vecs = self.embedder.encode([q.question for q in questions])
-        return self.local_of(vecs, self.record.rows_of(questions))
+        """Local accuracy (questions x record experts) of each expert around each question
+        (remembered for the last ``MEMO`` questions asked about)."""
+        out = np.zeros((len(questions), len(self.record.experts)))
+        keys = [(q.id, q.question) for q in questions]
+        with self._lock:
+            hits = [self._memo.get(k) for k in keys]
+        todo = [i for i, h in enumerate(hits) if h is None]
+        if todo:
+            ask = [questions[i] for i in todo]
+            vecs = self.embedder.encode([q.question for q in ask])
+            out[todo] = self.local_of(vecs, self.record.rows_of(ask))
+            with self._lock:
+                if len(self._memo) + len(todo) > MEMO:
+                    self._memo.clear()
+                for i in todo:
+                    self._memo[keys[i]] = out[i]
+        for i, h in enumerate(hits):
+            if h is not None:
+                out[i] = h
+        return out
 
     def local_of(self, vecs: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Local accuracies for query vectors; ``rows`` >= 0 are the queries' own rows in the
@@ -208,5 +230,7 @@ class Neighbourhood:
         return out
 
     def local_of_record(self) -> np.ndarray:
-        """Leave-one-out local accuracies of every question of the record."""
-        return self.local_of(self.vectors, np.arange(len(self.record)))
+        """Leave-one-out local accuracies of every question of the record (computed once)."""
+        if self._record_local is None:
+            self._record_local = self.local_of(self.vectors, np.arange(len(self.record)))
+        return self._record_local

@@ -24,6 +24,7 @@ fitted model, a few hundred numbers, in the JSON).
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,14 @@ from scipy import sparse
 
 from coe.answers import is_correct
 from coe.errors import ConfigError
-from coe.neighbours import ValidationRecord, file_sha256
+from coe.neighbours import Neighbourhood, ValidationRecord, file_sha256
 from coe.selector import Selector, SelectorModel, build_selector
 
 FORMAT_VERSION = 1
+
+#: ``Profiles.neighbourhood``'s shared neighbourhoods (the last few record files)
+_SHARED: dict[tuple, Neighbourhood] = {}
+_SHARED_LOCK = threading.Lock()
 
 
 class ExpertProfile(BaseModel):
@@ -118,7 +123,26 @@ class Profiles(BaseModel):
         if self.selector is None:
             raise ConfigError(f"{self._path or 'profiles'}: no answer selector (rebuild the "
                               "profiles with coe profile)")
-        return build_selector(config, self.selector, self.validation_record())
+        return build_selector(config, self.selector,
+                              self.neighbourhood(config, self.selector.neighbours))
+
+    def neighbourhood(self, config, neighbours: int) -> Neighbourhood:
+        """The validation record's ``Neighbourhood`` for ``config``'s embeddings: one per
+        process for a given record file and size, so a router and a selector over the same
+        profiles share one memo of local accuracies."""
+        if self._path is None or self.record is None:
+            return Neighbourhood(self.validation_record(), config, neighbours)
+        key = (str(self._path.resolve().parent / self.record.file), self.record.sha256,
+               neighbours, config.embeddings.model, str(config.base_dir))
+        with _SHARED_LOCK:
+            hood = _SHARED.get(key)
+        if hood is None:
+            hood = Neighbourhood(self.validation_record(), config, neighbours)
+            with _SHARED_LOCK:
+                _SHARED[key] = hood
+                while len(_SHARED) > 4:
+                    _SHARED.pop(next(iter(_SHARED)))
+        return hood
 
     def skill_names(self) -> list[str]:
         names: dict[str, None] = {}

@@ -226,10 +226,10 @@ class Selector:
         return [names[b] if b != NO_ANSWER else None for b in best.tolist()], conf.tolist()
 
 
-def build_selector(config, model: SelectorModel, record: ValidationRecord) -> Selector:
+def build_selector(config, model: SelectorModel, hood: Neighbourhood) -> Selector:
     """The selector for ``config``'s pool, with its neighbourhood over the record."""
     missing = [e.name for e in config.experts if e.name not in model.experts]
     if missing:
         raise ConfigError(f"the answer selector was trained without {', '.join(missing)} "
                           "(run coe profile with this pool)")
-    return Selector(model, Neighbourhood(record, config, model.neighbours))
+    return Selector(model, hood)

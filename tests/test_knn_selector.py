@@ -221,3 +221,46 @@ def test_cascade_meets_its_budget_and_asks_recruits_strongest_first(pool, tmp_pa
         assert r.route.reason.endswith(f"cascade: asked {len(r.responses)} of 4")
     everyone = _run(pool, tmp_path, router={"k": 4, "budget": 4.0})
     assert all(len(r.responses) == 4 for r in everyone.results)
+
+
+def test_coe_eval_runs_knn_learned_and_cascades_and_their_yaml_answers_alike(pool, tmp_path):
+    """In ``coe eval``: the cascade asks only what its rounds need (no full k per question),
+    its figures and its recommended yaml agree with ``coe run``; learned selection without a
+    selector is skipped, not passed off as a vote."""
+    from coe.eval.recommend import recommended_pool
+    from coe.eval.runner import EvalOptions, EvaluationJob
+
+    cfg = load_config(pool / "pool.yaml")
+    test, val = _load(pool / "test.jsonl"), _load(pool / "val.jsonl")
+    opts = EvalOptions(validation=val, cache=False, budgets=(1.5,),
+                       strategies="best-single,knn+vote,knn+learned,all+vote,all+learned,knn+learned~*")
+    job = EvaluationJob(cfg, test, opts)
+    r = job.run()
+    acc = {s.name: s.overall.value for s in r.scores}
+    assert acc["all+learned"] > acc["all+vote"] + 0.1 and acc["knn+learned"] > acc["best-single"]
+    cascade = r.score("knn+learned~1.5")
+    assert 1.0 < cascade.avg_experts < 2.2 and job.cascades["knn+learned~1.5"].validation_experts <= 1.5
+    # generations on the test set: the cascade's asked experts and the other strategies', no more
+    asked = r.outcomes["knn+learned~1.5"].routes.mask()
+    others = np.zeros_like(asked)
+    for name in ("best-single", "knn+vote", "knn+learned", "all+vote", "all+learned"):
+        others |= r.outcomes[name].routes.mask()
+    assert (r.responses.has == (asked | others)).all()
+    assert r.val_score("knn+learned~1.5").overall.n == len(val)
+    spec = next(s for s in r.specs if s.name == "knn+learned~1.5")
+    raw = recommended_pool(job.config, spec, k=job.router_k[spec.name], strength=job.strength)
+    assert raw["router"]["budget"] == 1.5 and raw["router"]["k"] == job.cascades[spec.name].max_experts
+    path = tmp_path / "cascade.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with Orchestrator.from_yaml(path, cache=False) as orch:
+        run = orch.run(test)
+    assert [x.final_answer for x in run.results] == [o.answer for o in r.outcomes[spec.name]]
+    assert [len(x.responses) for x in run.results] == asked.sum(axis=1).tolist()
+
+    plain = yaml.safe_load((pool / "pool.yaml").read_text())
+    plain["router"] = {"kind": "all"}
+    (pool / "no-profiles.yaml").write_text(yaml.safe_dump(plain))
+    bare = EvaluationJob(load_config(pool / "no-profiles.yaml"), test,
+                         EvalOptions(validation=val, cache=False, strategies="best-single,all+*"))
+    skipped = bare.run().skipped
+    assert "learned aggregator is not trained: no profiles" in skipped["all+learned"]

@@ -142,6 +142,8 @@ def recommended_pool(config: PoolConfig, spec: StrategySpec, *, k: int | None,
     aggregator.update({n: v for n, v in extra.items() if n in AggregatorConfig.model_fields})
     if aggregator.get("expert") not in (None, *keep):
         aggregator.pop("expert")
+    if aggregator.get("profiles") and _is_relative(aggregator["profiles"]):
+        aggregator["profiles"] = _absolute(config, aggregator["profiles"])
     out = {"experts": pool, **({"categories": categories} if categories else {}),
            "router": router, "aggregator": aggregator}
     rest = {n: v for n, v in raw.items() if n not in ("experts", "categories", "router",

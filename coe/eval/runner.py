@@ -68,6 +68,7 @@ from coe.aggregators import Aggregator, VoteAggregator, build_aggregator, vote
 from coe.aggregators.base import aggregate_together
 from coe.aggregators.single import SingleAggregator
 from coe.answers import describe_ungraded, gold_answer, gold_problem
+from coe.cascade import Cascade
 from coe.config import PoolConfig
 from coe.errors import CoeError, ConfigError
 from coe.eval.compare import Comparison, compare, holm
@@ -121,6 +122,8 @@ class EvalOptions:
     val_fraction: float = 0.5
     seed: int = 0
     random_k: int = 3
+    #: cascades to evaluate (knn+learned~<budget>), average experts per question
+    budgets: tuple[float, ...] = (2.0, 3.0)
     aggregator_expert: str | None = None  # for the llm strategies (default: yaml / route's)
     cache: bool | str | Path = True
     resume: bool = False
@@ -278,7 +281,8 @@ class EvaluationJob:
         self.questions = list(questions)
         self.names = [e.name for e in config.experts]
         self.replay = {e.name for e in config.experts if e.backend == "replay"}
-        self.specs = select(all_specs(config, self.opts.random_k), self.opts.strategies)
+        self.specs = select(all_specs(config, self.opts.random_k, self.opts.budgets),
+                            self.opts.strategies)
         self.skipped: dict[str, str] = {}
         self.notes: list[str] = []
         self.validation: list[Question] = []
@@ -288,6 +292,8 @@ class EvaluationJob:
         self.test: QuestionSet | None = None  # the test questions and what they hold
         self.val: QuestionSet | None = None  # the validation questions (with best-single)
         self.router_k: dict[str, int | None] = {}  # router strategy -> the k it routed with
+        self.cascade_of: dict[tuple, Cascade] = {}  # (router, k, budget) -> its cascade
+        self.cascades: dict[str, Cascade] = {}  # cascade strategy -> its cascade
         self.in_sample: dict[str, str] = {}  # strategy -> why its validation is in-sample
         self.val_acc: dict[str, Accuracy] = {}
         self.val_failed: dict[str, int] = {}  # expert -> failed validation generations
@@ -321,6 +327,7 @@ class EvaluationJob:
                 _log(self.opts, "resuming: generations already in the response cache are not redone")
             self.route_strategies()
             self.answer_experts()
+            self.run_cascades()
             self.break_ties()
             self.aggregate()
         for qs in self.sets:
@@ -417,17 +424,23 @@ class EvaluationJob:
                     qs.routes_of[s.name] = self._fixed_routes(s, qs)
                 continue
             k = s.k or (None if s.router == "all" else self.config.router.k)
-            key = (s.router, k)
+            if s.budget is not None and s.k is None and self.config.router.budget is None:
+                k = None  # a cascade the yaml does not set: its depth is chosen on validation
+            key = (s.router, k, s.budget)
             if key not in routed:
-                routed[key] = self._route_with(s.router, k)
+                routed[key] = self._route_with(s.router, k, s.budget)
             tables, why, in_sample = routed[key]
-            why = why or self._replayed_aggregator(s, [t for t, _ in tables.values()])
+            why = (why or self._replayed_aggregator(s, [t for t, _ in tables.values()])
+                   or self._untrained_aggregator(s))
             if why:
                 self.skipped[s.name] = why
                 continue
             for qs in self.sets:
                 qs.routes_of[s.name], qs.route_seconds[s.name] = tables[qs.name]
             self.router_k[s.name] = k
+            if key in self.cascade_of:
+                self.cascades[s.name] = self.cascade_of[key]
+                self.router_k[s.name] = self.cascade_of[key].max_experts
             if in_sample:
                 self.in_sample[s.name] = in_sample
 
@@ -439,13 +452,24 @@ class EvaluationJob:
             return random_table(qs.ids, self.names, s.k, self.opts.seed)
         return RouteTable.fixed(qs.ids, self.names, self.names, "every expert (oracle)")
 
-    def _route_with(self, kind: str, k: int | None) -> tuple[dict | None, str, str]:
+    def _route_with(self, kind: str, k: int | None,
+                    budget: float | None = None) -> tuple[dict | None, str, str]:
         """({question set: (routes, seconds)}, why the router is unavailable ("" if it is
-        not), why its validation routes may be in-sample ("" if they may not))."""
+        not), why its validation routes may be in-sample ("" if they may not)). With
+        ``budget``, the router cascades: its routes are every recruit a question may ask,
+        and its ``Cascade`` is kept in ``cascade_of``."""
         if kind == "category" and not has_categories(self.config):
             return None, "the pool declares no categories", ""
+        config = self.config
+        if budget is not None:
+            config = config.model_copy(update={"router": config.router.model_copy(
+                update={"budget": budget, "k": k})})
         try:
-            router = build_router(kind, self.config, self.orch.executor, k)
+            router = build_router(kind, config, self.orch.executor, k)
+            if budget is not None:
+                if getattr(router, "cascade", None) is None:
+                    raise ConfigError(f"the {kind} router does not cascade")
+                self.cascade_of[(kind, k, budget)] = router.cascade
             tables = {qs.name: self._route_set(router, qs) for qs in self.sets}
         except Exception as e:  # an unavailable or unfit router: skip, say why
             return None, f"{kind} router unavailable: {type(e).__name__}: {e}", ""
@@ -502,6 +526,12 @@ class EvaluationJob:
         return build_aggregator(spec.aggregator, self.config, strength=self.strength,
                                 expert=self.opts.aggregator_expert)
 
+    def _untrained_aggregator(self, spec: StrategySpec) -> str:
+        """Why a strategy whose aggregator lacks its trained part (the learned selector) is
+        skipped: it would only repeat another strategy (the learned aggregator votes)."""
+        why = getattr(self._aggregator(spec), "fallback", "")
+        return f"the {spec.aggregator} aggregator is not trained: {why}" if why else ""
+
     def _replayed_aggregator(self, spec: StrategySpec, tables: list[RouteTable]) -> str:
         """Why a strategy whose aggregator would generate with a replay expert is skipped."""
         agg = self._aggregator(spec)
@@ -523,8 +553,9 @@ class EvaluationJob:
     def _union(self) -> np.ndarray:
         """Test questions x experts: the generations some strategy needs."""
         need = np.zeros((len(self.test.questions), len(self.names)), bool)
-        for routes in self.test.routes_of.values():
-            need |= routes.mask()
+        for name, routes in self.test.routes_of.items():
+            if name not in self.cascades:  # a cascade's generations are asked round by round
+                need |= routes.mask()
         return need
 
     def answer_experts(self) -> None:
@@ -551,6 +582,44 @@ class EvaluationJob:
         self._generate("experts", parts, last=self._aggregation_model())
         if best_spec and self.best is None:
             self.pick_best(best_spec)
+
+    def run_cascades(self) -> None:
+        """Each cascade strategy's rounds on every set (``coe.cascade``): its questions ask
+        their first recruit, then the unsure ones their next, one ``_generate`` per round
+        (only what no other strategy already made); its routes become the recruits asked."""
+        for name, cascade in self.cascades.items():
+            for qs in self.sets:
+                qs.routes_of[name] = self._cascade(name, cascade, qs)
+
+    def _cascade(self, name: str, cascade: Cascade, qs: QuestionSet) -> RouteTable:
+        full = qs.routes_of[name]
+        length = (full.experts != NONE).sum(axis=1)
+        count = np.minimum(length, 1)
+        slots = np.arange(full.experts.shape[1])[None, :]
+
+        def asked() -> RouteTable:
+            return RouteTable(full.ids, full.names,
+                              np.where(slots < count[:, None], full.experts, NONE),
+                              full.weights, full.info, full.values)
+
+        while True:
+            table = asked()
+            need = table.mask() & ~qs.responses.has
+            if need.any():
+                self._generate(f"cascade {name}", [(qs.responses, need)])
+            todo = np.flatnonzero(count < length)
+            if not len(todo):
+                return table
+            asked_now = count[todo]
+            rows = np.repeat(todo, asked_now)
+            cols = np.concatenate([table.experts[i, :c] for i, c in zip(todo, asked_now)])
+            built = iter(qs.responses.responses(rows, cols))
+            resp = [[next(built) for _ in range(c)] for c in asked_now.tolist()]
+            unsure = cascade.open_questions([qs.questions[i] for i in todo], count[todo].tolist(),
+                                            [full[i] for i in todo], resp)
+            if not unsure:
+                return table
+            count[todo[unsure]] += 1
 
     def pick_best(self, spec: StrategySpec) -> None:
         """The expert most accurate on the validation questions (ties: the stronger prior,

@@ -24,7 +24,6 @@ import numpy as np
 
 from coe.cascade import Cascade
 from coe.errors import ConfigError
-from coe.neighbours import Neighbourhood
 from coe.profiles import Profiles
 from coe.routers.base import Recruit, Route, Router
 from coe.types import Question
@@ -43,7 +42,7 @@ class KnnRouter(Router):
         self.profiles = profiles
         self.k = k or 3
         self.experts = [e.name for e in config.experts]
-        self.hood = Neighbourhood(profiles.validation_record(), config, neighbours)
+        self.hood = profiles.neighbourhood(config, neighbours)
         rec = self.hood.record
         missing = [e for e in self.experts if e not in rec.experts]
         if missing:
