@@ -161,10 +161,14 @@ class Orchestrator:
 
     def dry_run(self, questions: list[Question | dict]) -> DryRun:
         questions = self._accept(questions)
+        cascade = getattr(self.router, "cascade", None)
         with self.executor.session():
             routes = self.route(questions)
-            plan = self.plan(questions, routes)
+            plan = self.plan(questions, _first(routes, [1] * len(routes)) if cascade else routes)
         notes = []
+        if cascade is not None:
+            notes.append(f"{cascade.describe()}: the plan shows each question's first recruit; "
+                         "later rounds are planned as they come")
         after = self.aggregator.experts(routes)
         if after:
             notes.append(f"then {sum(after.values())} aggregation generations "

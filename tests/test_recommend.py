@@ -313,6 +313,9 @@ def test_a_router_trained_in_sample_is_noted(tmp_path, monkeypatch, cross_fitted
     assert ("| skill@1 †" in md) == noted
     if noted:
         assert "router.profiles (profiles.json)" in r.in_sample["skill@1"]
+        # figures that may be in-sample do not choose: skill@1 is not recommended on them
+        assert r.recommendation.strategy != "skill@1"
+        assert "may be in-sample" in r.recommendation.not_recommendable["skill@1"]
 
 
 # -- llm aggregators generate on the validation questions too ---------------------------------

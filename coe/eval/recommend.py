@@ -54,9 +54,6 @@ class Recommendation:
     #: significantly better than best-single on validation, cheapest first (the first is it)
     candidates: list[str] = field(default_factory=list)
     not_recommendable: dict[str, str] = field(default_factory=dict)  # strategy -> why
-    #: when the validation figures of ``strategy`` may be in-sample: the recommendation
-    #: among the strategies whose figures are not in doubt
-    alternative: str | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -896,17 +896,13 @@ class EvaluationJob:
                                       "--validation / --val-fraction 0)")
             return
         specs = [s for s in self.specs if s.name in self.val.outcomes]
-        rec = recommend(specs, {s.name: s for s in self.val.scores},
-                        self.comparisons["validation"], ref)
+        # a strategy whose validation figures may be in-sample is not recommended on them
+        rec = recommend([s for s in specs if s.name not in self.in_sample],
+                        {s.name: s for s in self.val.scores}, self.comparisons["validation"], ref)
+        rec.not_recommendable.update(
+            {n: f"its validation figures may be in-sample: {why}" for n, why in self.in_sample.items()
+             if n in self.val.outcomes})
         spec = next(s for s in specs if s.name == rec.strategy)
-        if spec.name in self.in_sample:
-            alt = recommend([s for s in specs if s.name not in self.in_sample],
-                            {s.name: s for s in self.val.scores},
-                            self.comparisons["validation"], ref)
-            rec.alternative = alt.strategy
-            rec.reason += (f"; but {self.in_sample[spec.name]}; among the strategies whose "
-                           f"validation figures are not in doubt, the recommendation is "
-                           f"{alt.strategy}")
         one = [self.best] if spec.kind == "best-single" else [spec.expert] if spec.expert else None
         self.recommendation = rec
         self.recommended_pool = recommended_pool(
