@@ -133,13 +133,20 @@ class ValidationRecord:
 
     # -- the sidecar file -------------------------------------------------------------------
     def save(self, path: Path) -> None:
+        """Written under a temporary name, then renamed: never half a file. A failure names
+        ``path``."""
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, ids=np.array(self.ids, dtype=str), hashes=self.hashes,
-                     embeddings=self.embeddings, experts=np.array(self.experts, dtype=str),
-                     answers=self.answers, right=self.right, gold=self.gold,
-                     vocab=np.array(self.vocab, dtype=str))
-        tmp.replace(path)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, ids=np.array(self.ids, dtype=str), hashes=self.hashes,
+                         embeddings=self.embeddings, experts=np.array(self.experts, dtype=str),
+                         answers=self.answers, right=self.right, gold=self.gold,
+                         vocab=np.array(self.vocab, dtype=str))
+            tmp.replace(path)
+        except OSError as e:
+            if tmp.parent.is_dir():
+                tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(path)) from None
 
     @classmethod
     def load(cls, path: Path, embedding_model: str, embedding_tag: str | None) -> "ValidationRecord":
@@ -207,7 +214,7 @@ class Neighbourhood:
                 if len(self._memo) + len(todo) > MEMO:
                     self._memo.clear()
                 for i in todo:
-                    self._memo[keys[i]] = out[i]
+                    self._memo[keys[i]] = out[i].copy()
         for i, h in enumerate(hits):
             if h is not None:
                 out[i] = h

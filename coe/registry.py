@@ -132,8 +132,8 @@ ROUTERS = Registry("router", "coe.routers", {
 AGGREGATORS = Registry("aggregator", "coe.aggregators", {
     "vote": "coe.aggregators.vote:VoteAggregator",
     "llm": "coe.aggregators.llm:LLMAggregator",
-    "learned": "coe.aggregators.learned:LearnedAggregator",
     "single": "coe.aggregators.single:SingleAggregator",
+    "learned": "coe.aggregators.learned:LearnedAggregator",
 })
 
 EXECUTORS = Registry("executor", "coe.executors", {

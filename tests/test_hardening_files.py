@@ -193,8 +193,9 @@ def test_other_files_that_cannot_be_written_are_one_line(replay_pool, tmp_path):
     (tmp_path / "a-file").write_text("x")
     proc = coe("profile", qs, "-c", cfg, "-q", "-o", tmp_path / "a-file" / "p.json")
     assert proc.returncode == STORAGE and "Traceback" not in proc.stderr, proc.stderr
+    # the validation record beside the profiles is written first
     assert proc.stderr.splitlines()[-1] == \
-        f"error: {tmp_path / 'a-file' / 'p.json'}: Not a directory"
+        f"error: {tmp_path / 'a-file' / 'p.npz'}: Not a directory"
 
 
 # -- defect 7: --resume and questions asked differently since -------------------------------

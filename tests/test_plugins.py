@@ -161,7 +161,7 @@ def test_a_plugin_installed_with_entry_points_works_from_yaml_cli_and_eval(tmp_p
 
     # the names are in the error messages; a plugin that does not load is one line
     one_line_error(coe("run", qs, "-c", cfg, "--router", "nope", env=env), 2,
-                   "unknown router 'nope' (expected one of all, category, skill, named, broken)")
+                   "unknown router 'nope' (expected one of all, category, skill, knn, named, broken)")
     one_line_error(coe("run", qs, "-c", cfg, "--router", "broken", env=env), 2,
                    "router 'broken': cannot load entry point 'coe_echo_plugin:NoSuchRouter' "
                    "(coe.routers): AttributeError")
