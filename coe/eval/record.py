@@ -102,8 +102,12 @@ def replay_pool(config: PoolConfig, names: set[str]) -> dict:
         if raw["router"].get(field):
             raw["router"][field] = str(config.resolve_path(raw["router"][field]).resolve())
     emb = raw["embeddings"]["model"]
-    if not emb.startswith("package:"):
-        raw["embeddings"]["model"] = str(config.resolve_path(emb).resolve())
+    static, _, source = emb.partition(":") if emb.startswith("static") else ("", "", emb)
+    if source and not source.startswith("package:"):  # a folder: absolute
+        source = str(config.resolve_path(source).resolve())
+        raw["embeddings"]["model"] = f"{static}:{source}" if static else source
+    if raw["aggregator"].get("profiles"):
+        raw["aggregator"]["profiles"] = str(config.resolve_path(raw["aggregator"]["profiles"]).resolve())
     if raw["aggregator"].get("kind") == "llm":
         raw["aggregator"] = {"kind": "vote"}
     elif raw["aggregator"].get("expert") not in names:
