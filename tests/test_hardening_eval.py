@@ -175,7 +175,7 @@ def test_validation_equal_to_the_test_file_is_warned_about(tmp_path):
     warning = [ln for ln in p.stderr.splitlines() if ln.startswith("warning:")]
     assert warning == [f"warning: the validation questions ({test}) overlap the test set: "
                        "8 of the 8 test questions (same id: 8, same text: 8); best-single "
-                       "is picked partly on the test questions"]
+                       "and the recommendation are chosen partly on the test questions"]
     data = json.loads((out / "report.json").read_text())
     assert data["validation"]["overlap"] == {
         "questions": 8, "same_id": 8, "same_text": 8,

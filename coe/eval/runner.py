@@ -400,8 +400,8 @@ class EvaluationJob:
             o = self.overlap
             note = (f"warning: the validation questions ({self.val_source}) overlap the test "
                     f"set: {o['questions']} of the {len(self.questions)} test questions "
-                    f"(same id: {o['same_id']}, same text: {o['same_text']}); best-single is "
-                    "picked partly on the test questions")
+                    f"(same id: {o['same_id']}, same text: {o['same_text']}); best-single and "
+                    "the recommendation are chosen partly on the test questions")
             self.notes.insert(0, note)
             _log(self.opts, note)
 
