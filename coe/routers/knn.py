@@ -61,11 +61,10 @@ class KnnRouter(Router):
             if k is not None:
                 self.cascade = Cascade.calibrate(selector, order[:, :self.k], self.columns, budget)
             else:  # the cascade's depth, chosen on the validation record too
+                n = len(self.experts)
                 tried = [Cascade.calibrate(selector, order[:, :m], self.columns, budget)
-                         for m in range(max(2, math.ceil(budget)), len(self.experts) + 1)]
-                self.cascade = max(tried, key=lambda c: (c.validation_accuracy, -c.max_experts),
-                                   default=None) or Cascade.calibrate(
-                                       selector, order, self.columns, budget)
+                         for m in range(min(max(2, math.ceil(budget)), n), n + 1)]
+                self.cascade = max(tried, key=lambda c: (c.validation_accuracy, -c.max_experts))
                 self.k = self.cascade.max_experts
 
     @classmethod
