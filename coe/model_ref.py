@@ -105,6 +105,16 @@ def resolve_model_file(ref: str, base_dir: Path | str = ".", suffix: str = ".ggu
 _FINGERPRINTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> fingerprint, this process
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a whole file, read a megabyte at a time (for files that must match a
+    manifest exactly: a distilled embedding model, a validation record)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_fingerprint(path: Path) -> str:
     """Cheap content fingerprint: the size plus the first and last MiB (2 MiB read, whatever
     the file's size: a multi-GB model is never hashed whole). Remembered per process by path,

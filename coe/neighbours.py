@@ -165,14 +165,6 @@ class ValidationRecord:
         return rec
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Neighbourhood:
     """Each expert's accuracy on a question's nearest profiled questions (see the module)."""
 

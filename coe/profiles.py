@@ -33,7 +33,8 @@ from scipy import sparse
 
 from coe.answers import is_correct
 from coe.errors import ConfigError
-from coe.neighbours import Neighbourhood, ValidationRecord, file_sha256
+from coe.model_ref import file_sha256
+from coe.neighbours import Neighbourhood, ValidationRecord
 from coe.selector import Selector, SelectorModel, build_selector
 
 FORMAT_VERSION = 1
