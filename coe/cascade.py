@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from coe.selector import Selector
-from coe.types import ExpertResponse, Question, Route
+from coe.types import ExpertResponse, Question
 
 
 @dataclass
@@ -68,13 +68,12 @@ class Cascade:
                 f"(validation: {self.validation_experts:.2f} experts/question, "
                 f"{self.validation_accuracy:.1%})")
 
-    def open_questions(self, questions: list[Question], asked: list[int], routes: list[Route],
+    def open_questions(self, questions: list[Question], asked: list[int], recruits: list[int],
                        responses: list[list[ExpertResponse]]) -> list[int]:
         """The questions (indices) that ask one more recruit: not yet confident, and with a
-        recruit left."""
-        todo = [i for i, r in enumerate(routes) if asked[i] < len(r.experts)]
+        recruit left (``asked`` of their ``recruits`` so far)."""
+        todo = [i for i, (a, n) in enumerate(zip(asked, recruits)) if a < n]
         if not todo:
             return []
         _, conf = self.selector.choose([questions[i] for i in todo], [responses[i] for i in todo])
         return [i for i, c in zip(todo, conf) if c < self.threshold]
-

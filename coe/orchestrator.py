@@ -318,7 +318,8 @@ def _cascade_rounds(executor: Executor, parts: list[Part], cascades: list, full:
         for n, (p, cascade) in enumerate(zip(parts, cascades)):
             if cascade is None:
                 continue
-            for i in cascade.open_questions(p.questions, counts[n], full[n], responses[n]):
+            recruits = [len(r.experts) for r in full[n]]
+            for i in cascade.open_questions(p.questions, counts[n], recruits, responses[n]):
                 todo.append((n, i, full[n][i].experts[counts[n][i]]))
         if not todo:
             break

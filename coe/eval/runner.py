@@ -616,7 +616,7 @@ class EvaluationJob:
             built = iter(qs.responses.responses(rows, cols))
             resp = [[next(built) for _ in range(c)] for c in asked_now.tolist()]
             unsure = cascade.open_questions([qs.questions[i] for i in todo], count[todo].tolist(),
-                                            [full[i] for i in todo], resp)
+                                            length[todo].tolist(), resp)
             if not unsure:
                 return table
             count[todo[unsure]] += 1
