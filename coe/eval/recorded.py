@@ -28,6 +28,7 @@ from __future__ import annotations
 import ast
 import re
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -206,15 +207,24 @@ def _jsonl(path: Path, model: type[BaseModel]):
             raise PoolSourceError(f"{path}: not valid UTF-8 ({e.reason})") from None
 
 
+def _unique_ids(path: Path, model: type[BaseModel]) -> Iterator[tuple[int, str, BaseModel]]:
+    """``_jsonl``'s lines with their ``id`` as a string; an id seen on an earlier line is one
+    line naming both."""
+    first: dict[str, int] = {}
+    for lineno, item in _jsonl(path, model):
+        qid = str(item.id)
+        if qid in first:
+            raise PoolSourceError(f"{path}:{lineno}: question id {qid!r} repeated "
+                                  f"(first on line {first[qid]})")
+        first[qid] = lineno
+        yield lineno, qid, item
+
+
 def read_generic_questions(path: Path) -> dict[str, dict]:
     """The questions of a generic ``questions.jsonl``, as written to train/test, by id; each
     with the line it came from under ``"_line"``."""
     questions: dict[str, dict] = {}
-    for lineno, q in _jsonl(path, QuestionLine):
-        qid = str(q.id)
-        if qid in questions:
-            raise PoolSourceError(f"{path}:{lineno}: question id {qid!r} repeated "
-                                  f"(first on line {questions[qid]['_line']})")
+    for lineno, qid, q in _unique_ids(path, QuestionLine):
         rec = {"id": qid, "question": q.question}
         if q.choices is not None:
             rec["choices"] = q.choices
@@ -232,13 +242,7 @@ def read_generic_questions(path: Path) -> dict[str, dict]:
 
 def _read_generic_outputs(path: Path) -> list[dict]:
     replay: list[dict] = []
-    seen: dict[str, int] = {}
-    for lineno, r in _jsonl(path, OutputLine):
-        qid = str(r.id)
-        if qid in seen:
-            raise PoolSourceError(f"{path}:{lineno}: question id {qid!r} repeated "
-                                  f"(first on line {seen[qid]})")
-        seen[qid] = lineno
+    for _, qid, r in _unique_ids(path, OutputLine):
         rec = {"id": qid, "text": r.text or ""}
         for k, v in r.model_dump(exclude_unset=True).items():
             if k not in rec:
