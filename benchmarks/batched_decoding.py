@@ -17,7 +17,7 @@ are generated greedily:
   is already a batch of hundreds of tokens).
 
 Prompts: examples/questions.jsonl, then GSM8K and MMLU-Pro questions from ../shared/data (see
-its README), made into requests by ``coe.prompts.build_request`` exactly as a run makes them,
+its README), made into requests by ``coe.text.prompts.build_request`` exactly as a run makes them,
 and tokenized as llama-cpp-python does: a chat prompt is rendered by the model's own chat
 handler (the one ``create_chat_completion`` uses; its ``create_completion`` call is
 intercepted to take the token ids and stop strings), a completion prompt as
@@ -75,11 +75,11 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
-from coe.config import load_config  # noqa: E402
-from coe.experts.llamacpp import LlamaCppBackend, default_threads  # noqa: E402
-from coe.prompts import build_request  # noqa: E402
-from coe.questions import load_questions  # noqa: E402
-from coe.types import Generation, GenRequest, Question  # noqa: E402
+from coe.backends.llamacpp import LlamaCppBackend, default_threads  # noqa: E402
+from coe.core.config import load_config  # noqa: E402
+from coe.core.types import Generation, GenRequest, Question  # noqa: E402
+from coe.io.questions import load_questions  # noqa: E402
+from coe.text.prompts import build_request  # noqa: E402
 
 # -- prompts ---------------------------------------------------------------------------------
 

@@ -20,9 +20,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from coe.eval.job import run_eval_job  # noqa: E402
-from coe.eval.pools import ensure_pool  # noqa: E402
-from coe.eval.report import strategy_table, summary_lines  # noqa: E402
+from coe.apps.eval.job import run_eval_job  # noqa: E402
+from coe.apps.eval.pools import ensure_pool  # noqa: E402
+from coe.apps.eval.report import strategy_table, summary_lines  # noqa: E402
 
 # Figures in ../shared/data/mmlu-pro-outputs/README.md (computed there from the recorded
 # `pred` fields, not by coe): what this benchmark compares coe's figures against.

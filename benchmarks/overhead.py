@@ -22,8 +22,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from coe.orchestrator import Orchestrator  # noqa: E402
-from coe.questions import Question  # noqa: E402
+from coe.apps.api import Orchestrator  # noqa: E402
+from coe.io.questions import Question  # noqa: E402
 
 CATS = ["math", "science", "general"]
 

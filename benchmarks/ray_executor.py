@@ -40,9 +40,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from coe.config import load_config  # noqa: E402
-from coe.orchestrator import Orchestrator, RunResult  # noqa: E402
-from coe.questions import Question, load_questions  # noqa: E402
+from coe.apps.api import Orchestrator, RunResult  # noqa: E402
+from coe.core.config import load_config  # noqa: E402
+from coe.io.questions import Question, load_questions  # noqa: E402
 
 PHRASINGS = ["", "Quick question: ", "Please answer: ", "Tell me: "]
 

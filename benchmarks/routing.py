@@ -35,16 +35,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from coe.config import load_config  # noqa: E402
-from coe.embeddings import MINILM, STATIC, Embedder, StaticEncoder, shared_embedder  # noqa: E402
-from coe.eval.pools import ensure_pool  # noqa: E402
-from coe.orchestrator import Orchestrator  # noqa: E402
-from coe.profiling import build_profiles  # noqa: E402
-from coe.questions import load_questions  # noqa: E402
-from coe.routers.category import CategoryRouter  # noqa: E402
-from coe.routers.learned import train_category_router  # noqa: E402
-from coe.routers.skill import SkillRouter  # noqa: E402
-from coe.skills import VocabularySkills  # noqa: E402
+from coe.apps.api import Orchestrator  # noqa: E402
+from coe.apps.eval.pools import ensure_pool  # noqa: E402
+from coe.apps.profile import build_profiles  # noqa: E402
+from coe.core.config import load_config  # noqa: E402
+from coe.io.questions import load_questions  # noqa: E402
+from coe.learned.classifier import train_category_router  # noqa: E402
+from coe.learned.embeddings import MINILM, STATIC, Embedder, StaticEncoder, shared_embedder  # noqa: E402
+from coe.routing.category import CategoryRouter  # noqa: E402
+from coe.routing.skill import SkillRouter  # noqa: E402
+from coe.routing.skills import VocabularySkills  # noqa: E402
 
 ENCODERS = {"MiniLM": MINILM, "static": STATIC}
 

@@ -43,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from coe.eval.pools import ensure_pool  # noqa: E402
+from coe.apps.eval.pools import ensure_pool  # noqa: E402
 
 NO_EMBEDDING = "single:*,best-single,all+vote,category+vote,category@1,random3+vote,oracle"
 VALIDATION = 2000
@@ -92,7 +92,7 @@ def build_scaled(pool: Path, out: Path, n: int) -> tuple[Path, Path, Path]:
 def run_eval(cfg: Path, test: Path, val: Path, report: Path,
              strategies: str | None) -> tuple[float, int, dict]:
     """Wall seconds and peak RSS (bytes) of one ``coe eval`` process, and its report.json."""
-    cmd = [sys.executable, "-m", "coe.cli", "eval", str(test), "-c", str(cfg),
+    cmd = [sys.executable, "-m", "coe.apps.cli", "eval", str(test), "-c", str(cfg),
            "--validation", str(val), "-o", str(report), "-q"]
     if strategies:
         cmd += ["-s", strategies]

@@ -43,8 +43,8 @@ sys.path.insert(0, str(REPO))
 
 import openai  # noqa: E402
 
-from coe.orchestrator import Orchestrator  # noqa: E402
-from coe.questions import Question, load_questions  # noqa: E402
+from coe.apps.api import Orchestrator  # noqa: E402
+from coe.io.questions import Question, load_questions  # noqa: E402
 
 
 def free_port() -> int:
@@ -57,7 +57,7 @@ class Server:
     def __init__(self, config: Path, log: Path, *args: str):
         self.port = free_port()
         self.root = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-c", "from coe.cli import main; main()", "serve", "-c",
+        cmd = [sys.executable, "-c", "from coe.apps.cli import main; main()", "serve", "-c",
                str(config), "--port", str(self.port), "--no-cache", *args]
         self.log = log
         with open(log, "wb") as f:

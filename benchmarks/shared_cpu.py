@@ -86,7 +86,7 @@ def env_for(setting: str, cache_dir: Path) -> dict:
 def start_run(pool: Path, setting: str, tmp: Path, tag: str) -> tuple[subprocess.Popen, float]:
     cache = tmp / f"cache-{tag}"
     cache.mkdir()
-    cmd = [sys.executable, "-c", "from coe.cli import main; main()", "run", str(QUESTIONS),
+    cmd = [sys.executable, "-c", "from coe.apps.cli import main; main()", "run", str(QUESTIONS),
            "-c", str(pool), "--no-cache", "-q", "-o", str(tmp / f"answers-{tag}.jsonl")]
     proc = subprocess.Popen(cmd, env=env_for(setting, cache), cwd=REPO, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=open(tmp / f"err-{tag}.txt", "w"))
@@ -142,7 +142,7 @@ def main() -> None:
         sys.exit(f"shared_cpu.py: unknown setting or case: {', '.join(bad)}")
 
     sys.path.insert(0, str(REPO))
-    from coe.experts.llamacpp import default_threads
+    from coe.backends.llamacpp import default_threads
 
     os.environ.pop("OMP_NUM_THREADS", None)  # as in the children
     load = os.getloadavg()

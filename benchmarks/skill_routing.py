@@ -26,15 +26,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from coe.aggregators import vote  # noqa: E402
-from coe.answers import is_correct  # noqa: E402
-from coe.config import load_config  # noqa: E402
-from coe.eval.pools import ensure_pool  # noqa: E402
-from coe.orchestrator import Orchestrator  # noqa: E402
-from coe.profiles import Profiles, add_expert_results  # noqa: E402
-from coe.questions import load_questions  # noqa: E402
-from coe.routers.skill import SkillRouter  # noqa: E402
-from coe.skills import VocabularySkills  # noqa: E402
+from coe.aggregation import vote  # noqa: E402
+from coe.apps.api import Orchestrator  # noqa: E402
+from coe.apps.eval.pools import ensure_pool  # noqa: E402
+from coe.core.config import load_config  # noqa: E402
+from coe.io.questions import load_questions  # noqa: E402
+from coe.learned.profiles import Profiles, add_expert_results  # noqa: E402
+from coe.routing.skill import SkillRouter  # noqa: E402
+from coe.routing.skills import VocabularySkills  # noqa: E402
+from coe.text.answers import is_correct  # noqa: E402
 
 
 class Fixed:
@@ -120,8 +120,8 @@ def main() -> None:
     run("best single (picked on train)", _single(cfg, best_single), best_single)
     run("all 8, vote", "all")
     run("true category -> its top 3, vote", "category", "the category field is given")
-    from coe.routers.category import CategoryRouter
-    from coe.routers.learned import train_category_router
+    from coe.learned.classifier import train_category_router
+    from coe.routing.category import CategoryRouter
 
     clf, rep = train_category_router(train, test, estimator="logreg")
     hidden = [q.model_copy(update={"category": None}) for q in test]
@@ -145,7 +145,7 @@ def main() -> None:
 
 
 def _single(cfg, name):
-    from coe.routers.base import Recruit, Route, Router
+    from coe.routing.base import Recruit, Route, Router
 
     class Single(Router):
         def route(self, questions):

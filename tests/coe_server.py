@@ -29,7 +29,7 @@ class CoeServer(ServerProcess):
         self.env = {**os.environ, **(env or {})}
 
     def start(self) -> "CoeServer":
-        self.spawn([sys.executable, "-c", "from coe.cli import main; main()", "serve",
+        self.spawn([sys.executable, "-c", "from coe.apps.cli import main; main()", "serve",
                     "-c", str(self.config), "--port", str(self.port), *self.args], self.env)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:

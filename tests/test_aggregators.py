@@ -3,8 +3,8 @@
 import pytest
 import yaml
 
-from coe.orchestrator import Orchestrator
-from coe.questions import Question, load_questions
+from coe.apps.api import Orchestrator
+from coe.io.questions import Question, load_questions
 
 
 def test_single_takes_the_highest_weighted_expert(replay_pool):
@@ -41,8 +41,8 @@ def test_llm_aggregator_on_an_experts_weights_loads_it_once(tmp_path):
 
 
 def test_zero_shot_category_routing_by_embedding():
-    from coe.config import load_config
-    from coe.routers.category import CategoryRouter
+    from coe.core.config import load_config
+    from coe.routing.category import CategoryRouter
     from tests.conftest import REPO
 
     router = CategoryRouter(load_config(REPO / "experts.yaml"))

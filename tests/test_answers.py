@@ -1,7 +1,7 @@
 import pytest
 
-from coe.answers import extract_answer, is_correct, normalize
-from coe.questions import Question
+from coe.io.questions import Question
+from coe.text.answers import extract_answer, is_correct, normalize
 
 MC = Question(id="1", question="q", choices=["Mars", "Jupiter", "Venus", "Earth"], answer="B")
 NUM = Question(id="2", question="q", answer="1200")

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from coe.config import load_config
-from coe.errors import ConfigError, ExpertError
-from coe.orchestrator import Orchestrator
+from coe.apps.api import Orchestrator
+from coe.core.config import load_config
+from coe.core.errors import ConfigError, ExpertError
 from tests.openai_server import (
     arithmetic_questions,
     cached_generations,

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def coe(*args, cwd=REPO, env=None, timeout=600):
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "coe.cli", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "coe.apps.cli", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, env=full_env, timeout=timeout)
 
 

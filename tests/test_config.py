@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coe.config import load_config, parse_config
-from coe.errors import ConfigError
+from coe.core.config import load_config, parse_config
+from coe.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

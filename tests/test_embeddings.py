@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coe.embeddings import MANIFEST, MINILM, STATIC, Embedder, StaticEncoder, static_source
+from coe.learned.embeddings import MANIFEST, MINILM, STATIC, Embedder, StaticEncoder, static_source
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def damage_store(store: Path, damage: str) -> None:
 @pytest.mark.parametrize("damage", ["no manifest", "truncated weights", "edited weights",
                                     "a file missing", "empty folder", "manifest not json"])
 def test_a_damaged_store_is_not_taken_as_whole(tmp_path, monkeypatch, damage):
-    from coe.embeddings import _manifest_ok
+    from coe.learned.embeddings import _manifest_ok
 
     store = own_cache(tmp_path, monkeypatch, with_store=True)
     assert _manifest_ok(store)
@@ -116,7 +116,7 @@ def test_a_damaged_store_is_rebuilt_never_half_read(tmp_path, monkeypatch, capfd
 
 
 def test_a_store_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
-    from coe.errors import StorageError
+    from coe.core.errors import StorageError
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -137,7 +137,7 @@ def test_a_killed_distillation_leaves_no_store_and_the_next_run_builds_it(tmp_pa
             "def die(*a, **k):\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n"
             "d.distill_from_model = die\n"
-            "from coe.embeddings import StaticEncoder\n"
+            "from coe.learned.embeddings import StaticEncoder\n"
             "StaticEncoder().ensure()\n")
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
                        text=True, timeout=300)
@@ -148,7 +148,7 @@ def test_a_killed_distillation_leaves_no_store_and_the_next_run_builds_it(tmp_pa
     tag = StaticEncoder().tag
     # the next process: copy the session's store in place of distilling again is not allowed
     # here; it must build its own from the half-done state
-    r = subprocess.run([sys.executable, "-c", "from coe.embeddings import StaticEncoder; "
+    r = subprocess.run([sys.executable, "-c", "from coe.learned.embeddings import StaticEncoder; "
                         "print(StaticEncoder().ensure())"], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coe.config import load_config
-from coe.errors import ConfigError
-from coe.eval.job import run_eval_job
-from coe.eval.runner import EvalOptions, evaluate
-from coe.eval.scoring import wilson_interval
-from coe.eval.strategies import random_routes
-from coe.experts.base import Backend, Generation
-from coe.questions import Question, load_questions
+from coe.apps.eval.job import run_eval_job
+from coe.apps.eval.runner import EvalOptions, evaluate
+from coe.apps.eval.scoring import wilson_interval
+from coe.apps.eval.strategies import random_routes
+from coe.backends.base import Backend, Generation
+from coe.core.config import load_config
+from coe.core.errors import ConfigError
+from coe.io.questions import Question, load_questions
 from tests.conftest import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_every_strategy_scored_by_hand(tmp_path):
 
 
 def test_generations_are_made_once_and_shared(tmp_path, monkeypatch):
-    from coe.experts.replay import ReplayBackend
+    from coe.backends.replay import ReplayBackend
 
     calls = []
     real = ReplayBackend.generate
@@ -204,16 +204,16 @@ class ScriptedBackend(Backend):
 
 @pytest.fixture
 def scripted(monkeypatch):
-    import coe.executor
+    import coe.execution.base
 
-    real = coe.executor.create_backend
+    real = coe.execution.base.create_backend
 
     def create(cfg, base_dir=None):
         if cfg.model.startswith("script:"):
             return ScriptedBackend(cfg, base_dir)
         return real(cfg, base_dir)
 
-    monkeypatch.setattr(coe.executor, "create_backend", create)
+    monkeypatch.setattr(coe.execution.base, "create_backend", create)
     SCRIPT_CALLS.clear()
     return SCRIPT_CALLS
 
@@ -353,7 +353,7 @@ def test_formats_gsm8k_numbers_and_short_text(tmp_path):
 
 def coe(*args, env=None):
     full = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "coe.cli", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "coe.apps.cli", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, env=full, timeout=300)
 
 
@@ -391,10 +391,10 @@ def test_best_single_without_every_single_validates_first(tmp_path):
 
 
 def test_a_skill_router_when_available_joins_every_aggregator(tmp_path, monkeypatch):
-    import coe.eval.runner
-    from coe.routers import Recruit, Route, Router
+    import coe.apps.eval.runner
+    from coe.routing import Recruit, Route, Router
 
-    real = coe.eval.runner.build_router
+    real = coe.apps.eval.runner.build_router
 
     class Fixed(Router):  # stands in for the skill router until it exists: recruits d, then c
         name = "skill"
@@ -407,7 +407,7 @@ def test_a_skill_router_when_available_joins_every_aggregator(tmp_path, monkeypa
                                                      [("d", 1.0), ("c", 0.5)][:self.k or 2]])
                     for q in questions]
 
-    monkeypatch.setattr(coe.eval.runner, "build_router",
+    monkeypatch.setattr(coe.apps.eval.runner, "build_router",
                         lambda kind, cfg, ex, k: Fixed(k) if kind == "skill" else real(kind, cfg, ex, k))
     cfg, test, _ = make_pool(tmp_path)
     r = job(cfg, test, strategies="skill*")
@@ -425,8 +425,8 @@ def test_a_skill_router_when_available_joins_every_aggregator(tmp_path, monkeypa
 def test_a_recorded_pool_keeps_its_embedding_model(tmp_path, model, want):
     """``--record``'s pool names the same embedding model: a reference stays one, a folder
     becomes absolute (``static`` is a reference, not a folder named static)."""
-    from coe.config import parse_config
-    from coe.eval.record import replay_pool
+    from coe.apps.eval.record import replay_pool
+    from coe.core.config import parse_config
 
     cfg = parse_config({"experts": [{"name": "a", "backend": "replay", "model": "a.jsonl"}],
                         "embeddings": {"model": model}}, base_dir=tmp_path)

@@ -40,7 +40,7 @@ def questions(tmp_path: Path, ids: list[str], name: str) -> Path:
 
 
 def coe(*args, env):
-    return subprocess.run([sys.executable, "-m", "coe.cli", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "coe.apps.cli", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, env=env, timeout=900)
 
 
@@ -121,7 +121,7 @@ def test_killed_eval_resumes_with_only_the_missing_generations(proxy, tmp_path):
     job: list[subprocess.Popen] = []  # armed before the start, so no request can slip past
     killed = proxy.on_request(kill_at, lambda: os.kill(job[0].pid, signal.SIGKILL),
                               then=Fault.hang())
-    job.append(subprocess.Popen([sys.executable, "-m", "coe.cli", *map(str, args), "-o",
+    job.append(subprocess.Popen([sys.executable, "-m", "coe.apps.cli", *map(str, args), "-o",
                                  tmp_path / "killed"], cwd=REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     proc = job[0]  # a real kill: no handler, no cleanup

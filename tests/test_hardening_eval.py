@@ -17,10 +17,10 @@ import json
 
 import pytest
 
-from coe import answers
-from coe.answers import gold_answer, is_correct
-from coe.eval.job import run_eval_job
-from coe.types import Question
+from coe.apps.eval.job import run_eval_job
+from coe.core.types import Question
+from coe.text import answers
+from coe.text.answers import gold_answer, is_correct
 from tests.conftest import write_jsonl
 from tests.openai_server import run_cli
 from tests.test_eval import acc, job, make_pool
@@ -141,7 +141,7 @@ def test_eval_maps_choice_text_and_reports_what_cannot_be_graded(tmp_path):
     assert acc(r, "single:a") == (6, 7)
     assert r.ungraded == {"q7": "gold answer 'E' is not one of the 4 choices (A-D) "
                                 "nor the text of one"}
-    from coe.eval.report import summary_lines
+    from coe.apps.eval.report import summary_lines
 
     assert any(line.startswith("1 of 8 test questions could not be graded (q7: gold answer 'E'")
                for line in summary_lines(r))

@@ -40,7 +40,7 @@ def coe(*args, stdin=None, env=None, file_size: int | None = None, timeout: floa
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
 
     return subprocess.run(
-        [sys.executable, "-c", "from coe.cli import main; main()", *map(str, args)], cwd=REPO,
+        [sys.executable, "-c", "from coe.apps.cli import main; main()", *map(str, args)], cwd=REPO,
         stdin=stdin if stdin is not None else subprocess.DEVNULL, capture_output=True,
         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         preexec_fn=limit if file_size is not None else None, timeout=timeout)

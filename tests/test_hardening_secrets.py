@@ -149,7 +149,7 @@ def test_no_form_of_a_secret_reaches_anything_coe_writes(bad_endpoint, tmp_path)
 
 
 def test_every_form_of_every_secret_is_redacted():
-    from coe.secrets import Secrets
+    from coe.core.secrets import Secrets
 
     s = planted()
     secrets = Secrets()

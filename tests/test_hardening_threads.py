@@ -14,8 +14,8 @@ import sys
 import pytest
 import yaml
 
-from coe.experts import llamacpp
-from coe.experts.llamacpp import LlamaCppBackend, LlamaCppExpert, default_threads
+from coe.backends import llamacpp
+from coe.backends.llamacpp import LlamaCppBackend, LlamaCppExpert, default_threads
 from tests.conftest import write_jsonl
 
 
@@ -63,7 +63,7 @@ def test_importing_coe_sets_passive_waits_before_any_openmp_library(user, expect
     env = _env_without("OMP_WAIT_POLICY")
     if user:
         env["OMP_WAIT_POLICY"] = user
-    code = ("import os, sys; import coe.experts.llamacpp; "
+    code = ("import os, sys; import coe.backends.llamacpp; "
             "assert 'llama_cpp' not in sys.modules and 'torch' not in sys.modules; "
             "print(os.environ.get('OMP_WAIT_POLICY'))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -92,7 +92,7 @@ def test_a_run_s_openmp_threads_do_not_spin(tmp_path):
     qs = write_jsonl(tmp_path / "q.jsonl", [{"id": "a", "question": "What is 2 + 3?"}])
     # not run_cli: the child must not inherit the policy this process (importing coe) set
     env = {**_env_without("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"), "OMP_DISPLAY_ENV": "VERBOSE"}
-    out = subprocess.run([sys.executable, "-c", "from coe.cli import main; main()", "run",
+    out = subprocess.run([sys.executable, "-c", "from coe.apps.cli import main; main()", "run",
                           str(qs), "-c", str(cfg), "--no-cache", "-o", str(tmp_path / "a.jsonl")],
                          env=env, capture_output=True, text=True, timeout=300,
                          stdin=subprocess.DEVNULL)

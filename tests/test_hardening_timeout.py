@@ -23,7 +23,7 @@ from typing import Callable
 
 import pytest
 
-from coe.orchestrator import Orchestrator
+from coe.apps.api import Orchestrator
 from tests.openai_server import MODEL_ALIAS, arithmetic_questions, openai_expert, write_pool
 
 DRIP_LIMIT = 60.0  # safety only: seconds after which the drip server gives up on everything
@@ -164,8 +164,8 @@ def test_timeout_bounds_a_dripping_response(drip, proxy, tmp_path, retries):
 
 def test_timeout_bounds_a_dripping_stream(drip, tmp_path):
     """A streamed answer (what ``coe serve`` asks of an llm aggregator) is bounded too."""
-    from coe.config import load_config
-    from coe.prompts import build_request
+    from coe.core.config import load_config
+    from coe.text.prompts import build_request
 
     server = drip()
     cfg = load_config(write_pool(tmp_path, [openai_expert(

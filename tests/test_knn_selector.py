@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import yaml
 
-from coe.config import load_config
-from coe.errors import ConfigError
-from coe.orchestrator import Orchestrator
-from coe.profiles import Profiles
-from coe.questions import load_questions
+from coe.apps.api import Orchestrator
+from coe.core.config import load_config
+from coe.core.errors import ConfigError
+from coe.io.questions import load_questions
+from coe.learned.profiles import Profiles
 from tests.conftest import write_jsonl
 
 NAMES = ["Alice", "Bruno", "Chen", "Dara", "Emil", "Farah", "Goran", "Hana", "Ivo", "Jun"]
@@ -139,8 +139,8 @@ def test_knn_recruits_each_topics_specialist_first(pool, tmp_path):
 
 def test_a_profiled_question_is_not_its_own_neighbour(pool):
     """Same id and text: left out; same text under another id: a neighbour like any other."""
-    from coe.neighbours import Neighbourhood
-    from coe.types import Question
+    from coe.core.types import Question
+    from coe.learned.neighbours import Neighbourhood
 
     cfg = load_config(pool / "pool.yaml")
     record = Profiles.load(pool / "profiles.json").validation_record()
@@ -184,14 +184,14 @@ def test_learned_without_a_selector_votes_and_says_why(pool, tmp_path):
 
 
 def test_validation_questions_are_scored_by_the_fold_model_that_did_not_see_them(pool):
-    from coe.selector import fold_of
+    from coe.learned.selector import fold_of
 
     cfg = load_config(pool / "pool.yaml")
     selector = Profiles.load(pool / "profiles.json").selector_for(cfg)
     rec = selector.record
     asked = np.ones(rec.answers.shape, bool)
     local = selector.hood.local_of_record()
-    from coe.selector import candidates
+    from coe.learned.selector import candidates
 
     x, q, _ = candidates(rec.answers, asked, local, selector.hood.glob)
     inside = selector.probabilities(x, q, np.arange(len(rec)))
@@ -203,7 +203,7 @@ def test_validation_questions_are_scored_by_the_fold_model_that_did_not_see_them
 
 
 def test_cascade_meets_its_budget_and_asks_recruits_strongest_first(pool, tmp_path):
-    from coe.routers import build_router
+    from coe.routing import build_router
 
     cfg = load_config(pool / "pool.yaml")
     cfg.router.k, cfg.router.budget = 4, 1.6
@@ -227,8 +227,8 @@ def test_coe_eval_runs_knn_learned_and_cascades_and_their_yaml_answers_alike(poo
     """In ``coe eval``: the cascade asks only what its rounds need (no full k per question),
     its figures and its recommended yaml agree with ``coe run``; learned selection without a
     selector is skipped, not passed off as a vote."""
-    from coe.eval.recommend import recommended_pool
-    from coe.eval.runner import EvalOptions, EvaluationJob
+    from coe.apps.eval.recommend import recommended_pool
+    from coe.apps.eval.runner import EvalOptions, EvaluationJob
 
     cfg = load_config(pool / "pool.yaml")
     test, val = _load(pool / "test.jsonl"), _load(pool / "val.jsonl")

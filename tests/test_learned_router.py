@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import yaml
 
-from coe.config import parse_config
-from coe.errors import ConfigError
-from coe.questions import Question
-from coe.routers import build_router
-from coe.routers.learned import LearnedCategoryClassifier, train_category_router
+from coe.core.config import parse_config
+from coe.core.errors import ConfigError
+from coe.io.questions import Question
+from coe.learned.classifier import LearnedCategoryClassifier, train_category_router
+from coe.routing import build_router
 from tests.test_cli import coe, one_line_error
 
 CATS = ("law", "chemistry", "psychology")
@@ -280,8 +280,8 @@ def test_a_router_trained_on_other_static_embeddings_is_refused(tmp_path, labell
 def test_a_training_question_is_classified_by_the_copy_that_did_not_see_it(tmp_path, labelled):
     """Cross-fitting: routing the training questions again is out-of-sample; new questions get
     the classifier fitted on everything; the copies survive save and load."""
-    from coe.neighbours import text_hash
-    from coe.routers.learned import FOLDS
+    from coe.learned.classifier import FOLDS
+    from coe.learned.neighbours import text_hash
 
     clf, _ = train_category_router(labelled[:90], labelled[90:])
     clf.save(tmp_path / "r.joblib")

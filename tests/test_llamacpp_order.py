@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 
-from coe.config import load_config
-from coe.prompts import build_request
-from coe.registry import BACKENDS
-from coe.types import Question
+from coe.core.config import load_config
+from coe.core.registry import BACKENDS
+from coe.core.types import Question
+from coe.text.prompts import build_request
 from tests.conftest import REPO
 
 FIRST = Question(id="q1", question="What is 7 + 5?", category="math")

@@ -49,7 +49,7 @@ def test_killed_run_resumes_with_only_missing_generations(proxy, tmp_path, sig, 
     out, cache_dir = tmp_path / "answers.jsonl", tmp_path / "cache"
     env = {**os.environ, "COE_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1"}
     db = cache_dir / "responses.sqlite"
-    cmd = [sys.executable, "-m", "coe.cli", "run", str(qs), "-c", str(cfg), "-o", str(out), "-q"]
+    cmd = [sys.executable, "-m", "coe.apps.cli", "run", str(qs), "-c", str(cfg), "-o", str(out), "-q"]
     job: list[subprocess.Popen] = []  # armed before the start, so no request can slip past
 
     signalled = proxy.on_request(KILL_AT, lambda: job[0].send_signal(sig), then=Fault.hang())

@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from coe.orchestrator import Orchestrator
+from coe.apps.api import Orchestrator
 from tests.openai_server import (
     MODEL_ALIAS,
     arithmetic_questions,
@@ -153,8 +153,8 @@ def test_a_stream_cut_short_is_that_generation_s_error(proxy, tmp_path):
     """A streamed answer whose body stops early (the proxy sends half of it), or that ends
     without a finish_reason (as llama_cpp.server ends a stream when another request comes), is
     that generation's error, never a shorter answer."""
-    from coe.config import load_config
-    from coe.prompts import build_request
+    from coe.core.config import load_config
+    from coe.text.prompts import build_request
 
     chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m",
              "choices": [{"index": 0, "delta": {"role": "assistant", "content": "4"},

@@ -17,12 +17,12 @@ import textwrap
 import pytest
 import yaml
 
-from coe.config import parse_config
-from coe.errors import ConfigError
-from coe.orchestrator import Orchestrator
-from coe.registry import AGGREGATORS, BACKENDS, ROUTERS
-from coe.routers.base import Router
-from coe.types import Question, Recruit, Route
+from coe.apps.api import Orchestrator
+from coe.core.config import parse_config
+from coe.core.errors import ConfigError
+from coe.core.registry import AGGREGATORS, BACKENDS, ROUTERS
+from coe.core.types import Question, Recruit, Route
+from coe.routing.base import Router
 from tests.conftest import write_jsonl
 from tests.test_cli import coe, one_line_error
 
@@ -32,12 +32,12 @@ expert, an aggregator that answers only when every expert agrees."""
 from collections import Counter
 from typing import Literal
 
-from coe.aggregators.base import Aggregator
-from coe.config import ExpertConfig
-from coe.errors import ConfigError
-from coe.experts.base import Backend
-from coe.routers.base import Router
-from coe.types import FinalAnswer, Generation, Recruit, Route
+from coe.aggregation.base import Aggregator
+from coe.core.config import ExpertConfig
+from coe.core.errors import ConfigError
+from coe.backends.base import Backend
+from coe.routing.base import Router
+from coe.core.types import FinalAnswer, Generation, Recruit, Route
 
 
 class EchoExpert(ExpertConfig):
@@ -96,11 +96,11 @@ ENTRY_POINTS = """
 [coe.backends]
 echo = coe_echo_plugin:EchoBackend
 
-[coe.routers]
+[coe.routing]
 named = coe_echo_plugin:NamedRouter
 broken = coe_echo_plugin:NoSuchRouter
 
-[coe.aggregators]
+[coe.aggregation]
 unanimous = coe_echo_plugin:UnanimousAggregator
 """
 
@@ -164,7 +164,7 @@ def test_a_plugin_installed_with_entry_points_works_from_yaml_cli_and_eval(tmp_p
                    "unknown router 'nope' (expected one of all, category, skill, knn, named, broken)")
     one_line_error(coe("run", qs, "-c", cfg, "--router", "broken", env=env), 2,
                    "router 'broken': cannot load entry point 'coe_echo_plugin:NoSuchRouter' "
-                   "(coe.routers): AttributeError")
+                   "(coe.routing): AttributeError")
     # the plugin's own option schema and its own check
     cfg.write_text(cfg.read_text().replace("letter: C", "letter: Q"))
     one_line_error(coe("experts", "-c", cfg, "--check", env=env), 2,

@@ -8,8 +8,8 @@ import zipfile
 import pytest
 import yaml
 
-from coe.eval.pools import build_pool, split_ids
-from coe.eval.recorded import PoolSourceError
+from coe.apps.eval.pools import build_pool, split_ids
+from coe.apps.eval.recorded import PoolSourceError
 from tests.conftest import write_jsonl
 from tests.test_cli import coe, one_line_error
 

@@ -3,7 +3,7 @@ extends rather than double-counts."""
 
 import json
 
-from coe.profiles import AggregatorProfile, ExpertProfile, Profiles
+from coe.learned.profiles import AggregatorProfile, ExpertProfile, Profiles
 
 
 def test_profiles_file_reads_from_the_top_and_round_trips(tmp_path):

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coe.errors import InputError
-from coe.questions import load_questions
+from coe.core.errors import InputError
+from coe.io.questions import load_questions
 from tests.conftest import write_jsonl
 
 

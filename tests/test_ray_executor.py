@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coe.config import load_config, parse_config
-from coe.orchestrator import Orchestrator
-from coe.prompts import build_request
+from coe.apps.api import Orchestrator
+from coe.core.config import load_config, parse_config
+from coe.text.prompts import build_request
 from tests.conftest import REPO, cached_generations
 from tests.openai_server import arithmetic_questions, openai_expert, write_pool
 from tests.proxy import Fault
@@ -75,7 +75,7 @@ def overlapping(a, b) -> bool:
 def test_replay_pool_same_answers_and_cache_keys(ray_cluster, replay_pool):
     cfg_path, qpath = replay_pool
     cfg = load_config(cfg_path)
-    from coe.questions import load_questions
+    from coe.io.questions import load_questions
 
     qs = load_questions(qpath).questions
     local, _ = run_with(cfg, "local", qs, cache=False)
@@ -176,7 +176,7 @@ def test_a_second_death_fails_that_expert_and_the_others_answer(ray_cluster, pro
 def test_a_model_file_missing_on_a_worker_names_the_expert_and_the_node(ray_cluster, tmp_path,
                                                                        monkeypatch):
     """The driver has ~/models/smollm2.gguf; the workers' home (another node's disk) does not."""
-    from coe.model_ref import resolve_model_file
+    from coe.io.model_ref import resolve_model_file
 
     home, elsewhere = tmp_path / "driver-home", tmp_path / "worker-home"
     (home / "models").mkdir(parents=True)
@@ -202,7 +202,7 @@ def test_a_model_file_missing_on_a_worker_names_the_expert_and_the_node(ray_clus
 
 
 def test_resources_no_node_has_fail_at_once_with_the_reason(ray_cluster, replay_pool):
-    from coe.questions import load_questions
+    from coe.io.questions import load_questions
 
     cfg_path, qpath = replay_pool
     raw = yaml.safe_load(cfg_path.read_text())
@@ -311,7 +311,7 @@ def test_a_killed_driver_keeps_what_finished_and_resume_makes_the_rest(ray_clust
                           for q in arithmetic_questions(6)))
     out, db = tmp_path / "answers.jsonl", tmp_path / "cache.sqlite"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}
-    cmd = [sys.executable, "-m", "coe.cli", "run", str(qs), "-c", str(cfg), "-o", str(out), "-q",
+    cmd = [sys.executable, "-m", "coe.apps.cli", "run", str(qs), "-c", str(cfg), "-o", str(out), "-q",
            "--executor", "ray"]
     job: list[subprocess.Popen] = []
 
@@ -339,7 +339,7 @@ def test_a_killed_driver_keeps_what_finished_and_resume_makes_the_rest(ray_clust
 def test_the_weights_fingerprint_reads_two_mib_of_a_large_file_once(tmp_path, monkeypatch):
     import builtins
 
-    from coe.model_ref import file_fingerprint
+    from coe.io.model_ref import file_fingerprint
 
     big = tmp_path / "model.gguf"
     with open(big, "wb") as f:  # 3 GiB, sparse
@@ -407,7 +407,7 @@ def test_tokens_stream_from_the_actor_to_the_driver(ray_cluster, openai_server, 
 def test_without_ray_installed_the_executor_says_how_to_get_it(replay_pool, monkeypatch):
     import importlib.util
 
-    from coe.errors import ConfigError
+    from coe.core.errors import ConfigError
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

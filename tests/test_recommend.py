@@ -18,14 +18,14 @@ import pytest
 import yaml
 from scipy.stats import binomtest
 
-from coe.config import load_config
-from coe.eval.compare import compare, holm
-from coe.eval.job import run_eval_job
-from coe.eval.recommend import recommended_pool
-from coe.eval.runner import EvalOptions, EvaluationJob
-from coe.eval.strategies import StrategySpec
-from coe.orchestrator import Orchestrator
-from coe.questions import load_questions
+from coe.apps.api import Orchestrator
+from coe.apps.eval.compare import compare, holm
+from coe.apps.eval.job import run_eval_job
+from coe.apps.eval.recommend import recommended_pool
+from coe.apps.eval.runner import EvalOptions, EvaluationJob
+from coe.apps.eval.strategies import StrategySpec
+from coe.core.config import load_config
+from coe.io.questions import load_questions
 from tests.conftest import write_jsonl
 from tests.test_eval import JUDGE, coe, make_pool, scripted  # noqa: F401 (a fixture)
 
@@ -280,8 +280,8 @@ def test_extra_strategy_fields_map_to_router_fields_and_paths_become_absolute(tm
 def _fake_skill_router(monkeypatch, cross_fitted: bool, reads_profiles: bool = True):
     """A "skill" router that recruits b when the yaml names profiles (its trained file),
     else c."""
-    import coe.eval.runner as runner
-    from coe.routers import Recruit, Route, Router
+    import coe.apps.eval.runner as runner
+    from coe.routing import Recruit, Route, Router
 
     class Trained(Router):
         name = "skill"

@@ -10,13 +10,13 @@ import threading
 
 import pytest
 
-from coe.config import GB, parse_config
-from coe.executor import LocalExecutor
-from coe.experts import Backend, create_backend
-from coe.experts.llamacpp import gguf_metadata, kv_cache_bytes
-from coe.prompts import build_request
-from coe.registry import BACKENDS
-from coe.types import Generation, Question
+from coe.backends import Backend, create_backend
+from coe.backends.llamacpp import gguf_metadata, kv_cache_bytes
+from coe.core.config import GB, parse_config
+from coe.core.registry import BACKENDS
+from coe.core.types import Generation, Question
+from coe.execution.local import LocalExecutor
+from coe.text.prompts import build_request
 
 SIZES = {"a": 1, "b": 1, "c": 1, "d": 2, "huge": 4}  # expert (and model) -> memory_gb
 Q = Question(id="1", question="q?", choices=["x", "y"], answer="A")

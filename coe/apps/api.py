@@ -1,0 +1,390 @@
+"""The orchestration API: questions -> routes -> plan -> generations -> answers.
+
+    orch = Orchestrator.from_yaml("experts.yaml", router="category", aggregator="vote")
+    run = orch.run(questions, output="answers.jsonl")
+    for r in run.results: print(r.id, r.final_answer, r.confidence)
+
+An ``Orchestrator`` holds the pool, a router, an aggregator and an executor, and nothing about
+any one run: ``run`` keeps its state in local variables, so one orchestrator may serve several
+threads at once (a server), and the executor is the one place that serialises access to each
+model. The executor is injectable (``executor=``: an ``Executor`` or a registered name; by
+default the yaml's ``executor.kind``, ``local``). Whether models stay loaded after a run is
+the executor's policy (``keep_resident``): a batch run frees them at the end, a server keeps
+them for the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pydantic import ValidationError
+
+from coe.aggregation import Aggregator, build_aggregator
+from coe.core.config import PoolConfig, load_config
+from coe.core.registry import EXECUTORS
+from coe.core.types import ExpertResponse, FinalAnswer, GenRequest, Question, QuestionResult, Route
+from coe.execution import Executor, Plan, RunStats
+from coe.io.cache import ResponseCache, default_cache_path
+from coe.io.output import ResultWriter
+from coe.routing import Router, build_router
+from coe.text.answers import (
+    describe_ungraded,
+    gold_answer,
+    gold_problem,
+    is_correct,
+    response_from,
+)
+from coe.text.prompts import build_request
+
+
+@dataclass
+class RunResult:
+    results: list[QuestionResult]
+    stats: RunStats  # every executor call of this run: routing, experts, aggregation
+    wall_seconds: float = 0.0
+    resumed: int = 0  # questions already in the output file, not rerun
+    plan: Plan | None = None
+    #: question id -> why its gold answer cannot be graded (``coe.text.answers.gold_problem``):
+    #: those questions are left out of ``accuracy``
+    ungraded: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def graded(self) -> int:
+        return sum(1 for r in self.results if r.correct is not None)
+
+    @property
+    def accuracy(self) -> float | None:
+        graded = [r.correct for r in self.results if r.correct is not None]
+        return sum(graded) / len(graded) if graded else None
+
+    def accuracy_line(self) -> str | None:
+        """``accuracy against gold: 85.7% (7 graded questions)``, then what was not graded;
+        None when no question has a gold answer."""
+        if self.accuracy is None and not self.ungraded:
+            return None
+        acc = "none graded" if self.accuracy is None else \
+            f"{self.accuracy:.1%} ({self.graded} graded question{'s' * (self.graded != 1)})"
+        line = f"accuracy against gold: {acc}"
+        if self.ungraded:
+            n = len(self.ungraded)
+            line += (f"; {n} question{'s' * (n != 1)} could not be graded "
+                     f"({describe_ungraded(self.ungraded)})")
+        return line
+
+
+@dataclass
+class DryRun:
+    routes: list[Route]
+    plan: Plan
+    notes: list[str] = field(default_factory=list)
+
+
+def open_cache(config: PoolConfig, cache: bool | str | Path | ResponseCache) -> ResponseCache | None:
+    """The response cache ``cache`` names: True for the yaml's (or the default) file, a path,
+    an open cache, or False for none."""
+    if cache is False:
+        return None
+    if cache is True:
+        return ResponseCache(config.resolve_path(config.cache) if config.cache
+                             else default_cache_path())
+    if isinstance(cache, (str, Path)):
+        return ResponseCache(cache)
+    return cache
+
+
+class Orchestrator:
+    def __init__(self, config: PoolConfig, router: str | Router | None = None,
+                 aggregator: str | Aggregator | None = None, k: int | None = None,
+                 cache: bool | str | Path | ResponseCache = True, progress: bool = False,
+                 fail_fast: bool = False, executor: str | Executor | None = None,
+                 keep_resident: bool = False):
+        """``cache``, ``progress``, ``fail_fast`` and ``keep_resident`` configure the executor
+        the orchestrator builds; an ``Executor`` passed in comes configured (and is not closed
+        by ``close``)."""
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+            raise TypeError(f"k must be an int or None, got {type(k).__name__}")
+        if k is not None and k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        self._closed = False
+        self.config = config
+        self.k = k if k is not None else config.router.k
+        self._owns_executor = not isinstance(executor, Executor)
+        if isinstance(executor, Executor):
+            self.executor = executor
+            self.cache = getattr(executor, "cache", None)
+        else:
+            self.cache = open_cache(config, cache)
+            self.executor = EXECUTORS.get(executor or config.executor.kind).from_config(
+                config, cache=self.cache, progress=progress, fail_fast=fail_fast,
+                keep_resident=keep_resident)
+        self.router = (router if isinstance(router, Router)
+                       else build_router(router or config.router.kind, config, self.executor, self.k))
+        self.aggregator = (aggregator if isinstance(aggregator, Aggregator)
+                           else build_aggregator(aggregator or config.aggregator.kind, config,
+                                                 strength=self.strength))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **kwargs) -> "Orchestrator":
+        return cls(load_config(path), **kwargs)
+
+    @property
+    def strength(self) -> dict[str, float]:
+        """Prior strength of each expert (breaks vote ties)."""
+        return {e.name: e.strength for e in self.config.experts if e.strength is not None}
+
+    # -- stages ---------------------------------------------------------------------------
+    def route(self, questions: list[Question | dict]) -> list[Route]:
+        questions = self._accept(questions)
+        return self.router.route(questions)
+
+    def _accept(self, questions) -> list[Question]:
+        """The API boundary of ``run``, ``arun``, ``route`` and ``dry_run``: an open
+        orchestrator, and a list of questions (``Question``s, or dicts of their fields)."""
+        if self._closed:
+            raise RuntimeError("orchestrator is closed")
+        return as_questions(questions)
+
+    def expert_requests(self, questions: list[Question], routes: list[Route]) -> list[GenRequest]:
+        return [build_request(self.config.expert(name), q)
+                for q, route in zip(questions, routes) for name in route.names]
+
+    def plan(self, questions: list[Question], routes: list[Route]) -> Plan:
+        """The experts' plan; the aggregation stage's model (if any) goes last, so it is still
+        loaded when aggregation starts. Answering (experts, then aggregation) is
+        ``answer_together``, for one orchestrator's questions or several at once."""
+        return plan_together([Part(self, questions, routes)])
+
+    def dry_run(self, questions: list[Question | dict]) -> DryRun:
+        questions = self._accept(questions)
+        cascade = getattr(self.router, "cascade", None)
+        with self.executor.session():
+            routes = self.route(questions)
+            plan = self.plan(questions, _first(routes, [1] * len(routes)) if cascade else routes)
+        notes = []
+        if cascade is not None:
+            notes.append(f"{cascade.describe()}: the plan shows each question's first recruit; "
+                         "later rounds are planned as they come")
+        after = self.aggregator.experts(routes)
+        if after:
+            notes.append(f"then {sum(after.values())} aggregation generations "
+                         f"(aggregator: {', '.join(n for n, _ in after.most_common())})")
+        return DryRun(routes, plan, notes)
+
+    def run(self, questions: list[Question | dict], output: str | Path | None = None,
+            resume: bool = False, on_plan=None) -> RunResult:
+        """Answer ``questions`` (``Question``s or dicts of their fields, ids unique); with
+        ``output``, append each result to that JSONL file. ``on_plan(plan)`` is called once
+        the expert plan is known, before any model loads."""
+        questions = unique_ids(self._accept(questions))
+        t0 = time.perf_counter()
+        writer = ResultWriter(output, resume=resume, questions=questions) if output else None
+        results: list[QuestionResult] = []
+        resumed, plan = 0, None
+        with self.executor.session() as stats:
+            try:
+                if writer and writer.done:
+                    resumed = sum(1 for q in questions if q.id in writer.done)
+                    questions = [q for q in questions if q.id not in writer.done]
+                if questions:
+                    routes = self.route(questions)
+                    done, plan = answer_together([Part(self, questions, routes)], on_plan)
+                    results = done[0]
+                    if writer:
+                        for r in results:
+                            writer.write(r)
+            finally:
+                if writer:
+                    writer.close()
+        ungraded = {q.id: why for q in questions if (why := gold_problem(q))}
+        return RunResult(results, stats, time.perf_counter() - t0, resumed, plan, ungraded)
+
+    async def arun(self, questions: list[Question | dict], **kwargs) -> RunResult:
+        """``run`` for async code (a server, a notebook): it runs in a worker thread, so the
+        event loop keeps serving while the models work."""
+        questions = unique_ids(self._accept(questions))
+        return await asyncio.to_thread(self.run, questions, **kwargs)
+
+    @staticmethod
+    def result(q: Question, route: Route, resp: list[ExpertResponse],
+                final: FinalAnswer) -> QuestionResult:
+        return QuestionResult(
+            id=q.id, question=q.question, category=q.category, gold=gold_answer(q), route=route,
+            responses=resp, final_answer=final.answer, aggregator=final.aggregator,
+            confidence=round(final.confidence, 4), votes=final.votes,
+            aggregator_response=final.response, note=final.note,
+            correct=is_correct(final.answer, q), choices=q.choices)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_executor:
+            self.executor.close()
+            if self.cache is not None:
+                self.cache.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def as_questions(questions) -> list[Question]:
+    """``questions`` as a list of ``Question``: each item a ``Question`` or a dict of its
+    fields. Anything else is a ``TypeError``, an invalid dict a ``ValueError``, each naming the
+    index."""
+    if isinstance(questions, (Question, dict)):
+        raise TypeError(f"questions must be a list of Question or dict, got one "
+                        f"{type(questions).__name__}: pass a list: [question]")
+    if isinstance(questions, (str, bytes)) or not isinstance(questions, (list, tuple)):
+        raise TypeError(f"questions must be a list of Question or dict, "
+                        f"got {type(questions).__name__}")
+    out = []
+    for i, q in enumerate(questions):
+        if isinstance(q, dict):
+            try:
+                q = Question.model_validate(q)
+            except ValidationError as e:
+                first = e.errors()[0]
+                where = ".".join(str(p) for p in first["loc"]) or "record"
+                msg = "missing" if first["type"] == "missing" else first["msg"]
+                raise ValueError(f"questions[{i}]: field {where!r}: {msg}") from None
+        elif not isinstance(q, Question):
+            raise TypeError(f"questions[{i}]: expected a Question or a dict, "
+                            f"got {type(q).__name__}")
+        out.append(q)
+    return out
+
+
+def unique_ids(questions: list[Question]) -> list[Question]:
+    """``questions`` when their ids are unique (a run's output and ``--resume`` go by id)."""
+    first: dict[str, int] = {}
+    for i, q in enumerate(questions):
+        if q.id in first:
+            raise ValueError(f"questions[{i}]: duplicate id {q.id!r} "
+                             f"(first at questions[{first[q.id]}])")
+        first[q.id] = i
+    return questions
+
+
+@dataclass
+class Part:
+    """One orchestrator's share of a batch answered together with others (a server's batch
+    holds requests for several compositions): its questions and their routes."""
+
+    orchestrator: Orchestrator
+    questions: list[Question]
+    routes: list[Route]
+
+
+#: ``on_token(part, question_index, text)``: a piece of an aggregator's answer as it streams
+PartToken = Callable[[int, int, str], None]
+
+
+def plan_together(parts: list[Part]) -> Plan:
+    """One plan for every part's expert requests on their shared executor; the model the
+    aggregators will use most goes last, so it is still loaded when aggregation starts."""
+    executor = parts[0].orchestrator.executor
+    if any(p.orchestrator.executor is not executor for p in parts):
+        raise ValueError("parts answered together must share one executor")
+    requests: list[GenRequest] = []
+    after: Counter = Counter()
+    for p in parts:
+        requests += p.orchestrator.expert_requests(p.questions, p.routes)
+        after += p.orchestrator.aggregator.experts(p.routes)
+    last = after.most_common(1)
+    return executor.plan(requests, last=last[0][0] if last else None)
+
+
+def _first(routes: list[Route], counts: list[int]) -> list[Route]:
+    """Each route with only its first ``count`` recruits (the route itself when all)."""
+    return [r if n >= len(r.experts) else r.model_copy(update={"experts": r.experts[:n]})
+            for r, n in zip(routes, counts)]
+
+
+def _cascade_rounds(executor: Executor, parts: list[Part], cascades: list, full: list,
+                    counts: list[list[int]], responses: list) -> None:
+    """The cascades' further rounds (``coe.routing.cascade``): every question a cascade is not yet
+    confident in asks its next recruit; one executor call per round for every part (one
+    batch per model). Each part's routes become the recruits actually asked."""
+    while True:
+        todo = []  # (part, question index, recruit)
+        for n, (p, cascade) in enumerate(zip(parts, cascades)):
+            if cascade is None:
+                continue
+            recruits = [len(r.experts) for r in full[n]]
+            for i in cascade.open_questions(p.questions, counts[n], recruits, responses[n]):
+                todo.append((n, i, full[n][i].experts[counts[n][i]]))
+        if not todo:
+            break
+        requests = [build_request(parts[n].orchestrator.config.expert(r.name), parts[n].questions[i])
+                    for n, i, r in todo]
+        for (n, i, r), g in zip(todo, executor.run(requests).generations):
+            responses[n][i].append(response_from(r.name, g, parts[n].questions[i]))
+            counts[n][i] += 1
+    for n, cascade in enumerate(cascades):
+        if cascade is not None:
+            routes = _first(full[n], counts[n])
+            for r, k, route in zip(routes, counts[n], full[n]):
+                r.reason += f"; cascade: asked {k} of {len(route.experts)}"
+            parts[n].routes = routes
+
+
+def answer_together(parts: list[Part], on_plan: Callable[[Plan], None] | None = None,
+                    on_token: PartToken | None = None) -> tuple[list[list[QuestionResult]], Plan]:
+    """Answer several orchestrators' routed questions on their one shared executor: every
+    expert generation of every part in one plan (each model loads once for all of them), then
+    every aggregator generation in one more executor call. A part whose router cascades
+    (``coe.routing.cascade``) asks its first recruits in that plan, then the next recruit of its
+    unsure questions in one more executor call per round. Returns each part's results and the
+    experts' plan (the first round's). ``on_token`` streams the aggregators' generations where the backend can."""
+    executor = parts[0].orchestrator.executor
+    cascades = [getattr(p.orchestrator.router, "cascade", None) for p in parts]
+    full = [p.routes for p in parts]
+    # a cascade's first round asks each question's first recruit; the others ask them all
+    counts = [[1 if c else len(r.experts) for r in p.routes] for p, c in zip(parts, cascades)]
+    parts = [Part(p.orchestrator, p.questions, _first(p.routes, n))
+             for p, n in zip(parts, counts)]
+    plan = plan_together(parts)
+    requests = plan.requests
+    if on_plan is not None:
+        on_plan(plan)
+    gens = iter(executor.run(requests, plan).generations if requests else [])
+    responses: list[list[list[ExpertResponse]]] = []
+    for p in parts:
+        responses.append([[response_from(name, next(gens), q) for name in route.names]
+                          for q, route in zip(p.questions, p.routes)])
+    _cascade_rounds(executor, parts, cascades, full, counts, responses)
+    for p, resp in zip(parts, responses):
+        for route, r in zip(p.routes, resp):
+            route.failed = {x.expert: x.error for x in r if x.error}
+
+    asked = [p.orchestrator.aggregator.requests(p.questions, p.routes, resp)
+             for p, resp in zip(parts, responses)]
+    flat = [r for reqs in asked for r in reqs]
+    owner: list[tuple[int, int]] = []  # flat request -> (part, question index)
+    for n, (p, reqs) in enumerate(zip(parts, asked)):
+        index = {}
+        for i, q in enumerate(p.questions):
+            index.setdefault(q.id, i)
+        owner += [(n, index.get(r.question_id, -1)) for r in reqs]
+    stream = None
+    if on_token is not None:
+        def stream(i: int, piece: str) -> None:
+            part, qi = owner[i]
+            if qi >= 0:
+                on_token(part, qi, piece)
+    agg_gens = iter(executor.run(flat, on_token=stream).generations if flat else [])
+    out = []
+    for p, resp, reqs in zip(parts, responses, asked):
+        mine = [next(agg_gens) for _ in reqs] or None
+        finals = p.orchestrator.aggregator.aggregate(p.questions, p.routes, resp, mine)
+        out.append([Orchestrator.result(q, route, r, final)
+                    for q, route, r, final in zip(p.questions, p.routes, resp, finals)])
+    return out, plan

@@ -1,0 +1,223 @@
+"""Micro-batching: requests that arrive close together are answered as one batch.
+
+A request becomes a ``Job`` in a bounded queue (full: ``QueueFull``, the app answers 429).
+One loop takes the first waiting job, then every job that arrives within ``window`` seconds
+(up to ``max_batch``), and answers them together in a worker thread: each composition routes
+its own questions, then every expert generation of the batch goes into one executor plan (each
+model is loaded at most once per batch, a backend gets all of the batch's prompts for it in
+one call), then every aggregator generation into one more call. Batches run one after
+another; the models stay resident between them (the executor's ``keep_resident``), and the
+requests that arrive while a batch runs form the next one.
+
+A job whose client went away (or whose time ran out) before its batch started is dropped from
+the batch; once started it runs to the end (its generations are cached either way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from coe.apps.api import Part, answer_together
+from coe.apps.serve.compositions import Composition
+from coe.core.types import Question, QuestionResult
+from coe.execution import Executor, RunStats
+
+log = logging.getLogger("coe.apps.serve")
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` jobs; ``retry_after`` is a hint in seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"queue full, retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
+class Cancelled(Exception):
+    """The job was dropped before its batch started."""
+
+
+@dataclass(eq=False)
+class Job:
+    composition: Composition
+    question: Question
+    future: asyncio.Future
+    tokens: asyncio.Queue | None = None  # streamed pieces of the aggregator's answer
+    cancelled: bool = False
+    started: bool = False
+    arrived: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """Drop the job if its batch has not started (a client that went away)."""
+        self.cancelled = True
+
+
+@dataclass
+class BatchReport:
+    size: int
+    seconds: float
+    stats: RunStats
+    distinct_weights: int
+    failures: Counter
+
+
+class Batcher:
+    """Call ``start`` and ``stop`` in the server's event loop, ``submit`` from its handlers."""
+
+    def __init__(self, executor: Executor, window: float = 0.02, max_batch: int = 64,
+                 max_queue: int = 256, on_batch: Callable[[BatchReport], None] | None = None):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError("max_batch and max_queue must be at least 1")
+        self.executor = executor
+        self.window = window
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self._queue: asyncio.Queue[Job] | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_batch_seconds = 1.0
+
+    # -- lifecycle (in the server's event loop) ------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(self.max_queue)
+        self._task = asyncio.create_task(self._run_forever(), name="coe-batcher")
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop (the server stopped accepting before this)."""
+        if self._task is None:
+            return
+        await self._queue.join()
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize() if self._queue else 0
+
+    def submit(self, composition: Composition, question: Question,
+               stream: bool = False) -> Job:
+        job = Job(composition, question, self._loop.create_future(),
+                  asyncio.Queue() if stream else None)
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise QueueFull(max(1, round(self._last_batch_seconds))) from None
+        return job
+
+    # -- the loop ------------------------------------------------------------------------
+    async def _next_batch(self) -> list[Job]:
+        batch = [await self._queue.get()]
+        deadline = self._loop.time() + self.window
+        while len(batch) < self.max_batch:
+            if not self._queue.empty():  # already waiting: no need to wait for it
+                batch.append(self._queue.get_nowait())
+                continue
+            left = deadline - self._loop.time()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), left))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def _run_forever(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            try:
+                live = []
+                for job in batch:
+                    if job.cancelled or job.future.done():
+                        self._resolve(job, error=Cancelled())
+                    else:
+                        job.started = True
+                        live.append(job)
+                if live:
+                    await asyncio.to_thread(self._answer, live)
+            except Exception as e:  # never let one batch stop the service
+                log.exception("batch failed")
+                for job in batch:
+                    self._resolve(job, error=e)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    # -- one batch (in a worker thread) --------------------------------------------------
+    def _resolve(self, job: Job, result: QuestionResult | None = None,
+                 error: BaseException | None = None) -> None:
+        def set_it() -> None:
+            if job.future.done():
+                return
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
+
+        if self._loop is None:
+            return
+        try:
+            if asyncio.get_running_loop() is self._loop:
+                set_it()
+                return
+        except RuntimeError:
+            pass
+        self._loop.call_soon_threadsafe(set_it)
+
+    def _answer(self, jobs: list[Job]) -> None:
+        t0 = time.perf_counter()
+        by_comp: dict[str, list[Job]] = {}
+        for job in jobs:
+            by_comp.setdefault(job.composition.name, []).append(job)
+        parts: list[Part] = []
+        owners: list[list[Job]] = []
+        with self.executor.session() as stats:
+            for name, group in by_comp.items():
+                orch = group[0].composition.orchestrator
+                questions = [j.question for j in group]
+                try:
+                    routes = orch.route(questions)
+                except Exception as e:
+                    log.warning("routing for %s failed: %s: %s", name, type(e).__name__, e)
+                    for job in group:
+                        self._resolve(job, error=e)
+                    continue
+                parts.append(Part(orch, questions, routes))
+                owners.append(group)
+            if not parts:
+                return
+            weights: set = set()
+
+            def on_plan(plan) -> None:
+                weights.update(g.key for g in plan.groups)
+
+            def on_token(part: int, index: int, piece: str) -> None:
+                job = owners[part][index]
+                if job.tokens is not None:
+                    self._loop.call_soon_threadsafe(job.tokens.put_nowait, piece)
+
+            try:
+                results, _ = answer_together(parts, on_plan=on_plan, on_token=on_token)
+            except Exception as e:
+                log.warning("batch of %d failed: %s: %s", len(jobs), type(e).__name__, e)
+                for job in jobs:
+                    self._resolve(job, error=e)
+                return
+        failures: Counter = Counter()
+        for group, mine in zip(owners, results):
+            for job, result in zip(group, mine):
+                failures.update(r.expert for r in result.responses if r.error)
+                self._resolve(job, result)
+        seconds = time.perf_counter() - t0
+        self._last_batch_seconds = seconds
+        if self.on_batch is not None:
+            self.on_batch(BatchReport(len(jobs), seconds, stats, len(weights), failures))
