@@ -1,4 +1,17 @@
-"""Shared fixtures. Every test gets its own response cache (never the user's ~/.cache/coe)."""
+"""Shared fixtures and the suite's two sizes.
+
+Every test gets its own response cache (never the user's ~/.cache/coe).
+
+``pytest -q`` runs the default suite: it loads no model, starts no server and no Ray. Tests that
+do are marked and run with ``pytest -q --all`` (what CI runs):
+
+- ``slow``: loads a real local model (llama.cpp);
+- ``server``: starts a server (``llama_cpp.server``, ``coe serve``, a loopback fault proxy or
+  test server). A test using one of the server fixtures is marked so here, whatever its module
+  says;
+- ``ray``: starts a local Ray instance;
+- ``client``: drives ``coe serve`` with a real client library (openai, langchain, lm-eval...).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +22,36 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytest_plugins = ["tests.openai_server"]
+pytest_plugins = ["tests.support.openai_server"]
+
+#: the marks the default suite leaves out (``--all`` runs them)
+HEAVY = ("slow", "server", "ray", "client")
+#: fixtures that start a server: a test using one is a ``server`` test
+SERVER_FIXTURES = {"openai_server", "fresh_openai_server", "proxy", "fresh_proxy",
+                   "local_server", "drip", "bad_endpoint"}
+#: fixtures that start Ray
+RAY_FIXTURES = {"ray_cluster"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--all", action="store_true", default=False,
+                     help="also run the slow, server, ray and client tests (what CI runs)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVER_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.server)
+        if RAY_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.ray)
+    if config.getoption("--all") or config.getoption("-m"):
+        return  # everything, or the user's own selection by mark
+    kept, left = [], []
+    for item in items:
+        (left if any(item.get_closest_marker(m) for m in HEAVY) else kept).append(item)
+    if left:
+        config.hook.pytest_deselected(items=left)
+        items[:] = kept
 
 
 @pytest.fixture(scope="session")
