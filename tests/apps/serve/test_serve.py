@@ -19,13 +19,14 @@ from pathlib import Path
 import openai
 import pytest
 
-pytestmark = pytest.mark.server  # every test here runs `coe serve` as a subprocess
 import yaml
 
 from tests.conftest import write_jsonl
 from tests.support.coe_server import CoeServer
 from tests.support.openai_server import openai_expert
 from tests.support.proxy import Fault, FaultProxy
+
+pytestmark = pytest.mark.server  # every test here runs `coe serve` as a subprocess
 
 REPO = Path(__file__).resolve().parents[3]
 KEY = "sk-test-" + "k" * 40
