@@ -18,7 +18,6 @@ from pathlib import Path
 
 import openai
 import pytest
-
 import yaml
 
 from tests.conftest import write_jsonl
