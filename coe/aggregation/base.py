@@ -11,13 +11,22 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
-from typing import Callable
+from typing import ClassVar
 
 from coe.core.types import ExpertResponse, FinalAnswer, Generation, GenRequest, Question, Route
 
 
 class Aggregator(ABC):
+    """Each aggregator declares whether it asks for generations of its own (``generates``:
+    then ``requests`` and ``experts`` say which) and whether it reads the experts' texts
+    (``reads_text``: else only their extracted answers, and a caller may drop the texts). An
+    aggregator whose trained part is missing says why in ``unavailable`` (it then falls back,
+    and an evaluation skips it rather than reporting the fallback under its name)."""
+
     name: str = "aggregator"
+    generates: ClassVar[bool] = False
+    reads_text: ClassVar[bool] = False
+    unavailable: str = ""
 
     @classmethod
     def from_config(cls, config, *, strength: dict[str, float] | None = None,
@@ -42,18 +51,3 @@ class Aggregator(ABC):
                   responses: list[list[ExpertResponse]],
                   generations: list[Generation] | None = None) -> list[FinalAnswer]:
         """One final answer per question. ``generations`` answer ``requests(...)``."""
-
-
-def aggregate_together(questions: list[Question],
-                       jobs: dict[str, tuple[Aggregator, list[Route], list[list[ExpertResponse]]]],
-                       generate: Callable[[list[GenRequest]], list[Generation]]
-                       ) -> dict[str, list[FinalAnswer]]:
-    """The final answers of several aggregators over the same questions (name -> aggregator,
-    its routes, its experts' responses). Every generation they ask for is made by one
-    ``generate(requests)`` call (the executor's), so each model loads once for all of them."""
-    asked = {name: agg.requests(questions, routes, resp)
-             for name, (agg, routes, resp) in jobs.items()}
-    flat = [r for reqs in asked.values() for r in reqs]
-    gens = iter(generate(flat) if flat else [])
-    return {name: agg.aggregate(questions, routes, resp, [next(gens) for _ in asked[name]] or None)
-            for name, (agg, routes, resp) in jobs.items()}

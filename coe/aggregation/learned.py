@@ -27,7 +27,12 @@ class LearnedAggregator(Aggregator):
         self.selector = selector
         self.vote = VoteAggregator(strength)
         #: why there is no selector (the aggregator then votes); "" with one
-        self.fallback = fallback
+        self.unavailable = fallback
+
+    @property
+    def fallback(self) -> str:
+        """The 0.1 name of ``unavailable``."""
+        return self.unavailable
 
     @classmethod
     def from_config(cls, config, *, strength=None, expert=None) -> "LearnedAggregator":
@@ -46,7 +51,7 @@ class LearnedAggregator(Aggregator):
                   generations: list[Generation] | None = None) -> list[FinalAnswer]:
         if self.selector is None:
             return [f.model_copy(update={"aggregator": self.name,
-                                         "note": f"vote: {self.fallback}"})
+                                         "note": f"vote: {self.unavailable}"})
                     for f in self.vote.aggregate(questions, routes, responses)]
         answers, conf = self.selector.choose(questions, responses)
         out = []

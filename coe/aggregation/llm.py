@@ -47,6 +47,8 @@ def aggregation_prompt(q: Question, responses: list[ExpertResponse]) -> str:
 
 class LLMAggregator(Aggregator):
     name = "llm"
+    generates = True
+    reads_text = True
 
     def __init__(self, config, expert: str | None = None,
                  strength: dict[str, float] | None = None):

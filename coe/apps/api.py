@@ -1,4 +1,4 @@
-"""The orchestration API: questions -> routes -> plan -> generations -> answers.
+"""The Python API: requests -> routes -> plan -> generations -> answers.
 
     orch = Orchestrator.from_yaml("experts.yaml", router="category", aggregator="vote")
     run = orch.run(questions, output="answers.jsonl")
@@ -11,34 +11,31 @@ model. The executor is injectable (``executor=``: an ``Executor`` or a registere
 default the yaml's ``executor.kind``, ``local``). Whether models stay loaded after a run is
 the executor's policy (``keep_resident``): a batch run frees them at the end, a server keeps
 them for the next request.
+
+The flow itself is ``coe.pipeline.flow`` (the same for ``coe run``, ``coe serve``, ``coe
+profile`` and the stages ``coe eval`` drives); an orchestrator is a composition (router +
+aggregator) bound to a pool and an executor, with a run's bookkeeping: the output file,
+``--resume``, the accuracy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from pydantic import ValidationError
 
 from coe.aggregation import Aggregator, build_aggregator
 from coe.core.config import PoolConfig, load_config
-from coe.core.registry import EXECUTORS
 from coe.core.types import ExpertResponse, FinalAnswer, GenRequest, Question, QuestionResult, Route
-from coe.execution import Executor, Plan, RunStats
-from coe.io.cache import ResponseCache, default_cache_path
+from coe.execution import Executor, Plan, RunStats, build_executor
+from coe.io.cache import ResponseCache, open_cache
 from coe.io.output import ResultWriter
+from coe.pipeline import flow
 from coe.routing import Router, build_router
-from coe.text.answers import (
-    describe_ungraded,
-    gold_answer,
-    gold_problem,
-    is_correct,
-    response_from,
-)
+from coe.text.answers import describe_ungraded, gold_answer, gold_problem, is_correct
 from coe.text.prompts import build_request
 
 
@@ -84,19 +81,6 @@ class DryRun:
     notes: list[str] = field(default_factory=list)
 
 
-def open_cache(config: PoolConfig, cache: bool | str | Path | ResponseCache) -> ResponseCache | None:
-    """The response cache ``cache`` names: True for the yaml's (or the default) file, a path,
-    an open cache, or False for none."""
-    if cache is False:
-        return None
-    if cache is True:
-        return ResponseCache(config.resolve_path(config.cache) if config.cache
-                             else default_cache_path())
-    if isinstance(cache, (str, Path)):
-        return ResponseCache(cache)
-    return cache
-
-
 class Orchestrator:
     def __init__(self, config: PoolConfig, router: str | Router | None = None,
                  aggregator: str | Aggregator | None = None, k: int | None = None,
@@ -116,12 +100,12 @@ class Orchestrator:
         self._owns_executor = not isinstance(executor, Executor)
         if isinstance(executor, Executor):
             self.executor = executor
-            self.cache = getattr(executor, "cache", None)
+            self.cache = executor.cache
         else:
             self.cache = open_cache(config, cache)
-            self.executor = EXECUTORS.get(executor or config.executor.kind).from_config(
-                config, cache=self.cache, progress=progress, fail_fast=fail_fast,
-                keep_resident=keep_resident)
+            self.executor = build_executor(config, cache=self.cache, progress=progress,
+                                           fail_fast=fail_fast, serving=keep_resident,
+                                           kind=executor)
         self.router = (router if isinstance(router, Router)
                        else build_router(router or config.router.kind, config, self.executor, self.k))
         self.aggregator = (aggregator if isinstance(aggregator, Aggregator)
@@ -149,27 +133,32 @@ class Orchestrator:
             raise RuntimeError("orchestrator is closed")
         return as_questions(questions)
 
+    @property
+    def composition(self) -> flow.Composition:
+        return flow.Composition("orchestrator", self.router, self.aggregator)
+
     def expert_requests(self, questions: list[Question], routes: list[Route]) -> list[GenRequest]:
         return [build_request(self.config.expert(name), q)
                 for q, route in zip(questions, routes) for name in route.names]
 
     def plan(self, questions: list[Question], routes: list[Route]) -> Plan:
-        """The experts' plan; the aggregation stage's model (if any) goes last, so it is still
-        loaded when aggregation starts. Answering (experts, then aggregation) is
-        ``answer_together``, for one orchestrator's questions or several at once."""
-        return plan_together([Part(self, questions, routes)])
+        """The experts' plan (a cascade's first round); the aggregation stage's model (if
+        any) goes last, so it is still loaded when aggregation starts."""
+        return flow.plan(self.executor, self.config,
+                         [flow.Part(self.composition, questions, routes)])[1]
 
     def dry_run(self, questions: list[Question | dict]) -> DryRun:
         questions = self._accept(questions)
-        cascade = getattr(self.router, "cascade", None)
+        cascade = self.router.cascade
         with self.executor.session():
-            routes = self.route(questions)
-            plan = self.plan(questions, _first(routes, [1] * len(routes)) if cascade else routes)
+            full, plan = flow.plan(self.executor, self.config,
+                                   [flow.Part(self.composition, questions)])
+        routes = full[0][:]
         notes = []
         if cascade is not None:
             notes.append(f"{cascade.describe()}: the plan shows each question's first recruit; "
                          "later rounds are planned as they come")
-        after = self.aggregator.experts(routes)
+        after = self.aggregator.experts(routes) if self.aggregator.generates else None
         if after:
             notes.append(f"then {sum(after.values())} aggregation generations "
                          f"(aggregator: {', '.join(n for n, _ in after.most_common())})")
@@ -191,9 +180,9 @@ class Orchestrator:
                     resumed = sum(1 for q in questions if q.id in writer.done)
                     questions = [q for q in questions if q.id not in writer.done]
                 if questions:
-                    routes = self.route(questions)
-                    done, plan = answer_together([Part(self, questions, routes)], on_plan)
-                    results = done[0]
+                    done = flow.answer(self.executor, self.config,
+                                       [flow.Part(self.composition, questions)], on_plan)
+                    results, plan = done.results[0], done.plan
                     if writer:
                         for r in results:
                             writer.write(r)
@@ -271,120 +260,3 @@ def unique_ids(questions: list[Question]) -> list[Question]:
                              f"(first at questions[{first[q.id]}])")
         first[q.id] = i
     return questions
-
-
-@dataclass
-class Part:
-    """One orchestrator's share of a batch answered together with others (a server's batch
-    holds requests for several compositions): its questions and their routes."""
-
-    orchestrator: Orchestrator
-    questions: list[Question]
-    routes: list[Route]
-
-
-#: ``on_token(part, question_index, text)``: a piece of an aggregator's answer as it streams
-PartToken = Callable[[int, int, str], None]
-
-
-def plan_together(parts: list[Part]) -> Plan:
-    """One plan for every part's expert requests on their shared executor; the model the
-    aggregators will use most goes last, so it is still loaded when aggregation starts."""
-    executor = parts[0].orchestrator.executor
-    if any(p.orchestrator.executor is not executor for p in parts):
-        raise ValueError("parts answered together must share one executor")
-    requests: list[GenRequest] = []
-    after: Counter = Counter()
-    for p in parts:
-        requests += p.orchestrator.expert_requests(p.questions, p.routes)
-        after += p.orchestrator.aggregator.experts(p.routes)
-    last = after.most_common(1)
-    return executor.plan(requests, last=last[0][0] if last else None)
-
-
-def _first(routes: list[Route], counts: list[int]) -> list[Route]:
-    """Each route with only its first ``count`` recruits (the route itself when all)."""
-    return [r if n >= len(r.experts) else r.model_copy(update={"experts": r.experts[:n]})
-            for r, n in zip(routes, counts)]
-
-
-def _cascade_rounds(executor: Executor, parts: list[Part], cascades: list, full: list,
-                    counts: list[list[int]], responses: list) -> None:
-    """The cascades' further rounds (``coe.routing.cascade``): every question a cascade is not yet
-    confident in asks its next recruit; one executor call per round for every part (one
-    batch per model). Each part's routes become the recruits actually asked."""
-    while True:
-        todo = []  # (part, question index, recruit)
-        for n, (p, cascade) in enumerate(zip(parts, cascades)):
-            if cascade is None:
-                continue
-            recruits = [len(r.experts) for r in full[n]]
-            for i in cascade.open_questions(p.questions, counts[n], recruits, responses[n]):
-                todo.append((n, i, full[n][i].experts[counts[n][i]]))
-        if not todo:
-            break
-        requests = [build_request(parts[n].orchestrator.config.expert(r.name), parts[n].questions[i])
-                    for n, i, r in todo]
-        for (n, i, r), g in zip(todo, executor.run(requests).generations):
-            responses[n][i].append(response_from(r.name, g, parts[n].questions[i]))
-            counts[n][i] += 1
-    for n, cascade in enumerate(cascades):
-        if cascade is not None:
-            routes = _first(full[n], counts[n])
-            for r, k, route in zip(routes, counts[n], full[n]):
-                r.reason += f"; cascade: asked {k} of {len(route.experts)}"
-            parts[n].routes = routes
-
-
-def answer_together(parts: list[Part], on_plan: Callable[[Plan], None] | None = None,
-                    on_token: PartToken | None = None) -> tuple[list[list[QuestionResult]], Plan]:
-    """Answer several orchestrators' routed questions on their one shared executor: every
-    expert generation of every part in one plan (each model loads once for all of them), then
-    every aggregator generation in one more executor call. A part whose router cascades
-    (``coe.routing.cascade``) asks its first recruits in that plan, then the next recruit of its
-    unsure questions in one more executor call per round. Returns each part's results and the
-    experts' plan (the first round's). ``on_token`` streams the aggregators' generations where the backend can."""
-    executor = parts[0].orchestrator.executor
-    cascades = [getattr(p.orchestrator.router, "cascade", None) for p in parts]
-    full = [p.routes for p in parts]
-    # a cascade's first round asks each question's first recruit; the others ask them all
-    counts = [[1 if c else len(r.experts) for r in p.routes] for p, c in zip(parts, cascades)]
-    parts = [Part(p.orchestrator, p.questions, _first(p.routes, n))
-             for p, n in zip(parts, counts)]
-    plan = plan_together(parts)
-    requests = plan.requests
-    if on_plan is not None:
-        on_plan(plan)
-    gens = iter(executor.run(requests, plan).generations if requests else [])
-    responses: list[list[list[ExpertResponse]]] = []
-    for p in parts:
-        responses.append([[response_from(name, next(gens), q) for name in route.names]
-                          for q, route in zip(p.questions, p.routes)])
-    _cascade_rounds(executor, parts, cascades, full, counts, responses)
-    for p, resp in zip(parts, responses):
-        for route, r in zip(p.routes, resp):
-            route.failed = {x.expert: x.error for x in r if x.error}
-
-    asked = [p.orchestrator.aggregator.requests(p.questions, p.routes, resp)
-             for p, resp in zip(parts, responses)]
-    flat = [r for reqs in asked for r in reqs]
-    owner: list[tuple[int, int]] = []  # flat request -> (part, question index)
-    for n, (p, reqs) in enumerate(zip(parts, asked)):
-        index = {}
-        for i, q in enumerate(p.questions):
-            index.setdefault(q.id, i)
-        owner += [(n, index.get(r.question_id, -1)) for r in reqs]
-    stream = None
-    if on_token is not None:
-        def stream(i: int, piece: str) -> None:
-            part, qi = owner[i]
-            if qi >= 0:
-                on_token(part, qi, piece)
-    agg_gens = iter(executor.run(flat, on_token=stream).generations if flat else [])
-    out = []
-    for p, resp, reqs in zip(parts, responses, asked):
-        mine = [next(agg_gens) for _ in reqs] or None
-        finals = p.orchestrator.aggregator.aggregate(p.questions, p.routes, resp, mine)
-        out.append([Orchestrator.result(q, route, r, final)
-                    for q, route, r, final in zip(p.questions, p.routes, resp, finals)])
-    return out, plan

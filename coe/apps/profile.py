@@ -1,22 +1,25 @@
 """Building model profiles (``coe profile``): every expert of the pool answers validation
-questions with gold answers through an orchestrator (one load per model, the response cache
-first), each question's skills are inferred, and every aggregator candidate aggregates the
-experts' responses — all candidates' generations in one executor call. The result goes into
-``coe.learned.profiles.Profiles``, the data the skill router reads.
-
-This sits above the orchestrator; the profiles themselves sit below the routers.
+questions with gold answers through the pipeline (``coe.pipeline.flow``: one load per model,
+the response cache first), each question's skills are inferred, and every aggregator candidate
+aggregates the experts' responses (the pipeline's aggregate stage: all candidates'
+generations in one executor call). The result goes into ``coe.learned.profiles.Profiles``,
+the data the skill and knn routers and the learned aggregator read.
 """
 
 from __future__ import annotations
 
-from coe.aggregation.base import aggregate_together
 from coe.aggregation.llm import LLMAggregator
-from coe.apps.api import Orchestrator
+from coe.aggregation.vote import VoteAggregator
 from coe.core.errors import ConfigError
+from coe.core.registry import BACKENDS
+from coe.execution import build_executor
+from coe.io.cache import open_cache
 from coe.learned.embeddings import shared_embedder, static_tag
 from coe.learned.neighbours import Neighbourhood, ValidationRecord
 from coe.learned.profiles import AggregatorProfile, Profiles, add_expert_results
 from coe.learned.selector import fit_selector
+from coe.pipeline import flow
+from coe.pipeline.aggregate import Job, aggregate
 from coe.routing.all import AllRouter
 from coe.routing.skills import build_skill_inferrer
 from coe.text.answers import is_correct
@@ -34,26 +37,37 @@ def build_profiles(config, questions, existing: Profiles | None = None, skills: 
     if not graded:
         raise ConfigError("profiling needs questions with gold answers")
     if aggregators is None:
-        aggregators = [e.name for e in config.experts if e.backend != "replay"]
+        aggregators = [e.name for e in config.experts
+                       if not BACKENDS.get(e.backend).capabilities_for(e).replay_only]
     candidates = {name: LLMAggregator(config, expert=name) for name in aggregators}
+    store = open_cache(config, cache)
+    executor = build_executor(config, cache=store, progress=progress)
+    try:
+        return _profile(config, graded, existing, skills, candidates, executor, log)
+    finally:
+        executor.close()
+        if store is not None:
+            store.close()
+
+
+def _profile(config, graded, existing, skills, candidates, executor, log) -> Profiles:
     # every expert on every question, whatever k the yaml sets for routing
-    with Orchestrator(config, router=AllRouter(config), aggregator="vote", cache=cache,
-                      progress=progress) as orch, orch.executor.session() as stats:
-        inferrer = build_skill_inferrer(config, orch.executor, skills)
+    everyone = flow.Composition("profile", AllRouter(config), VoteAggregator())
+    with executor.session() as stats:
+        inferrer = build_skill_inferrer(config, executor, skills)
         prof = existing or Profiles(skill_source=inferrer.source)
         if prof.skill_source != inferrer.source:
             raise ConfigError(f"profiles were built with skills from {prof.skill_source}, "
                               f"not {inferrer.source}")
-        done = set(prof.questions)
-        todo = [q for q in graded if q.id not in done]
+        seen = set(prof.questions)
+        todo = [q for q in graded if q.id not in seen]
         log(f"{len(todo)} new questions to profile ({len(graded) - len(todo)} already in the profiles)")
         if not todo:
             return prof
-        run = orch.run(todo)
-        routes = [r.route for r in run.results]
-        responses = [r.responses for r in run.results]
+        done = flow.answer(executor, config, [flow.Part(everyone, todo)])
+        responses = [r.responses for r in done.results[0]]
         add_expert_results(prof, todo, inferrer.infer(todo), responses)
-        _profile_aggregators(prof, orch, candidates, todo, routes, responses)
+        _profile_aggregators(prof, executor, candidates, todo, done)
         prof.questions.extend(q.id for q in todo)
         record = _record(config, todo, responses, prof if existing is not None else None)
         prof.attach_record(record)
@@ -78,15 +92,21 @@ def _record(config, questions, responses, existing: Profiles | None) -> Validati
     return existing.validation_record().extend(new)
 
 
-def _profile_aggregators(prof: Profiles, orch: Orchestrator, candidates: dict[str, LLMAggregator],
-                         questions, routes, responses) -> None:
-    """How often each candidate, given the experts' responses, writes the gold answer."""
-    jobs = {name: (agg, routes, responses) for name, agg in candidates.items()}
-    finals_of = aggregate_together(questions, jobs,
-                                   lambda requests: orch.executor.run(requests).generations)
-    for name, finals in finals_of.items():
+def _profile_aggregators(prof: Profiles, executor, candidates: dict[str, LLMAggregator],
+                         questions, done: flow.Answered) -> None:
+    """How often each candidate, given the experts' responses, writes the gold answer: every
+    candidate's generations in one executor call (the pipeline's aggregate stage)."""
+    names = list(candidates)
+    jobs = [Job(candidates[n], done.routes[0], done.table, done.rows[0]) for n in names]
+    finals: dict[int, list] = {}
+
+    def sink(k: int, start: int, out: list) -> None:
+        finals.setdefault(k, []).extend(out)
+
+    aggregate(jobs, sink, lambda requests, token: executor.run(requests).generations)
+    for k, name in enumerate(names):
         tally = prof.aggregators.setdefault(name, AggregatorProfile())
-        for q, f in zip(questions, finals):
+        for q, f in zip(questions, finals.get(k, [])):
             if f.response is not None and f.response.error is None:
                 tally.total += 1
                 tally.correct += int(bool(is_correct(f.response.answer, q)))

@@ -4,7 +4,7 @@ the backend registry (``coe.core.registry.BACKENDS``), where plugins add their o
 
 from __future__ import annotations
 
-from coe.backends.base import Backend, run_sync
+from coe.backends.base import Backend, Capabilities, run_sync
 from coe.core.registry import BACKENDS
 from coe.core.types import Generation, GenRequest
 
@@ -13,4 +13,4 @@ def create_backend(config, base_dir=None) -> Backend:
     return BACKENDS.get(config.backend)(config, base_dir)
 
 
-__all__ = ["BACKENDS", "Backend", "Generation", "GenRequest", "create_backend", "run_sync"]
+__all__ = ["BACKENDS", "Backend", "Capabilities", "Generation", "GenRequest", "create_backend", "run_sync"]

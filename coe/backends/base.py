@@ -6,6 +6,12 @@ is done, so the executor can store it before the next one starts.
 
 Each backend class declares:
 
+- ``capabilities``: what it can do (``Capabilities``: chat, completion, streaming, tools, JSON
+  response formats, logprobs, echo; whether it only replays a record; whether it needs a GPU;
+  whether it holds weights in this process). The pipeline, the service and the evaluation read
+  this declaration (through ``capabilities_for(config)``, where a yaml option may narrow it) and
+  refuse in one line what no recruited expert can honour; nobody probes a backend for it;
+
 - ``config_model``: its yaml options, a subclass of ``coe.core.config.ExpertConfig`` whose
   ``backend`` field is the name it is registered under (``coe.core.registry.BACKENDS``), and whose
   ``load_key`` includes every option that changes the loaded model (experts with equal load
@@ -28,14 +34,74 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar, Coroutine
 
 from coe.core.config import GB, ExpertConfig, Resources
 from coe.core.types import Generation, GenRequest, OnResult, OnToken, Truncation
 
-__all__ = ["Backend", "Generation", "GenRequest", "OnResult", "OnToken", "run_sync",
-           "truncation"]
+__all__ = ["Backend", "Capabilities", "Generation", "GenRequest", "OnResult", "OnToken",
+           "run_sync", "truncation"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do: a declaration, read by callers, never probed."""
+
+    #: takes a conversation (rendered by the model's chat template)
+    chat: bool = True
+    #: takes a raw text prompt
+    completion: bool = True
+    #: ``generate`` takes ``on_token`` and reports each piece of text as it is decoded
+    stream: bool = False
+    #: honours ``tools`` and ``tool_choice``, returning ``tool_calls``
+    tools: bool = False
+    #: honours ``response_format`` ``json_object`` and ``json_schema`` (constrained decoding,
+    #: or the API's own)
+    json_schema: bool = False
+    #: returns token log-probabilities (``logprobs``, ``top_logprobs``)
+    logprobs: bool = False
+    #: a completion may give its prompt back with the prompt's log-probabilities (``echo``)
+    echo: bool = False
+    #: answers from a record, by question id: the prompt is not read, nothing is generated
+    #: (so nothing is cached, and sampling cannot give a new answer)
+    replay_only: bool = False
+    #: the model runs on a GPU
+    gpu: bool = False
+    #: a loaded instance holds weights in this process's memory (an endpoint does not): only
+    #: those count against an executor's residency limits
+    holds_weights: bool = True
+    #: generations go to the response cache (a replay's need not: it is a record already)
+    cacheable: bool = True
+
+    @property
+    def keyed_by_question(self) -> bool:
+        """Whether the response depends on the question id, not only on the prompt."""
+        return self.replay_only
+
+    @property
+    def uses_prompt(self) -> bool:
+        """Whether the response depends on the prompt at all: a caller with many requests may
+        send a replay none (``prompt`` and ``messages`` None) instead of building one each."""
+        return not self.replay_only
+
+    def lacks(self, request: GenRequest) -> str | None:
+        """What of ``request`` this backend cannot honour, as "tools" or "response_format
+        json_schema" (None: everything)."""
+        if request.tools and not self.tools:
+            return "tools"
+        if (request.response_format is not None and request.response_format.wants_json
+                and not self.json_schema):
+            return f"response_format {request.response_format.type}"
+        if request.logprobs is not None and not self.logprobs:
+            return "logprobs"
+        if request.echo and not self.echo:
+            return "echo"
+        if request.messages is not None and not self.chat:
+            return "chat messages"
+        return None
 
 
 def truncation(finish_reason: str | None, completion_tokens: int, max_tokens: int,
@@ -64,30 +130,53 @@ def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
         return pool.submit(asyncio.run, coro).result()
 
 
+#: the 0.1 declarations (class attributes) and the capability each became
+LEGACY = {"holds_weights": "holds_weights", "can_stream": "stream", "cacheable": "cacheable",
+          "keyed_by_question": "replay_only", "uses_prompt": "replay_only"}
+
+
 class Backend(ABC):
     """One set of weights (or one endpoint), shared by every expert with the same load key."""
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        """A plugin written for 0.1 declared ``holds_weights = False`` (and the like) as class
+        attributes: they become its ``capabilities``, with a deprecation warning, for one
+        release."""
+        super().__init_subclass__(**kwargs)
+        old = {k: v for k, v in cls.__dict__.items() if k in LEGACY}
+        if not old or "capabilities" in cls.__dict__:
+            return
+        import warnings
+
+        warnings.warn(f"{cls.__name__}: {', '.join(old)} are the 0.1 declarations of a "
+                      "backend; declare capabilities = Capabilities(...) instead",
+                      DeprecationWarning, stacklevel=2)
+        fields = {LEGACY[k]: bool(v) for k, v in old.items()
+                  if k not in ("keyed_by_question", "uses_prompt")}
+        if old.get("keyed_by_question") or old.get("uses_prompt") is False:
+            fields["replay_only"] = True
+        cls.capabilities = dataclasses.replace(cls.capabilities, **fields)
+
     #: the yaml options of this backend's experts
     config_model: ClassVar[type[ExpertConfig]] = ExpertConfig
-    #: whether generations should go to the response cache (a replay is already a record)
-    cacheable: ClassVar[bool] = True
-    #: whether the response depends on the question id, not only on the prompt (a replay)
-    keyed_by_question: ClassVar[bool] = False
-    #: whether the response depends on the prompt at all: a replay answers by question id
-    #: only, so a caller with many requests may send it none (``prompt`` and ``messages``
-    #: None) instead of building a prompt per request
-    uses_prompt: ClassVar[bool] = True
-    #: whether a loaded instance holds weights in this process's memory (an endpoint does not):
-    #: only those count against the executor's limit on resident models
-    holds_weights: ClassVar[bool] = True
-    #: whether ``generate`` and ``agenerate`` accept ``on_token`` and report each piece of text
-    #: as it is decoded (a server streams the llm aggregator's answer); the executor passes
-    #: ``on_token`` only to backends that declare it
-    can_stream: ClassVar[bool] = False
+    #: what every instance can do (see ``Capabilities``); ``capabilities_for`` narrows it for
+    #: one expert's options. The executor passes ``on_token`` only to backends that ``stream``.
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, config, base_dir=None):
         self.config = config
         self.base_dir = base_dir
+
+    @classmethod
+    def capabilities_for(cls, config) -> Capabilities:
+        """What an expert with these yaml options can do: the class's declaration unless an
+        option changes it."""
+        return cls.capabilities
+
+    @property
+    def can(self) -> Capabilities:
+        """This instance's capabilities (its expert's)."""
+        return self.capabilities_for(self.config)
 
     @classmethod
     def check(cls, config, base_dir) -> None:
@@ -102,12 +191,12 @@ class Backend(ABC):
         yaml's ``memory_gb`` when set, else 0 for an endpoint, else ``estimate_bytes()``."""
         if self.config.memory_gb is not None:
             return int(self.config.memory_gb * GB)
-        return self.estimate_bytes() if self.holds_weights else 0
+        return self.estimate_bytes() if self.can.holds_weights else 0
 
     def default_resources(self) -> Resources:
         """What the model's process needs unless the yaml says otherwise: a CPU for a model
         holding weights, none for an endpoint or a replay. Backends override it."""
-        return Resources(num_cpus=1 if self.holds_weights else 0, num_gpus=0)
+        return Resources(num_cpus=1 if self.can.holds_weights else 0, num_gpus=0)
 
     def resources(self) -> Resources:
         """The yaml's ``resources`` over ``default_resources()``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import os
 import re
 import struct
@@ -12,7 +13,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from coe.backends.base import Backend, Generation, GenRequest, OnResult, OnToken, truncation
+from coe.backends.base import (
+    Backend,
+    Capabilities,
+    Generation,
+    GenRequest,
+    OnResult,
+    OnToken,
+    truncation,
+)
 from coe.core.config import ExpertConfig, Resources
 from coe.core.errors import ConfigError, ExpertError
 from coe.core.types import MAX_TOKENS
@@ -109,6 +118,21 @@ def kv_cache_bytes(meta: dict, n_ctx: int) -> int:
     return n_ctx * layers * kv_heads * (k + v) * KV_BYTES
 
 
+def grammar_format(fmt) -> dict:
+    """An OpenAI ``response_format`` as llama-cpp-python takes it: ``json_object`` with the
+    schema beside it (it builds the grammar), or plain ``json_object`` (any JSON object)."""
+    out: dict = {"type": "json_object"}
+    if fmt.type == "json_schema" and fmt.json_schema is not None and fmt.json_schema.schema_:
+        out["schema"] = fmt.json_schema.schema_
+    return out
+
+
+def _json_gbnf() -> str:
+    from llama_cpp import llama_grammar
+
+    return llama_grammar.JSON_GBNF
+
+
 _LOG_CALLBACK = None
 # llama-cpp-python's refusal of a prompt that does not fit in the context window
 _NO_ROOM = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
@@ -156,7 +180,8 @@ def _silence_llama_log() -> None:
 
 class LlamaCppBackend(Backend):
     config_model = LlamaCppExpert
-    can_stream = True
+    # a JSON response format is a grammar llama.cpp derives from the schema
+    capabilities = Capabilities(stream=True, json_schema=True)
 
     @classmethod
     def check(cls, config, base_dir) -> None:
@@ -228,8 +253,18 @@ class LlamaCppBackend(Backend):
     def _one(self, r: GenRequest, on_token=None) -> Generation:
         s = r.sampling
         kw = dict(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                  stop=list(s.stop) or None, seed=s.seed)
+                  stop=list(s.stop) or None, seed=s.seed, presence_penalty=s.presence_penalty,
+                  frequency_penalty=s.frequency_penalty)
         chat = r.messages is not None
+        if r.response_format is not None and r.response_format.wants_json:
+            kw["response_format"] = grammar_format(r.response_format)
+            if not chat:  # create_completion takes the grammar itself
+                from llama_cpp import LlamaGrammar
+
+                schema = kw.pop("response_format").get("schema")
+                kw["grammar"] = (LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+                                 if schema else LlamaGrammar.from_string(_json_gbnf(),
+                                                                          verbose=False))
         t0 = time.perf_counter()
         # Every prompt from an empty context, unless reuse_prefix: llama-cpp-python would
         # otherwise keep the tokens the previous prompt shares with this one and evaluate

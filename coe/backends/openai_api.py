@@ -45,6 +45,7 @@ from pydantic import Field
 
 from coe.backends.base import (
     Backend,
+    Capabilities,
     Generation,
     GenRequest,
     OnResult,
@@ -55,6 +56,7 @@ from coe.backends.base import (
 from coe.core import secrets
 from coe.core.config import ExpertConfig
 from coe.core.errors import ConfigError, ExpertError
+from coe.core.types import ToolCall
 
 MAX_ERROR_CHARS = 300
 
@@ -164,8 +166,10 @@ class OpenAIExpert(ExpertConfig):
 
 class OpenAIBackend(Backend):
     config_model = OpenAIExpert
-    holds_weights = False  # an endpoint: nothing resident in this process
-    can_stream = True
+    # an endpoint (nothing resident here) that takes every field of the API: whether the server
+    # behind it honours them is its own affair, and its refusal comes back as its error
+    capabilities = Capabilities(holds_weights=False, stream=True, tools=True, json_schema=True,
+                                logprobs=True, echo=True)
 
     @classmethod
     def check(cls, config, base_dir) -> None:
@@ -282,7 +286,8 @@ class OpenAIBackend(Backend):
                           completion_tokens=(getattr(usage, "completion_tokens", 0) or 0)
                           if usage else chunks)
 
-    async def _one(self, client, r: GenRequest, on_token=None) -> Generation:
+    def _options(self, r: GenRequest) -> dict:
+        """Every field of the request the API takes, beyond the prompt."""
         s = self.config.sampling if r.sampling is None else r.sampling
         kw = dict(model=self.config.model, temperature=s.temperature, top_p=s.top_p,
                   max_tokens=s.max_tokens)
@@ -290,6 +295,31 @@ class OpenAIBackend(Backend):
             kw["stop"] = list(s.stop)
         if s.seed is not None:
             kw["seed"] = s.seed
+        if s.presence_penalty:
+            kw["presence_penalty"] = s.presence_penalty
+        if s.frequency_penalty:
+            kw["frequency_penalty"] = s.frequency_penalty
+        if r.tools:
+            kw["tools"] = [tool.model_dump(exclude_none=True) for tool in r.tools]
+            if r.tool_choice is not None:
+                kw["tool_choice"] = (r.tool_choice if isinstance(r.tool_choice, str)
+                                     else r.tool_choice.model_dump())
+        if r.response_format is not None:
+            kw["response_format"] = r.response_format.model_dump(by_alias=True,
+                                                                exclude_none=True)
+        if r.logprobs is not None:
+            if r.messages is not None:
+                kw["logprobs"] = True
+                if r.logprobs:
+                    kw["top_logprobs"] = r.logprobs
+            else:
+                kw["logprobs"] = r.logprobs
+        if r.echo and r.messages is None:
+            kw["echo"] = True
+        return kw
+
+    async def _one(self, client, r: GenRequest, on_token=None) -> Generation:
+        kw = self._options(r)
         if on_token is not None:
             return await self._stream(client, r, kw, on_token)
         t0 = time.perf_counter()
@@ -302,18 +332,25 @@ class OpenAIBackend(Backend):
         choices = getattr(out, "choices", None)
         if not choices:
             raise BadResponse(f"response has no choices: {_snippet(out)!r}")
+        calls = None
         if r.messages is not None:
-            text = choices[0].message.content or ""
+            message = choices[0].message
+            text = message.content or ""
+            if message.tool_calls:
+                calls = [ToolCall.model_validate(c.model_dump(include={"id", "type", "function"}))
+                         for c in message.tool_calls]
         else:
             text = choices[0].text or ""
+        lp = getattr(choices[0], "logprobs", None)
         usage = out.usage
         finish = getattr(choices[0], "finish_reason", None)
         return Generation(text=self.redact(text), seconds=time.perf_counter() - t0,
                           finish_reason=finish,
                           truncated_by=truncation(finish, getattr(usage, "completion_tokens", 0)
-                                                  or 0, s.max_tokens),
+                                                  or 0, kw["max_tokens"]),
                           prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                          completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
+                          completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+                          tool_calls=calls, logprobs=lp.model_dump() if lp is not None else None)
 
     async def agenerate(self, requests: list[GenRequest], on_result: OnResult,
                         on_token: OnToken | None = None) -> None:

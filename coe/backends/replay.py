@@ -13,7 +13,7 @@ byte offset of each question id's line (the last one, when an id repeats). ``gen
 the records it is asked for, one by one, in the order asked. So a loaded replay holds about a
 hundred bytes per record, not the recorded texts: a pool of 8 files of 100,000 records each
 is evaluated without ever holding more than the records of the batch being answered. The
-response does not depend on the prompt (``uses_prompt`` False): a caller may send requests
+response does not depend on the prompt (``Capabilities.replay_only``): a caller may send requests
 without one.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from coe.backends.base import Backend, Generation, GenRequest, OnResult
+from coe.backends.base import Backend, Capabilities, Generation, GenRequest, OnResult
 from coe.core.config import ExpertConfig
 from coe.core.errors import ExpertError
 from coe.io.model_ref import file_fingerprint, resolve_model_file
@@ -39,9 +39,9 @@ class ReplayExpert(ExpertConfig):
 
 class ReplayBackend(Backend):
     config_model = ReplayExpert
-    cacheable = False  # already a record
-    keyed_by_question = True
-    uses_prompt = False
+    # a record: never cached, answers by question id, the prompt unread (so it honours no
+    # tools, response format or logprobs: it can only say what was recorded)
+    capabilities = Capabilities(replay_only=True, cacheable=False)
 
     @classmethod
     def check(cls, config, base_dir) -> None:

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from coe.backends.base import Backend, Generation, GenRequest, OnResult, truncation
+from coe.backends.base import Backend, Capabilities, Generation, GenRequest, OnResult, truncation
 from coe.core.config import ExpertConfig, Resources
 from coe.core.errors import ConfigError, ExpertError
 
@@ -71,6 +71,7 @@ class VLLMExpert(ExpertConfig):
 
 class VLLMBackend(Backend):
     config_model = VLLMExpert
+    capabilities = Capabilities(gpu=True)
 
     @classmethod
     def check(cls, config, base_dir) -> None:

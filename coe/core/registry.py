@@ -14,9 +14,9 @@ Third-party code adds entries without forking, either by calling the API::
     ROUTERS.register("mine", MyRouter)          # or @ROUTERS.register("mine") on the class
 
 or, for an installed package, through a Python entry point in the seam's group
-(``coe.backends``, ``coe.routing``, ``coe.aggregation``, ``coe.executors``)::
+(``coe.backends``, ``coe.routers``, ``coe.aggregators``, ``coe.executors``: the names of 0.1)::
 
-    [project.entry-points."coe.routing"]
+    [project.entry-points."coe.routers"]
     mine = "my_package.routing:MyRouter"
 
 Entry points are read once, the first time a registry is asked for a name or its list. A
@@ -122,14 +122,14 @@ BACKENDS = Registry("backend", "coe.backends", {
     "replay": "coe.backends.replay:ReplayBackend",
 })
 
-ROUTERS = Registry("router", "coe.routing", {
+ROUTERS = Registry("router", "coe.routers", {
     "all": "coe.routing.all:AllRouter",
     "category": "coe.routing.category:CategoryRouter",
     "skill": "coe.routing.skill:SkillRouter",
     "knn": "coe.routing.knn:KnnRouter",
 })
 
-AGGREGATORS = Registry("aggregator", "coe.aggregation", {
+AGGREGATORS = Registry("aggregator", "coe.aggregators", {
     "vote": "coe.aggregation.vote:VoteAggregator",
     "llm": "coe.aggregation.llm:LLMAggregator",
     "single": "coe.aggregation.single:SingleAggregator",

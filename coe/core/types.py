@@ -1,92 +1,49 @@
 """The values that flow through coe, in the order they flow:
 
-    Question -> Route (Recruit) -> GenRequest -> Generation -> ExpertResponse -> FinalAnswer
-             -> QuestionResult
+    Request -> Route (Recruit) -> GenRequest -> Generation -> ExpertResponse -> FinalAnswer
+            -> QuestionResult
 
-Every stage (routers, the executor, backends, aggregators, evaluation, the CLI) speaks in these
-types, so they live here, in one module that imports nothing else from ``coe``: any module may
-import them without creating a cycle. Behaviour lives elsewhere (answer extraction in
-``coe.text.answers``, prompts in ``coe.text.prompts``, file formats in ``coe.io.questions``).
+The request (a conversation, ``coe.core.request``) is the unit of work. Every stage (routers,
+the executor, backends, aggregators, evaluation, the apps) speaks in these types, so they live
+here, in modules that import nothing else from ``coe``: any module may import them without
+creating a cycle. Behaviour lives elsewhere (answer extraction in ``coe.text.answers``, prompts
+in ``coe.text.prompts``, file formats in ``coe.io.questions``).
 """
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Callable, Literal
+from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field
 
-LETTERS = string.ascii_uppercase
+from coe.core.request import (
+    LETTERS,
+    MAX_TEMPERATURE,
+    MAX_TOKENS,
+    AnswerKind,
+    FunctionCall,
+    GenerationOptions,
+    Message,
+    Question,
+    Request,
+    ResponseFormat,
+    Sampling,
+    SamplingOverride,
+    StopString,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    parse_number,
+)
 
-AnswerKind = Literal["mc", "number", "text"]
+__all__ = ["LETTERS", "MAX_TEMPERATURE", "MAX_TOKENS", "AnswerKind", "ExpertResponse",
+           "FinalAnswer", "FunctionCall", "GenRequest", "Generation", "GenerationOptions",
+           "Message", "OnResult", "OnToken", "Question", "QuestionResult", "Recruit", "Request",
+           "ResponseFormat", "Route", "Sampling", "SamplingOverride", "StopString", "Tool",
+           "ToolCall", "ToolChoice", "Truncation", "parse_number"]
+
 Truncation = Literal["max_tokens", "context"]
-
-
-def parse_number(text: str) -> Decimal | None:
-    """A finite decimal from text such as ``"1,200"``, ``"$3.50"`` or ``"45%"``, else None."""
-    t = text.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
-    if t.endswith("%"):
-        t = t[:-1]
-    try:
-        d = Decimal(t)
-    except InvalidOperation:
-        return None
-    return d if d.is_finite() else None
-
-
-# -- input ---------------------------------------------------------------------------------
-
-class Question(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    id: str = Field(min_length=1)
-    question: str = Field(min_length=1)
-    choices: list[str] | None = None
-    category: str | None = None
-    answer: str | None = None
-    kind: AnswerKind | None = None
-    meta: dict[str, Any] = Field(default_factory=dict)
-    # What one caller asks of this question only (a served request's system message and
-    # sampling fields): extra instructions for every expert, and sampling that overrides the
-    # yaml's for the experts' and the aggregator's generations.
-    instructions: str | None = None
-    sampling: "SamplingOverride | None" = None
-
-    @field_validator("id", "answer", mode="before")
-    @classmethod
-    def _scalar_to_str(cls, v):
-        if isinstance(v, bool):
-            raise ValueError("must be a string or number")
-        if isinstance(v, (int, float)):
-            return str(v)
-        return v
-
-    @field_validator("question")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be blank")
-        return v
-
-    @field_validator("choices")
-    @classmethod
-    def _choices(cls, v):
-        if v is not None and not 1 <= len(v) <= len(LETTERS):
-            raise ValueError(f"needs 1 to {len(LETTERS)} choices")
-        return v
-
-    @property
-    def answer_kind(self) -> AnswerKind:
-        """Multiple choice when there are choices; a number when the gold answer is one."""
-        if self.kind:
-            return self.kind
-        if self.choices:
-            return "mc"
-        if self.answer is not None and parse_number(self.answer) is not None:
-            return "number"
-        return "text"
 
 
 # -- routing -------------------------------------------------------------------------------
@@ -115,54 +72,47 @@ class Route(BaseModel):
 
 # -- generation ----------------------------------------------------------------------------
 
-#: the most tokens one generation may ask for (and the longest llama.cpp context): the
-#: longest trained context of open models (Qwen2.5-1M); beyond it a typo, not a setting
-MAX_TOKENS = 1 << 20
-#: the highest sampling temperature (the OpenAI API's range; beyond it, noise)
-MAX_TEMPERATURE = 2.0
-#: a stop string: an empty one would end every generation before its first token
-StopString = Annotated[str, Field(min_length=1)]
-
-
-class Sampling(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE)
-    max_tokens: int = Field(256, gt=0, le=MAX_TOKENS)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: list[StopString] = Field(default_factory=list)
-    seed: int | None = 0
-
-
-class SamplingOverride(BaseModel):
-    """Sampling fields one question (a served request) sets for itself; unset ones keep the
-    expert's."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
-    max_tokens: int | None = Field(None, gt=0, le=MAX_TOKENS)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: list[StopString] | None = Field(None, max_length=4)
-    seed: int | None = None
-
-    def apply(self, sampling: Sampling) -> Sampling:
-        return sampling.model_copy(update=self.model_dump(exclude_unset=True, exclude_none=True))
+def _as_message(m) -> Message:
+    return m if isinstance(m, Message) else Message(role=m[0], content=m[1])
 
 
 @dataclass(frozen=True)
 class GenRequest:
-    """One generation one expert must make: a prompt or chat messages plus sampling."""
+    """One generation one expert must make: a prompt (completion format) or a conversation
+    (chat format), its sampling, and what else the caller asks of it: ``tools`` and
+    ``tool_choice``, a ``response_format``, token ``logprobs`` (None: none; k: the sampled
+    token's and the k likeliest others'), ``echo`` (a completion's prompt given back, with its
+    logprobs) and ``sample``, the index of one of several independent samples of the same
+    request (``n``: each is generated, and cached, on its own)."""
 
     expert: str
     question_id: str
     sampling: Sampling
     prompt: str | None = None  # completion format
-    messages: tuple[tuple[str, str], ...] | None = None  # chat format: (role, content)
+    messages: tuple[Message, ...] | None = None  # chat format (pairs (role, text) accepted)
     stage: str = "expert"  # what the generation is for: expert, aggregate, skills...
+    tools: tuple[Tool, ...] | None = None
+    tool_choice: ToolChoice | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    sample: int = 0
 
-    def chat(self) -> list[dict[str, str]]:
-        return [{"role": r, "content": c} for r, c in (self.messages or ())]
+    def __post_init__(self) -> None:
+        if self.messages is not None and not all(isinstance(m, Message) for m in self.messages):
+            object.__setattr__(self, "messages", tuple(_as_message(m) for m in self.messages))
+        if self.tools is not None and not isinstance(self.tools, tuple):
+            object.__setattr__(self, "tools", tuple(self.tools))
+
+    def chat(self) -> list[dict[str, Any]]:
+        """The conversation as the OpenAI chat API takes it."""
+        return [m.to_openai() for m in self.messages or ()]
+
+    @property
+    def plain(self) -> bool:
+        """Nothing asked beyond text: no tools, response format, logprobs, echo or sample."""
+        return (self.tools is None and self.tool_choice is None and self.response_format is None
+                and self.logprobs is None and not self.echo and self.sample == 0)
 
 
 class Generation(BaseModel):
@@ -179,6 +129,12 @@ class Generation(BaseModel):
     # An answer recorded with the text (a replay of a scored run): used as-is, not re-extracted.
     recorded_answer: str | None = None
     has_recorded_answer: bool = False
+    #: the tool calls the model made instead of (or besides) text, in the OpenAI shape
+    tool_calls: list[ToolCall] | None = None
+    #: token log-probabilities, as the OpenAI API returns them for this kind of request
+    #: (chat: ``{"content": [...]}``; completions: ``{"tokens", "token_logprobs",
+    #: "top_logprobs", "text_offset"}``)
+    logprobs: dict[str, Any] | None = None
 
 
 #: ``on_result(i, generation)``: a backend reports request ``i`` as soon as it is done
@@ -204,6 +160,8 @@ class ExpertResponse(BaseModel):
     # its final answer may be missing or wrong. ``truncated_by`` says why, when known.
     truncated: bool = False
     truncated_by: Truncation | None = None
+    tool_calls: list[ToolCall] | None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class FinalAnswer(BaseModel):
@@ -233,5 +191,3 @@ class QuestionResult(BaseModel):
     correct: bool | None = None
     note: str = ""
 
-
-Question.model_rebuild()  # its ``sampling`` refers to SamplingOverride, defined below it

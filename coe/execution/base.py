@@ -36,7 +36,7 @@ unloaded before that thread has used it, so concurrent runs that need the same m
 their loads.
 
 Within one ``run``, the groups of models holding weights run one after another in plan order;
-then the groups of endpoints (``Backend.holds_weights`` False: nothing to load, nothing held)
+then the groups of endpoints (``Capabilities.holds_weights`` False: nothing to load, nothing held)
 run all at once, the calling thread taking one and a thread of its own each other one, so a
 slow API expert delays no other. Each group counts into a ``RunStats`` of its own, added up in
 plan order at the end: the same totals and output as one after another. With ``fail_fast``
@@ -52,10 +52,12 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import ClassVar, Iterator
 
-from coe.backends import Backend, create_backend
+from coe.backends import Backend, Capabilities, create_backend
 from coe.core.config import PoolConfig
+from coe.core.registry import BACKENDS
 from coe.core.types import Generation, GenRequest, OnToken
 from coe.execution.plan import Execution, Plan, PlanGroup, RunStats
+from coe.execution.residency import Residency, Resident
 from coe.io.cache import CacheKeys, ResponseCache
 
 # The sessions open in this thread (or asyncio task): (executor, its session's stats).
@@ -65,22 +67,31 @@ _SESSIONS: ContextVar[tuple[tuple["Executor", RunStats], ...]] = ContextVar("coe
 
 class Executor(ABC):
     """Where and when generations run. Implementations: ``LocalExecutor`` (registered as
-    ``local``); others register in ``coe.core.registry.EXECUTORS``."""
+    ``local``), ``RayExecutor`` (``ray``); others register in
+    ``coe.core.registry.EXECUTORS``.
 
-    keep_resident: bool = False
-    #: whether a model loaded by one ``run`` stays loaded for the next ``run`` of the same
-    #: session (unless another model needs its room): a caller may then hand one stage's
-    #: requests over in several runs, holding fewer at a time, without a load more
+    Each executor declares where it places a plan group (``placement``) and whether a model
+    loaded by one ``run`` stays loaded for the next ``run`` of the same session
+    (``keeps_loaded``: a caller may then hand one stage's requests over in several runs, holding fewer at a time,
+    without a load more). What stays loaded, and what is unloaded to make room, is not the
+    executor's decision but the one residency policy's (``self.residency``,
+    ``coe.execution.residency``), built from ``max_resident``, ``memory_gb`` and
+    ``keep_resident``."""
+
+    #: where a plan group runs: "process" (this one) or "ray" (an actor on a cluster)
+    placement: ClassVar[str] = "process"
+    #: whether models stay loaded from one run of a session to the next
     keeps_loaded: ClassVar[bool] = False
 
     def __init__(self, config: PoolConfig, cache: ResponseCache | None = None,
                  progress: bool = False, fail_fast: bool = False,
-                 keep_resident: bool = False) -> None:
+                 keep_resident: bool = False, *, max_resident: int | None = None,
+                 memory_gb: float | None = None) -> None:
         self.config = config
         self.cache = cache
         self.progress = progress
         self.fail_fast = fail_fast
-        self.keep_resident = keep_resident
+        self.residency = Residency(max_resident, memory_gb, keep_resident)
         self._backends: dict[tuple, Backend] = {}  # one per load key, loaded or not
         self._backends_lock = threading.Lock()
         self._open_sessions = 0
@@ -111,7 +122,31 @@ class Executor(ABC):
 
     def _first_keys(self) -> set:
         """Load keys whose groups should run first (models already loaded)."""
-        return set()
+        return self.residency.loaded()
+
+    # -- what the executor declares and holds ------------------------------------------------
+    @property
+    def keep_resident(self) -> bool:
+        return self.residency.keep_resident
+
+    def capabilities(self, expert_name: str) -> Capabilities:
+        """What an expert's backend can do (its declaration; nothing is loaded)."""
+        cfg = self.config.expert(expert_name)
+        return BACKENDS.get(cfg.backend).capabilities_for(cfg)
+
+    def residents(self) -> list[Resident]:
+        """The loaded models, least recently used first: label, where, bytes, in use."""
+        return self.residency.residents()
+
+    @property
+    def resident(self) -> list[str]:
+        """Labels of the loaded models, least recently used first."""
+        return [r.label for r in self.residents()]
+
+    @property
+    def resident_bytes(self) -> int:
+        """The ``memory_bytes`` of the loaded models holding weights."""
+        return self.residency.resident_bytes()
 
     def stages(self, experts: list[str], last: str | None = None) -> list[list[str]]:
         """``experts`` split into stages whose requests may be planned and run by calls of
@@ -140,7 +175,7 @@ class Executor(ABC):
                 hit = per_expert[r.expert] = (backend, backend.fingerprint(),
                                               self.config.expert(r.expert).load_key())
             backend, fingerprint, lk = hit
-            key = cache_key(fingerprint, r, backend.keyed_by_question)
+            key = cache_key(fingerprint, r, backend.can.keyed_by_question)
             keys.append(key)
             g = groups.get(lk)
             if g is None:
@@ -154,7 +189,7 @@ class Executor(ABC):
             g.indices.append(i)
         hits: dict[int, Generation] = {}
         if self.cache is not None:
-            cacheable = [i for g in groups.values() if self._backends[g.key].cacheable
+            cacheable = [i for g in groups.values() if self._backends[g.key].can.cacheable
                          for i in g.indices]
             found = self.cache.get_many([keys[i] for i in cacheable])
             for i in cacheable:
@@ -201,9 +236,9 @@ class Executor(ABC):
         backends that stream (``Backend.can_stream``); a cached or non-streaming generation
         reports nothing through it."""
 
-    @abstractmethod
     def release(self) -> None:
         """Unload every model that is not in use."""
+        self.residency.release()
 
     def close(self) -> None:
         self.release()

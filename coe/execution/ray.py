@@ -33,31 +33,25 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import queue
-import socket
 import threading
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from coe.backends import create_backend
-from coe.core.config import GB, ExpertConfig, PoolConfig, Resources
-from coe.core.errors import CoeError, ConfigError, ExpertError
+from coe.core.config import GB, PoolConfig, Resources
+from coe.core.errors import ConfigError, ExpertError
 from coe.core.types import Generation, GenRequest, OnToken
 from coe.execution.base import Executor
 from coe.execution.plan import Execution, Plan, PlanGroup, RunStats
+from coe.execution.ray_worker import GroupWorker, Ledger, first_line
 from coe.io.cache import ResponseCache
 
 NEEDS_RAY = "executor 'ray' needs the ray package (pip install 'coe[ray]')"
-CHUNK = 512  # generations per streamed item at most (a replay finishes thousands at once)
 TIMELINE = 1000  # groups kept in RayExecutor.timeline (a server runs for ever)
-_END = object()
 
 
 def _ray():
@@ -68,120 +62,8 @@ def _ray():
     return ray
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+_first_line = first_line
 
-
-# -- the worker side ------------------------------------------------------------------------
-class Ledger:
-    """What each running group's actor has yielded so far (a Ray actor; see the module doc)."""
-
-    def __init__(self) -> None:
-        self._items: dict[str, list] = {}
-
-    def record(self, call: str, item: tuple) -> None:
-        self._items.setdefault(call, []).append(item)
-
-    def items(self, call: str) -> list:
-        return list(self._items.get(call, ()))
-
-    def forget(self, call: str) -> None:
-        self._items.pop(call, None)
-
-
-class GroupWorker:
-    """The actor of one plan group: one model, loaded once, every prompt of the group.
-
-    ``run`` yields ``("start", where, t)``, ``("loaded", seconds, t)``, then
-    ``("out", results, tokens)`` items (``results``: ``(j, Generation)``, ``tokens``:
-    ``(j, text)``, ``j`` indexing the requests given), and finally ``("end", t)`` or
-    ``("fail", message)``.
-    """
-
-    def __init__(self, config: ExpertConfig, base_dir: Path) -> None:
-        self.backend = create_backend(config, base_dir)
-        self.loaded = False
-
-    @staticmethod
-    def where() -> dict:
-        import ray
-
-        return {"node": ray.util.get_node_ip_address(), "host": socket.gethostname(),
-                "pid": os.getpid()}
-
-    def run(self, call: str, requests: list[GenRequest], ledger, stream_tokens: bool):
-        import ray
-
-        def emit(item: tuple) -> tuple:
-            ray.get(ledger.record.remote(call, item))  # before it is sent: see the module doc
-            return item
-
-        done: set[int] = set()
-        for item in ray.get(ledger.items.remote(call)):  # a rerun: what was yielded before
-            if item[0] == "out":
-                done.update(j for j, _ in item[1])
-            yield item
-        where = self.where()
-        yield emit(("start", where, time.time()))
-        try:
-            if not self.loaded:
-                t0 = time.perf_counter()
-                self.backend.load()
-                self.loaded = True
-                yield emit(("loaded", time.perf_counter() - t0, time.time()))
-        except Exception as e:
-            yield emit(("fail", f"load failed on node {where['node']} ({where['host']}): "
-                                f"{e if isinstance(e, CoeError) else _first_line(e)}"))
-            return
-        todo = [j for j in range(len(requests)) if j not in done]
-        pending: queue.Queue = queue.Queue()
-        crash: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                batch = [requests[j] for j in todo]
-                on_result = lambda k, gen: pending.put(("r", todo[k], gen))  # noqa: E731
-                if stream_tokens and self.backend.can_stream:
-                    self.backend.generate(batch, on_result,
-                                          on_token=lambda k, piece: pending.put(("t", todo[k], piece)))
-                else:
-                    self.backend.generate(batch, on_result)
-            except BaseException as e:  # the model broke: what finished is already queued
-                crash.append(e)
-            finally:
-                pending.put(_END)
-
-        threading.Thread(target=work, name="coe-generate", daemon=True).start()
-        finished = len(done)
-        ended = False
-        while not ended:
-            entries = [pending.get()]
-            while len(entries) < CHUNK:
-                try:
-                    entries.append(pending.get_nowait())
-                except queue.Empty:
-                    break
-            ended = entries[-1] is _END
-            results = [(j, gen) for kind, j, gen in (e for e in entries if e is not _END)
-                       if kind == "r"]
-            tokens = [(j, piece) for kind, j, piece in (e for e in entries if e is not _END)
-                      if kind == "t"]
-            finished += len(results)
-            if results or tokens:
-                yield emit(("out", results, tokens))
-        if crash:
-            self.loaded = False  # a broken model is not reused
-            yield emit(("fail", f"crashed on node {where['node']} ({where['host']}) after "
-                                f"{finished}/{len(requests)} generations: "
-                                f"{_first_line(crash[0])}"))
-            return
-        yield emit(("end", time.time()))
-
-    def unload(self) -> None:
-        if self.loaded:
-            self.backend.unload()
-            self.loaded = False
 
 
 # -- the driver side ------------------------------------------------------------------------
@@ -225,6 +107,9 @@ class RayExecutor(Executor):
     resources no node of the cluster has fails at once instead of waiting for an autoscaler),
     ``log_to_driver`` (false: the actors' own output stays in Ray's logs)."""
 
+    placement = "ray"
+    keeps_loaded = False  # each group's actor ends with the group
+
     def __init__(self, config: PoolConfig, cache: ResponseCache | None = None,
                  progress: bool = False, fail_fast: bool = False, keep_resident: bool = False,
                  address: str | None = None, runtime_env: dict | None = None,
@@ -232,9 +117,11 @@ class RayExecutor(Executor):
                  num_cpus: int | None = None, num_gpus: int | None = None,
                  check_resources: bool = True, log_to_driver: bool = False,
                  max_resident: int | None = None, memory_gb: float | None = None):
-        """``max_resident``/``memory_gb`` (a server's residency limits for the local executor)
-        are accepted and ignored: on Ray, resources decide what runs at once."""
-        super().__init__(config, cache, progress, fail_fast, keep_resident)
+        """``max_resident``/``memory_gb``/``keep_resident`` go to the residency policy; until
+        actors are kept between calls it holds nothing here (each group's actor ends with the
+        group), and Ray's resources decide what runs at once."""
+        super().__init__(config, cache, progress, fail_fast, keep_resident,
+                         max_resident=max_resident, memory_gb=memory_gb)
         if importlib.util.find_spec("ray") is None:  # at once, not at the first generation
             raise ConfigError(NEEDS_RAY)
         if max_restarts < 0:
@@ -433,7 +320,7 @@ class RayExecutor(Executor):
                 if results[i] is not None:
                     continue
                 results[i] = gen
-                self._store(plan, i, gen, stats, backend.cacheable)
+                self._store(plan, i, gen, stats, backend.can.cacheable)
                 if gen.error is None:
                     span.generations += 1
                 elif self.fail_fast:

@@ -79,6 +79,11 @@ class LearnedCategoryClassifier:
                                                  str(self.base_dir))
 
     @property
+    def cross_fitted(self) -> bool:
+        """Whether a training question is classified by the fold copy that did not see it."""
+        return self.folds is not None
+
+    @property
     def labels(self) -> list[str]:
         return [str(c) for c in self.estimator.classes_]
 

@@ -9,15 +9,24 @@ Learned routers also ``fit`` and ``save``/``load`` their state.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 from coe.core.types import Question, Recruit, Route
+
+if TYPE_CHECKING:
+    from coe.routing.cascade import Cascade
 
 __all__ = ["Recruit", "Route", "Router", "top_k"]
 
 
 class Router(ABC):
+    """Each router declares whether it routes a question it was trained on out-of-fold
+    (``cross_fitted``: its routes of its own training questions are honest) and, when its
+    recruits are asked in rounds, its ``cascade`` (``coe.routing.cascade``; None: all at once)."""
+
     name: str = "router"
-    cross_fitted: bool = False  # routes a question it was trained on out-of-fold (honest on it)
+    cross_fitted: bool = False
+    cascade: "Cascade | None" = None
 
     @classmethod
     def from_config(cls, config, *, executor=None, k: int | None = None) -> "Router":

@@ -25,6 +25,8 @@ ZERO_SHOT_TEMPERATURE = 0.05  # cosine similarities are close together; sharpen 
 class ZeroShotCategoryClassifier:
     """Predicts a category by embedding similarity to the category names and descriptions."""
 
+    cross_fitted = True  # it learns nothing from questions
+
     def __init__(self, config: PoolConfig):
         self.config = config
         self.categories = [c for c in config.category_names() if c != DEFAULT_CATEGORY]
@@ -73,9 +75,7 @@ class CategoryRouter(Router):
         """Whether a question the router was trained on is routed out-of-sample: the
         zero-shot match and given categories learn nothing from questions; a trained
         classifier must be cross-fitted (``coe.learned.classifier``)."""
-        clf = self._classifier
-        return (clf is None or isinstance(clf, ZeroShotCategoryClassifier)
-                or getattr(clf, "folds", None) is not None)
+        return self._classifier is None or self._classifier.cross_fitted
 
     @property
     def classifier(self):

@@ -23,8 +23,8 @@ from coe.core.errors import ConfigError
 from coe.core.registry import AGGREGATORS, BACKENDS, ROUTERS
 from coe.core.types import Question, Recruit, Route
 from coe.routing.base import Router
-from tests.apps.cli.test_cli import coe, one_line_error
 from tests.conftest import write_jsonl
+from tests.support.cli import coe, one_line_error
 
 PLUGIN = '''
 """A plugin of coe: a backend that always gives one letter, a router that recruits one named
@@ -96,11 +96,11 @@ ENTRY_POINTS = """
 [coe.backends]
 echo = coe_echo_plugin:EchoBackend
 
-[coe.routing]
+[coe.routers]
 named = coe_echo_plugin:NamedRouter
 broken = coe_echo_plugin:NoSuchRouter
 
-[coe.aggregation]
+[coe.aggregators]
 unanimous = coe_echo_plugin:UnanimousAggregator
 """
 
@@ -164,7 +164,7 @@ def test_a_plugin_installed_with_entry_points_works_from_yaml_cli_and_eval(tmp_p
                    "unknown router 'nope' (expected one of all, category, skill, knn, named, broken)")
     one_line_error(coe("run", qs, "-c", cfg, "--router", "broken", env=env), 2,
                    "router 'broken': cannot load entry point 'coe_echo_plugin:NoSuchRouter' "
-                   "(coe.routing): AttributeError")
+                   "(coe.routers): AttributeError")
     # the plugin's own option schema and its own check
     cfg.write_text(cfg.read_text().replace("letter: C", "letter: Q"))
     one_line_error(coe("experts", "-c", cfg, "--check", env=env), 2,

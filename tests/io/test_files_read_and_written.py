@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.apps.cli.test_cli import one_line_error
 from tests.conftest import write_jsonl
 from tests.core.test_plugins_by_entry_point import plugin_dir  # noqa: F401  (a fixture: the echo backend plugin)
+from tests.support.cli import one_line_error
 
 REPO = Path(__file__).resolve().parents[2]
 STORAGE = 5  # the exit code of a file coe cannot write

@@ -14,7 +14,7 @@ from coe.core.errors import ConfigError
 from coe.io.questions import Question
 from coe.learned.classifier import LearnedCategoryClassifier, train_category_router
 from coe.routing import build_router
-from tests.apps.cli.test_cli import coe, one_line_error
+from tests.support.cli import coe, one_line_error
 
 CATS = ("law", "chemistry", "psychology")
 PER_CATEGORY = 40  # labelled[:90] trains (30 per subject), labelled[90:] is held out (10 each)

@@ -63,7 +63,7 @@ def _answers(qs: list[dict], seed: int = 1) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     """(folder, yaml path, validation path, test path); the profiles built by coe profile."""
-    from tests.apps.cli.test_cli import coe
+    from tests.support.cli import coe
 
     d = tmp_path_factory.mktemp("knn-pool")
     qs = _questions(480)

@@ -116,7 +116,7 @@ def test_coe_profile_then_skill_routing_over_a_replay_pool(tmp_path):
     cfg.write_text(yaml.safe_dump(pool))
     write_jsonl(tmp_path / "val1.jsonl", qs[:4] + qs[6:10])
     write_jsonl(tmp_path / "val2.jsonl", qs)
-    from tests.apps.cli.test_cli import coe
+    from tests.support.cli import coe
 
     first = coe("profile", tmp_path / "val1.jsonl", "-c", cfg, "-o", tmp_path / "profiles.json", "-q")
     assert first.returncode == 0, first.stderr
@@ -186,7 +186,7 @@ def test_profiles_of_the_bundled_local_models_with_llm_keywords(tmp_path):
         {"id": "v3", "question": "What gas do humans exhale?", "choices": ["Oxygen", "Carbon dioxide", "Helium"], "answer": "B"},
         {"id": "v4", "question": "What is 10 minus 4?", "answer": "6"},
     ])
-    from tests.apps.cli.test_cli import coe
+    from tests.support.cli import coe
 
     proc = coe("profile", val, "-c", cfg, "-o", tmp_path / "profiles.json",
                "--aggregators", "smollm2-generalist,smollm2-math", "-q",
@@ -215,7 +215,7 @@ def test_a_persona_is_kept_when_a_task_brings_its_own_system_prompt():
     q = Question(id="1", question="q")
     msgs = (("system", "Aggregate the answers."), ("user", "..."))
     r1, r2 = (build_request(e, q, stage="aggregate", messages=msgs) for e in cfg.experts)
-    assert r1.messages[0] == ("system", "You are a judge.\n\nAggregate the answers.")
+    assert (r1.messages[0].role, r1.messages[0].content) == ("system", "You are a judge.\n\nAggregate the answers.")
     assert r1.messages != r2.messages  # two personas are two experts, not one cached request
 
 

@@ -16,11 +16,10 @@ The job
    (``coe.apps.eval.compare``), and recommends one from the validation comparisons alone
    (``coe.apps.eval.recommend``).
 
-The route, aggregate and score stages run on a ``QuestionSet`` (the test or the validation
-questions, with what each stage leaves for them), so the validation scores are made exactly
-as the test's. Aggregators are driven the way the orchestrator drives them: ``requests``
-(what generations they need), one executor call for all of them, then ``aggregate`` with
-those generations.
+The route, generate, cascade and aggregate stages are the pipeline's (``coe.pipeline``: the
+same functions ``coe run`` and ``coe serve`` answer with), run here over every strategy at
+once on a ``QuestionSet`` (the test or the validation questions, with what each stage leaves
+for them), so the validation scores are made exactly as the test's.
 
 ``EvaluationJob`` runs the stages in that order, one method each; ``evaluate`` is the job as a
 function.
@@ -34,16 +33,17 @@ small, so 100,000 questions x 8 replayed experts evaluate in well under 1 GiB:
   failed or was cut off. The generation's *text* is kept only when a strategy's aggregator
   may read it (anything but ``vote`` and ``single``: an ``llm`` aggregator builds its prompt
   from the responses) or ``keep_texts`` asks (``--record`` writes them);
-- the expert generations are planned and run in the executor's ``stages``: with the local
-  executor, one model's requests at a time (the models run one after another anyway, so no
-  load is added), so the job never holds more than one model's requests and generations;
-  each generation is reduced to its cell of the table as its stage returns. (An executor
+- the expert generations are planned and run in the executor's ``stages``
+  (``coe.pipeline.generate``): with the local executor, one model's requests at a time (the
+  models run one after another anyway, so no load is added), so the job never holds more than
+  one model's requests and generations; each generation is reduced to its cell of the table
+  as its stage returns. (An executor
   that runs every model at once, Ray, has one stage: it holds every generation of the phase
   until the phase ends.) Replay experts are sent requests without a prompt (their backend
   answers by question id), so none is built;
 - aggregators that need no generation (``vote``, ``single``, the oracle's vote) see the
-  questions in blocks of ``BLOCK``: the ``ExpertResponse`` objects they take are built for a
-  block, then dropped. Aggregators that generate (``llm``) get every question of both sets
+  questions in blocks (``coe.pipeline.aggregate.BLOCK``): the ``ExpertResponse`` objects they
+  take are built for a block, then dropped. Aggregators that generate (``llm``) get every question of both sets
   at once, as their generations must be one executor call: their prompts hold the experts'
   texts;
 - the comparisons read the outcome tables' arrays (a few boolean arrays per strategy);
@@ -55,191 +55,35 @@ from __future__ import annotations
 
 import gc
 import time
-from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from coe.aggregation import Aggregator, VoteAggregator, build_aggregator, vote
-from coe.aggregation.base import aggregate_together
-from coe.aggregation.single import SingleAggregator
-from coe.apps.api import Orchestrator
-from coe.apps.eval.compare import Comparison, compare, holm
-from coe.apps.eval.recommend import Recommendation, recommend, recommended_pool
-from coe.apps.eval.responses import ResponseTable
-from coe.apps.eval.routes import NONE, RouteTable
-from coe.apps.eval.scoring import Accuracy, OutcomeTable, StrategyScore, score_strategy
-from coe.apps.eval.strategies import (
-    StrategySpec,
-    all_specs,
-    has_categories,
-    overlap,
-    random_table,
-    select,
-    split_validation,
-)
+from coe.aggregation import Aggregator, build_aggregator, vote
+from coe.apps.eval.compare import Comparison
+from coe.apps.eval.recommend import Recommendation
+from coe.apps.eval.result import EvalOptions, EvalResult, QuestionSet
+from coe.apps.eval.scoring import Accuracy, OutcomeTable
+from coe.apps.eval.strategies import StrategySpec, all_specs, overlap, select, split_validation
+from coe.apps.eval.strategy_routes import route_strategies
+from coe.apps.eval.verdict import compare_all, recommend_one, score
 from coe.core.config import PoolConfig
 from coe.core.errors import CoeError, ConfigError
-from coe.core.types import ExpertResponse, Generation, GenRequest, Question
-from coe.execution import PLAN_HEADER, RunStats, plan_row, plan_summary
-from coe.routing import Router, build_router
+from coe.core.registry import BACKENDS
+from coe.core.types import FinalAnswer, Generation, GenRequest, Question
+from coe.execution import Executor, build_executor
+from coe.io.cache import open_cache
+from coe.pipeline import aggregate as aggregate_stage
+from coe.pipeline.aggregate import Job, aggregate, build_cells, expected_experts
+from coe.pipeline.cascade import CascadeJob, run_cascades
+from coe.pipeline.generate import Cells, Generator, Phase
+from coe.pipeline.responses import ResponseTable
+from coe.pipeline.routes import RouteTable
 from coe.routing.cascade import Cascade
 from coe.text.answers import describe_ungraded, gold_answer, gold_problem
-from coe.text.prompts import build_request
 
-#: questions whose responses are built and aggregated at a time by the aggregators that
-#: need no generation: a few megabytes of ``ExpertResponse`` objects, however many questions
-BLOCK = 2048
-
-#: expert requests handed to the executor in one run at most, when it keeps a model loaded
-#: from one run to the next (the local executor): one model's share of 100,000 questions is
-#: given in a few runs, so at most this many requests and generations are held at a time
-CHUNK = 16384
-
-#: questions routed by one ``Router.route`` call at most, when the executor keeps a model
-#: loaded from one run to the next (a router may generate: skill keywords): the router's
-#: ``Route`` objects for 100,000 questions are never all held at once
-ROUTE_BLOCK = 8192
-
-#: aggregators known to read only the experts' extracted answers: when every strategy's
-#: aggregator is one of these, the job keeps no generation text
-ANSWER_ONLY = (VoteAggregator, SingleAggregator)
-
-#: the yaml router fields that hold what a router learned (``coe train-router``, ``coe profile``)
-TRAINED_FILES = ("model_file", "profiles")
-
-
-
-@dataclass
-class EvalOptions:
-    strategies: str | list[str] | None = None  # names or patterns; None: every available one
-    validation: list[Question] | None = None  # picks best-single; else a seeded split
-    validation_source: str = ""
-    val_fraction: float = 0.5
-    seed: int = 0
-    random_k: int = 3
-    #: cascades to evaluate (knn+learned~<budget>), average experts per question
-    budgets: tuple[float, ...] = (2.0, 3.0)
-    aggregator_expert: str | None = None  # for the llm strategies (default: yaml / route's)
-    cache: bool | str | Path = True
-    resume: bool = False
-    progress: bool = False
-    log: Callable[[str], None] | None = None
-    keep_texts: bool = False  # keep every generation's text (``--record`` writes them)
-
-
-@dataclass
-class Phase:
-    """One stage of the job: the expert generations (``validation``, ``experts``) or the
-    aggregators' (``aggregation``), with what the executor calls made of it."""
-
-    name: str
-    requests: int = 0
-    unique: int = 0
-    cached: int = 0
-    generations: int = 0
-    replayed: int = 0  # of ``generations``: read from replay records, not generated
-    failed: int = 0
-    loads: int = 0
-    seconds: float = 0.0
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
-class QuestionSet:
-    """The questions the route, aggregate and score stages run on (the test questions or the
-    validation questions) and what each stage leaves for them."""
-
-    name: str  # test | validation
-    questions: list[Question]
-    ids: list[str] = field(default_factory=list)  # shared by every RouteTable of the set
-    gold: list[str | None] = field(default_factory=list)  # normalised gold answers
-    routes_of: dict[str, RouteTable] = field(default_factory=dict)  # strategy -> its routes
-    route_seconds: dict[str, float] = field(default_factory=dict)
-    responses: ResponseTable | None = None  # the experts' generations
-    outcomes: dict[str, OutcomeTable] = field(default_factory=dict)
-    scores: list[StrategyScore] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.ids = [q.id for q in self.questions]
-        self.gold = [gold_answer(q) for q in self.questions]
-
-
-@dataclass
-class EvalResult:
-    config: PoolConfig
-    questions: list[Question]
-    specs: list[StrategySpec]
-    scores: list[StrategyScore]
-    #: strategy -> its outcome on each test question (a sequence of ``Outcome``)
-    outcomes: dict[str, OutcomeTable]
-    skipped: dict[str, str]
-    validation: list[Question]
-    validation_source: str
-    validation_accuracy: dict[str, Accuracy]
-    best_single: str | None
-    strength: dict[str, float]
-    strength_source: dict[str, str]
-    stats: RunStats
-    phases: list[Phase]
-    wall_seconds: float
-    #: (question id, expert) -> ExpertResponse of the test and the validation questions
-    #: (``ResponseTable``s; ``text`` is empty unless texts were kept)
-    responses: Mapping[tuple[str, str], ExpertResponse] = field(default_factory=dict)
-    val_responses: Mapping[tuple[str, str], ExpertResponse] = field(default_factory=dict)
-    seed: int = 0
-    notes: list[str] = field(default_factory=list)
-    #: test question id -> why it cannot be graded (no gold answer, or one naming no answer)
-    ungraded: dict[str, str] = field(default_factory=dict)
-    #: test questions also among the validation questions (``strategies.overlap``); None when
-    #: no validation questions were used
-    validation_overlap: dict | None = None
-    validation_failed: dict[str, int] = field(default_factory=dict)  # expert -> generations
-    #: every strategy scored on the validation questions too (empty: no best-single)
-    val_scores: list[StrategyScore] = field(default_factory=list)
-    val_outcomes: dict[str, OutcomeTable] = field(default_factory=dict)
-    #: question set (validation, test) -> strategy -> its comparison with best-single
-    comparisons: dict[str, dict[str, Comparison]] = field(default_factory=dict)
-    #: strategy -> why its validation figures may be in-sample (a router trained on them)
-    in_sample: dict[str, str] = field(default_factory=dict)
-    recommendation: Recommendation | None = None
-    recommended_pool: dict | None = None  # the recommendation's pool yaml
-    no_recommendation: str = ""  # why there is none
-
-    @property
-    def graded_questions(self) -> int:
-        return len(self.questions) - len(self.ungraded)
-
-    @property
-    def generations(self) -> int:
-        return self.stats.generations
-
-    @property
-    def replayed(self) -> int:
-        return sum(p.replayed for p in self.phases)
-
-    @property
-    def cache_hits(self) -> int:
-        return self.stats.cache_hits
-
-    def score(self, name: str) -> StrategyScore:
-        return next(s for s in self.scores if s.name == name)
-
-    def val_score(self, name: str) -> StrategyScore:
-        return next(s for s in self.val_scores if s.name == name)
-
-    def counts_line(self) -> str:
-        s = self.stats
-        return (f"generations: {s.generations} (replayed from records: {self.replayed}, "
-                f"new model generations: {s.generations - self.replayed}), "
-                f"cache hits: {s.cache_hits}, failed: {s.failed_generations}, "
-                f"model loads: {s.loads} (naive per-question order: {s.naive_loads})")
+__all__ = ["EvalOptions", "EvalResult", "EvaluationJob", "Phase", "QuestionSet", "evaluate"]
 
 
 def _log(opts: EvalOptions, msg: str) -> None:
@@ -263,12 +107,6 @@ def _gc_skips_what_exists() -> Iterator[None]:
         gc.unfreeze()
 
 
-def _generates(agg: Aggregator) -> bool:
-    """Whether the aggregator asks for generations of its own (overrides ``requests``)."""
-    return type(agg).requests is not Aggregator.requests
-
-
-
 
 class EvaluationJob:
     """Every selected strategy over ``questions`` (which need gold answers). ``run`` calls the
@@ -280,14 +118,16 @@ class EvaluationJob:
         self.opts = opts or EvalOptions()
         self.questions = list(questions)
         self.names = [e.name for e in config.experts]
-        self.replay = {e.name for e in config.experts if e.backend == "replay"}
+        self.replay = {e.name for e in config.experts
+                       if BACKENDS.get(e.backend).capabilities_for(e).replay_only}
         self.specs = select(all_specs(config, self.opts.random_k, self.opts.budgets),
                             self.opts.strategies)
         self.skipped: dict[str, str] = {}
         self.notes: list[str] = []
         self.validation: list[Question] = []
         self.val_source = ""
-        self.orch: Orchestrator | None = None
+        self.executor: Executor | None = None
+        self.gen: Generator | None = None
         self.phases: list[Phase] = []
         self.test: QuestionSet | None = None  # the test questions and what they hold
         self.val: QuestionSet | None = None  # the validation questions (with best-single)
@@ -318,22 +158,27 @@ class EvaluationJob:
         self.hold_out_validation()
         self.check_overlap()
         self.find_ungraded()
-        with _gc_skips_what_exists(), \
-                Orchestrator(self.config, router="all", aggregator="vote", cache=self.opts.cache,
-                             progress=self.opts.progress) as orch, \
-                orch.executor.session() as stats:
-            self.orch = orch
-            if self.opts.resume:
-                _log(self.opts, "resuming: generations already in the response cache are not redone")
-            self.route_strategies()
-            self.answer_experts()
-            self.run_cascades()
-            self.break_ties()
-            self.aggregate()
+        cache = open_cache(self.config, self.opts.cache)
+        self.executor = build_executor(self.config, cache=cache, progress=self.opts.progress)
+        try:
+            with _gc_skips_what_exists(), self.executor.session() as stats:
+                self.gen = Generator(self.executor, self.config, self.opts.log)
+                if self.opts.resume:
+                    _log(self.opts, "resuming: generations already in the response cache are "
+                                    "not redone")
+                route_strategies(self)
+                self.answer_experts()
+                self.run_cascades()
+                self.break_ties()
+                self.aggregate()
+        finally:
+            self.executor.close()
+            if cache is not None:
+                cache.close()
         for qs in self.sets:
-            self.score(qs)
-        self.compare()
-        self.recommend()
+            score(self, qs)
+        compare_all(self)
+        recommend_one(self)
         test, val = self.test, self.val
         kept = [s for s in self.specs if s.name in test.routes_of]
         return EvalResult(
@@ -410,144 +255,18 @@ class EvaluationJob:
         self.ungraded = {q.id: gold_problem(q) or "no gold answer"
                          for q, g in zip(self.test.questions, self.test.gold) if g is None}
 
-    # -- 2. routes --------------------------------------------------------------------------
-    def route_strategies(self) -> None:
-        """The routes of every strategy on every question set (best-single's come with its
-        pick). A router that cannot serve this pool, or a model-using aggregator that would be
-        a replay, is skipped with why."""
-        routed: dict[tuple[str, int | None], tuple[dict | None, str, str]] = {}
-        for s in self.specs:
-            if s.name in self.skipped or s.kind == "best-single":
-                continue
-            if s.kind in ("single", "random", "oracle"):
-                for qs in self.sets:
-                    qs.routes_of[s.name] = self._fixed_routes(s, qs)
-                continue
-            k = s.k or (None if s.router == "all" else self.config.router.k)
-            if s.budget is not None and s.k is None and self.config.router.budget is None:
-                k = None  # a cascade the yaml does not set: its depth is chosen on validation
-            key = (s.router, k, s.budget)
-            if key not in routed:
-                routed[key] = self._route_with(s.router, k, s.budget)
-            tables, why, in_sample = routed[key]
-            why = (why or self._replayed_aggregator(s, [t for t, _ in tables.values()])
-                   or self._untrained_aggregator(s))
-            if why:
-                self.skipped[s.name] = why
-                continue
-            for qs in self.sets:
-                qs.routes_of[s.name], qs.route_seconds[s.name] = tables[qs.name]
-            self.router_k[s.name] = k
-            if key in self.cascade_of:
-                self.cascades[s.name] = self.cascade_of[key]
-                self.router_k[s.name] = self.cascade_of[key].max_experts
-            if in_sample:
-                self.in_sample[s.name] = in_sample
-
-    def _fixed_routes(self, s: StrategySpec, qs: QuestionSet) -> RouteTable:
-        if s.kind == "single":
-            return RouteTable.fixed(qs.ids, self.names, [s.expert], "single expert",
-                                    confidence=1.0)
-        if s.kind == "random":
-            return random_table(qs.ids, self.names, s.k, self.opts.seed)
-        return RouteTable.fixed(qs.ids, self.names, self.names, "every expert (oracle)")
-
-    def _route_with(self, kind: str, k: int | None,
-                    budget: float | None = None) -> tuple[dict | None, str, str]:
-        """({question set: (routes, seconds)}, why the router is unavailable ("" if it is
-        not), why its validation routes may be in-sample ("" if they may not)). With
-        ``budget``, the router cascades: its routes are every recruit a question may ask,
-        and its ``Cascade`` is kept in ``cascade_of``."""
-        if kind == "category" and not has_categories(self.config):
-            return None, "the pool declares no categories", ""
-        config = self.config
-        if budget is not None:
-            config = config.model_copy(update={"router": config.router.model_copy(
-                update={"budget": budget, "k": k})})
-        try:
-            router = build_router(kind, config, self.orch.executor, k)
-            if budget is not None:
-                if getattr(router, "cascade", None) is None:
-                    raise ConfigError(f"the {kind} router does not cascade")
-                self.cascade_of[(kind, k, budget)] = router.cascade
-            tables = {qs.name: self._route_set(router, qs) for qs in self.sets}
-        except Exception as e:  # an unavailable or unfit router: skip, say why
-            return None, f"{kind} router unavailable: {type(e).__name__}: {e}", ""
-        in_sample = ("" if self.val is None
-                     else self._trained_on(kind, k, router, tables["validation"][0]))
-        return tables, "", in_sample
-
-    def _route_set(self, router: Router, qs: QuestionSet) -> tuple[RouteTable, float]:
-        """The router's routes of one question set, in blocks, and the seconds they took."""
-        ex, n = self.orch.executor, len(qs.questions)
-        step = ROUTE_BLOCK if ex.keeps_loaded else max(n, 1)
-        blocks, secs = [], 0.0
-        for start in range(0, n, step):
-            t0 = time.perf_counter()
-            routes = router.route(qs.questions[start:start + step])
-            secs += time.perf_counter() - t0
-            blocks.append(RouteTable.of(qs.ids[start:start + step], self.names, routes,
-                                        unknown=self.config.expert))
-        return RouteTable.concat(qs.ids, blocks), secs
-
-    def _trained_on(self, kind: str, k: int | None, router: Router,
-                    val_routes: RouteTable) -> str:
-        """Why the router's validation routes may be in-sample ("" if not): it reads a trained
-        file of the yaml (``router.model_file``, ``router.profiles``: without the file it
-        routes otherwise, or cannot route) and does not say it scores the questions it was
-        trained on out-of-fold (``Router.cross_fitted``). Whether the file was trained on
-        these validation questions is not known here: the note says it may have been."""
-        files = {f: v for f in TRAINED_FILES if (v := getattr(self.config.router, f, None))}
-        if getattr(router, "cross_fitted", False):
-            return ""
-        used = [f"router.{f} ({v})" for f, v in files.items()
-                if not self._routes_without(f, kind, k, val_routes)]
-        if not used:
-            return ""
-        return (f"the {kind} router routes by {' and '.join(used)} and does not score the "
-                "questions it was trained on out-of-fold (Router.cross_fitted is false): if "
-                "that was trained on these validation questions, its validation figures are "
-                "in-sample (optimistic)")
-
-    def _routes_without(self, field: str, kind: str, k: int | None,
-                        val_routes: RouteTable) -> bool:
-        """Whether the router routes the validation questions as it did with the yaml's
-        ``router.<field>`` unset (False: it fails or routes otherwise: it uses the file)."""
-        bare = self.config.model_copy(update={"router": self.config.router.model_copy(
-            update={field: None})})
-        try:
-            plain, _ = self._route_set(build_router(kind, bare, self.orch.executor, k), self.val)
-        except Exception:  # it needs the file
-            return False
-        return (np.array_equal(plain.experts, val_routes.experts)
-                and np.array_equal(plain.weights, val_routes.weights))
 
     def _aggregator(self, spec: StrategySpec) -> Aggregator:
         return build_aggregator(spec.aggregator, self.config, strength=self.strength,
                                 expert=self.opts.aggregator_expert)
 
-    def _untrained_aggregator(self, spec: StrategySpec) -> str:
-        """Why a strategy whose aggregator lacks its trained part (the learned selector) is
-        skipped: it would only repeat another strategy (the learned aggregator votes)."""
-        why = getattr(self._aggregator(spec), "fallback", "")
-        return f"the {spec.aggregator} aggregator is not trained: {why}" if why else ""
-
-    def _replayed_aggregator(self, spec: StrategySpec, tables: list[RouteTable]) -> str:
-        """Why a strategy whose aggregator would generate with a replay expert is skipped."""
-        agg = self._aggregator(spec)
-        replayed = sorted({n for t in tables for n in agg.experts(t)} & self.replay)
-        if not replayed:
-            return ""
-        return (f"the {spec.aggregator} aggregator would be a replay expert "
-                f"({', '.join(replayed)}), which can only repeat its recorded answers "
-                f"(use --aggregator-expert)")
-
     # -- 3. expert generations: the union, made once ------------------------------------------
     def _keep_texts(self) -> bool:
-        """Whether generation texts are kept: asked for, or some strategy's aggregator may
-        read them (anything but vote and single, which read the extracted answers)."""
+        """Whether generation texts are kept: asked for, or some strategy's aggregator reads
+        them (``Aggregator.reads_text``: not vote, single or learned, which read the extracted
+        answers)."""
         return self.opts.keep_texts or any(
-            not isinstance(self._aggregator(s), ANSWER_ONLY) for s in self.specs
+            self._aggregator(s).reads_text for s in self.specs
             if s.name in self.test.routes_of and s.kind not in ("oracle", "best-single"))
 
     def _union(self) -> np.ndarray:
@@ -584,42 +303,24 @@ class EvaluationJob:
             self.pick_best(best_spec)
 
     def run_cascades(self) -> None:
-        """Each cascade strategy's rounds on every set (``coe.routing.cascade``): its questions ask
-        their first recruit, then the unsure ones their next, one ``_generate`` per round
-        (only what no other strategy already made); its routes become the recruits asked."""
-        for name, cascade in self.cascades.items():
-            for qs in self.sets:
-                qs.routes_of[name] = self._cascade(name, cascade, qs)
+        """Every cascade strategy's rounds on every set at once (the pipeline's cascade stage):
+        their questions ask their first recruit, then the unsure ones their next, one generate
+        call per round (only what no other strategy already made); their routes become the
+        recruits asked."""
+        jobs = [(name, qs) for name in self.cascades for qs in self.sets]
+        if not jobs:
+            return
+        done, phases = run_cascades(self.gen, [CascadeJob(self.cascades[name], qs.routes_of[name],
+                                                          qs.responses) for name, qs in jobs])
+        self.phases += phases
+        for (name, qs), routes in zip(jobs, done):
+            qs.routes_of[name] = routes
 
-    def _cascade(self, name: str, cascade: Cascade, qs: QuestionSet) -> RouteTable:
-        full = qs.routes_of[name]
-        length = (full.experts != NONE).sum(axis=1)
-        count = np.minimum(length, 1)
-        slots = np.arange(full.experts.shape[1])[None, :]
-
-        def asked() -> RouteTable:
-            return RouteTable(full.ids, full.names,
-                              np.where(slots < count[:, None], full.experts, NONE),
-                              full.weights, full.info, full.values)
-
-        while True:
-            table = asked()
-            need = table.mask() & ~qs.responses.has
-            if need.any():
-                self._generate(f"cascade {name}", [(qs.responses, need)])
-            todo = np.flatnonzero(count < length)
-            if not len(todo):
-                return table
-            asked_now = count[todo]
-            rows = np.repeat(todo, asked_now)
-            cols = np.concatenate([table.experts[i, :c] for i, c in zip(todo, asked_now)])
-            built = iter(qs.responses.responses(rows, cols))
-            resp = [[next(built) for _ in range(c)] for c in asked_now.tolist()]
-            unsure = cascade.open_questions([qs.questions[i] for i in todo], count[todo].tolist(),
-                                            length[todo].tolist(), resp)
-            if not unsure:
-                return table
-            count[todo[unsure]] += 1
+    def _generate(self, name: str, parts: list[tuple[ResponseTable, np.ndarray]],
+                  last: str | None = None) -> None:
+        """One phase of expert generations (the pipeline's generate stage, in stages)."""
+        self.phases.append(self.gen.generate([Cells(t, m) for t, m in parts], name=name,
+                                             last=last))
 
     def pick_best(self, spec: StrategySpec) -> None:
         """The expert most accurate on the validation questions (ties: the stronger prior,
@@ -654,106 +355,12 @@ class EvaluationJob:
 
     def _aggregation_model(self) -> str | None:
         """The model most aggregations will use: its weights go last and stay loaded."""
-        used: Counter = Counter()
-        for s in self.specs:
-            if s.name in self.test.routes_of and s.kind != "oracle":
-                used += self._aggregator(s).experts(self.test.routes_of[s.name])
-        top = used.most_common(1)
+        top = expected_experts([Job(self._aggregator(s), self.test.routes_of[s.name],
+                                    self.test.responses)
+                                for s in self.specs
+                                if s.name in self.test.routes_of and s.kind != "oracle"]
+                               ).most_common(1)
         return top[0][0] if top else None
-
-
-    @staticmethod
-    def _request(q: Question, cfg, promptless: bool) -> GenRequest:
-        if promptless:  # a replay answers by question id: no prompt to build
-            return GenRequest(expert=cfg.name, question_id=q.id, sampling=cfg.sampling)
-        return build_request(cfg, q)
-
-    def _generate(self, name: str, parts: list[tuple[ResponseTable, np.ndarray]],
-                  last: str | None = None) -> None:
-        """One phase of expert generations: the cells of each (table, questions x experts
-        mask), planned and run stage by stage (``Executor.stages``: one model at a time for
-        the local executor, so no load is added) and, where the executor keeps a model loaded
-        from one run to the next, in runs of at most ``CHUNK`` requests; each run's
-        generations go into their tables as it returns, then are dropped. The plan table is
-        logged a stage at a time, once the stage has run; a ``Phase`` records the totals."""
-        t0 = time.perf_counter()
-        ex = self.orch.executor
-        wanted = np.zeros(len(self.names), bool)
-        for _, mask in parts:
-            wanted |= mask.any(axis=0)
-        experts = [n for n, w in zip(self.names, wanted) if w]
-        col = {n: j for j, n in enumerate(self.names)}
-        configs = {col[n]: self.config.expert(n) for n in experts}
-        promptless = {col[n]: not ex.backend_for(n).uses_prompt for n in experts}
-        phase = Phase(name)
-        duplicates = loads = 0
-        header = [PLAN_HEADER]
-        for stage in ex.stages(experts, last=last):
-            cols = sorted(col[n] for n in stage)  # each question's experts in pool order
-            cells = []  # (table, question, expert) of every request of the stage, in order
-            for table, mask in parts:
-                rows, which = np.nonzero(mask[:, cols])
-                cells += zip([table] * len(rows), rows.tolist(),
-                             np.asarray(cols)[which].tolist())
-            step = CHUNK if ex.keeps_loaded else max(len(cells), 1)
-            groups: dict[tuple, list] = {}  # load key -> [label, experts, jobs, cached]
-            for start in range(0, len(cells), step):
-                chunk = cells[start:start + step]
-                requests = [self._request(t.questions[i], configs[j], promptless[j])
-                            for t, i, j in chunk]
-                plan = ex.plan(requests, last=last)
-                done = ex.run(requests, plan)
-                gens: list[Generation] = done.generations
-                for table in {id(t): t for t, _, _ in chunk}.values():
-                    mine = [k for k, (t, _, _) in enumerate(chunk) if t is table]
-                    table.fill([chunk[k][1] for k in mine], [chunk[k][2] for k in mine],
-                               [gens[k] for k in mine])
-                unique = [i for g in plan.groups for i in g.indices]
-                phase.requests += len(requests)
-                phase.unique += len(unique)
-                phase.cached += len(plan.hits)
-                phase.generations += done.stats.generations
-                phase.failed += done.stats.failed_generations
-                phase.loads += done.stats.loads
-                phase.replayed += sum(1 for i in unique if requests[i].expert in self.replay
-                                      and gens[i].error is None and not gens[i].cached)
-                duplicates += len(plan.same_as)
-                for g in plan.groups:
-                    row = groups.setdefault(g.key, [g.label, g.experts, 0, 0])
-                    row[2] += len(g.indices)
-                    row[3] += g.cached
-            loads += sum(1 for _, _, jobs, cached in groups.values() if jobs > cached)
-            _log(self.opts, "\n".join(f"[{name}] {line}" for line in
-                                      header + [plan_row(*row) for row in groups.values()]))
-            header = []
-        if phase.requests:
-            _log(self.opts, f"[{name}] " + plan_summary(phase.requests, duplicates, phase.cached,
-                                                       loads, phase.requests))
-        phase.seconds = time.perf_counter() - t0
-        self.phases.append(phase)
-
-    def _phase(self, name: str, requests: list[GenRequest]) -> list[Generation]:
-        """One executor call of the job (the aggregators' generations), recorded as a
-        ``Phase``."""
-        t0 = time.perf_counter()
-        ex = self.orch.executor
-        plan = ex.plan(requests)
-        unique = [i for g in plan.groups for i in g.indices]
-        phase = Phase(name, requests=len(requests), unique=len(unique), cached=len(plan.hits))
-        if requests:
-            _log(self.opts, f"[{name}] " + plan.describe().replace("\n", f"\n[{name}] "))
-        done = ex.run(requests, plan) if requests else None
-        if done is not None:
-            phase.generations = done.stats.generations
-            phase.failed = done.stats.failed_generations
-            phase.loads = done.stats.loads
-            phase.replayed = sum(1 for i in unique if requests[i].expert in self.replay
-                                 and done.generations[i].error is None
-                                 and not done.generations[i].cached)
-        phase.seconds = time.perf_counter() - t0
-        self.phases.append(phase)
-        return done.generations if done is not None else []
-
 
     # -- 4. tie-breaks and aggregation --------------------------------------------------------
     def break_ties(self) -> None:
@@ -765,149 +372,71 @@ class EvaluationJob:
                 self.strength[e.name] = self.val_acc[e.name].value
                 self.strength_source[e.name] = "validation"
 
-    @staticmethod
-    def _cells(qs: QuestionSet, start: int, end: int) -> dict[tuple[int, int], ExpertResponse]:
-        """The responses of questions start..end-1, by (question, expert) index: built once
-        for every strategy that uses them."""
-        rows, cols = np.nonzero(qs.responses.has[start:end])
-        rows += start
-        return dict(zip(zip(rows.tolist(), cols.tolist()),
-                        qs.responses.responses(rows, cols)))
-
-    @staticmethod
-    def _responses(routes: RouteTable, start: int, end: int,
-                   cells: dict[tuple[int, int], ExpertResponse]) -> list[list[ExpertResponse]]:
-        """The responses of questions start..end-1's recruits, in route order."""
-        return [[cells[(i, j)] for j in row if j != NONE]
-                for i, row in zip(range(start, end), routes.experts[start:end].tolist())]
-
     def aggregate(self) -> None:
-        """Each strategy's final answers on every question set, into its ``OutcomeTable``s.
-        Aggregators that generate get every question of every set at once (validation then
-        test) and one executor call for all of them, so the aggregator models load once; the
-        others (and the oracle) take the questions a block at a time, set by set."""
+        """Each strategy's final answers on every question set, into its ``OutcomeTable``s:
+        the pipeline's aggregate stage over every (strategy, set) at once, so the generating
+        aggregators' models load once for both sets; the oracle apart, block by block."""
         specs = [s for s in self.specs if s.name in self.test.routes_of]
-        aggs = {s.name: self._aggregator(s) for s in specs if s.kind != "oracle"}
-        generating = {n: a for n, a in aggs.items() if _generates(a)}
+        jobs: list[Job] = []
+        outs: list[OutcomeTable] = []
         for qs in self.sets:
             qs.outcomes = {s.name: OutcomeTable(qs.routes_of[s.name], qs.responses)
                            for s in specs}
-        if generating:
-            self._aggregate_generating(generating)
+        aggs = {s.name: self._aggregator(s) for s in specs if s.kind != "oracle"}
         for qs in self.sets:
-            self._aggregate_blocks(qs, specs, aggs, generating)
-
-    def _aggregate_generating(self, generating: dict[str, Aggregator]) -> None:
-        """The generating aggregators over the questions of every set, one after the other,
-        in one ``aggregate_together`` call (one executor call, phase ``aggregation``)."""
-        questions: list[Question] = []
-        jobs = {name: (agg, [], []) for name, agg in generating.items()}
-        for qs in self.sets:
-            n = len(qs.questions)
-            questions += qs.questions
-            cells = self._cells(qs, 0, n)
-            for name, (_, routes, responses) in jobs.items():
-                routes += qs.routes_of[name][:]
-                responses += self._responses(qs.routes_of[name], 0, n, cells)
-            del cells
-        finals = aggregate_together(questions, jobs,
-                                    lambda requests: self._phase("aggregation", requests))
-        start = 0
-        for qs in self.sets:
-            end = start + len(qs.questions)
-            for name, fs in finals.items():
-                mine = fs[start:end]
-                qs.outcomes[name].set_answers(0, [f.answer for f in mine],
-                                              [f.note for f in mine],
-                                              [f.response for f in mine])
-            start = end
-
-    def _aggregate_blocks(self, qs: QuestionSet, specs: list[StrategySpec],
-                          aggs: dict[str, Aggregator], generating: dict[str, Aggregator]) -> None:
-        """The other strategies' final answers on one set, a block of questions at a time,
-        then every strategy's grading."""
-        n = len(qs.questions)
-        oracle_right = next((qs.outcomes[s.name].recruit_right() for s in specs
-                             if s.kind == "oracle"), None)
-        for start in range(0, n, BLOCK):
-            end = min(start + BLOCK, n)
-            cells = self._cells(qs, start, end)
             for s in specs:
-                if s.name in generating:
-                    continue
-                routes, out = qs.routes_of[s.name], qs.outcomes[s.name]
-                resp = self._responses(routes, start, end, cells)
-                if s.kind == "oracle":  # the gold answer when a recruit has it, else the vote
-                    right = oracle_right[start:end].tolist()
-                    answers = [qs.gold[i] if ok else vote(rs, self.strength)[0]
-                               for i, ok, rs in zip(range(start, end), right, resp)]
-                    out.set_answers(start, answers, [""] * len(answers))
-                    continue
-                finals = aggs[s.name].aggregate(qs.questions[start:end], routes[start:end],
-                                                resp, None)
-                out.set_answers(start, [f.answer for f in finals], [f.note for f in finals],
+                if s.kind != "oracle":
+                    jobs.append(Job(aggs[s.name], qs.routes_of[s.name], qs.responses))
+                    outs.append(qs.outcomes[s.name])
+
+        def sink(k: int, start: int, finals: list[FinalAnswer]) -> None:
+            outs[k].set_answers(start, [f.answer for f in finals], [f.note for f in finals],
                                 [f.response for f in finals])
-        for s in specs:
-            qs.outcomes[s.name].finish(oracle=s.kind == "oracle")
-        t = qs.responses
+
+        aggregate(jobs, sink, self._aggregation_call)
+        for qs in self.sets:
+            oracle = next((s for s in specs if s.kind == "oracle"), None)
+            if oracle is not None:
+                self._oracle(qs, qs.outcomes[oracle.name])
+            for s in specs:
+                qs.outcomes[s.name].finish(oracle=s.kind == "oracle")
+        t = self.test.responses
         replay_cols = [j for j, n in enumerate(self.names) if n in self.replay]
-        if qs is self.test and replay_cols and not (
-                (t.prompt_tokens[:, replay_cols] > 0)
-                | (t.completion_tokens[:, replay_cols] > 0)).any():
+        if replay_cols and not ((t.prompt_tokens[:, replay_cols] > 0)
+                                | (t.completion_tokens[:, replay_cols] > 0)).any():
             self.notes.append("the replay records carry no token counts: tokens and cost of "
                               "replay experts show as 0")
 
-    # -- 5. scores, comparisons, recommendation ----------------------------------------------
-    def score(self, qs: QuestionSet) -> None:
-        qs.scores = []
-        for s in self.specs:
-            if s.name not in qs.routes_of:
-                continue
-            score = score_strategy(s.name, s.description, qs.outcomes[s.name], self.config,
-                                   qs.route_seconds.get(s.name, 0.0))
-            if s.kind in ("single", "best-single"):
-                score.recruit_oracle = Accuracy()  # same as the accuracy: not informative
-            qs.scores.append(score)
+    def _oracle(self, qs: QuestionSet, out: OutcomeTable) -> None:
+        """The gold answer where a recruit has it, else the vote: block by block."""
+        right = out.recruit_right()
+        job = Job(None, out.routes, qs.responses)
+        block = aggregate_stage.BLOCK
+        for start in range(0, len(qs.questions), block):
+            end = min(start + block, len(qs.questions))
+            resp = job.responses(start, end, build_cells(qs.responses, list(range(start, end))))
+            answers = [qs.gold[i] if ok else vote(rs, self.strength)[0]
+                       for i, ok, rs in zip(range(start, end), right[start:end].tolist(), resp)]
+            out.set_answers(start, answers, [""] * len(answers))
 
-    def _reference(self) -> str | None:
-        return next((s.name for s in self.specs
-                     if s.kind == "best-single" and self.val is not None
-                     and s.name in self.val.outcomes), None)
-
-    def compare(self) -> None:
-        """Every strategy against best-single, question by question, on each question set;
-        Holm's correction across the strategies of a set (``coe.apps.eval.compare``)."""
-        ref = self._reference()
-        if ref is None:
-            return
-        for qs in self.sets:
-            base = qs.outcomes[ref].correct
-            self.comparisons[qs.name] = holm({
-                name: compare(out.correct == 1, out.correct >= 0, base == 1, base >= 0,
-                              seed=self.opts.seed)
-                for name, out in qs.outcomes.items() if name != ref})
-
-    def recommend(self) -> None:
-        """The strategy to deploy, from the validation comparisons alone, and its pool yaml."""
-        ref = self._reference()
-        if ref is None:
-            self.no_recommendation = ("no recommendation: it needs best-single and validation "
-                                      "questions (--strategies without best-single, or no "
-                                      "--validation / --val-fraction 0)")
-            return
-        specs = [s for s in self.specs if s.name in self.val.outcomes]
-        # a strategy whose validation figures may be in-sample is not recommended on them
-        rec = recommend([s for s in specs if s.name not in self.in_sample],
-                        {s.name: s for s in self.val.scores}, self.comparisons["validation"], ref)
-        rec.not_recommendable.update(
-            {n: f"its validation figures may be in-sample: {why}" for n, why in self.in_sample.items()
-             if n in self.val.outcomes})
-        spec = next(s for s in specs if s.name == rec.strategy)
-        one = [self.best] if spec.kind == "best-single" else [spec.expert] if spec.expert else None
-        self.recommendation = rec
-        self.recommended_pool = recommended_pool(
-            self.config, spec, k=self.router_k.get(spec.name), experts=one,
-            strength=self.strength, aggregator_expert=self.opts.aggregator_expert)
+    def _aggregation_call(self, requests: list[GenRequest], on_token=None) -> list[Generation]:
+        """The aggregators' generations: one executor call, recorded as a ``Phase``."""
+        t0 = time.perf_counter()
+        ex, name = self.executor, "aggregation"
+        plan = ex.plan(requests)
+        unique = [i for g in plan.groups for i in g.indices]
+        phase = Phase(name, requests=len(requests), unique=len(unique), cached=len(plan.hits))
+        _log(self.opts, f"[{name}] " + plan.describe().replace("\n", f"\n[{name}] "))
+        done = ex.run(requests, plan)
+        phase.generations = done.stats.generations
+        phase.failed = done.stats.failed_generations
+        phase.loads = done.stats.loads
+        phase.replayed = sum(1 for i in unique if requests[i].expert in self.replay
+                             and done.generations[i].error is None
+                             and not done.generations[i].cached)
+        phase.seconds = time.perf_counter() - t0
+        self.phases.append(phase)
+        return done.generations
 
 
 def evaluate(config: PoolConfig, questions: list[Question],

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.stats import binomtest
 
-from coe.apps.eval.responses import NO_CATEGORY as NO_CATEGORY  # where reports look for it
-from coe.apps.eval.responses import Codes, ResponseTable
-from coe.apps.eval.routes import NONE, RouteTable
 from coe.core.config import PoolConfig
 from coe.core.types import ExpertResponse
+from coe.pipeline.responses import NO_CATEGORY as NO_CATEGORY  # where reports look for it
+from coe.pipeline.responses import Codes, ResponseTable
+from coe.pipeline.routes import NONE, RouteTable
 from coe.text.answers import grade
 
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coe.apps.eval.routes import RouteTable
 from coe.core.config import DEFAULT_CATEGORY, PoolConfig
 from coe.core.errors import ConfigError
 from coe.core.registry import AGGREGATORS, ROUTERS
 from coe.core.types import Question, Route
+from coe.pipeline.routes import RouteTable
 
 DESCRIBE_AGGREGATOR = {"vote": "majority vote (ties: router weight, then strength)",
                        "llm": "an aggregator LLM reads their responses",

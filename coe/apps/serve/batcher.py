@@ -5,7 +5,7 @@ One loop takes the first waiting job, then every job that arrives within ``windo
 (up to ``max_batch``), and answers them together in a worker thread: each composition routes
 its own questions, then every expert generation of the batch goes into one executor plan (each
 model is loaded at most once per batch, a backend gets all of the batch's prompts for it in
-one call), then every aggregator generation into one more call. Batches run one after
+one call), then every aggregator generation into one more call: ``coe.pipeline.flow.answer``. Batches run one after
 another; the models stay resident between them (the executor's ``keep_resident``), and the
 requests that arrive while a batch runs form the next one.
 
@@ -22,12 +22,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from coe.apps.api import Part, answer_together
 from coe.apps.serve.compositions import Composition
+from coe.core.config import PoolConfig
 from coe.core.types import Question, QuestionResult
 from coe.execution import Executor, RunStats
+from coe.pipeline import flow
+from coe.pipeline.route import route
 
-log = logging.getLogger("coe.apps.serve")
+log = logging.getLogger("coe.serve")
 
 
 class QueueFull(Exception):
@@ -69,11 +71,13 @@ class BatchReport:
 class Batcher:
     """Call ``start`` and ``stop`` in the server's event loop, ``submit`` from its handlers."""
 
-    def __init__(self, executor: Executor, window: float = 0.02, max_batch: int = 64,
-                 max_queue: int = 256, on_batch: Callable[[BatchReport], None] | None = None):
+    def __init__(self, executor: Executor, config: PoolConfig, window: float = 0.02,
+                 max_batch: int = 64, max_queue: int = 256,
+                 on_batch: Callable[[BatchReport], None] | None = None):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be at least 1")
         self.executor = executor
+        self.config = config
         self.window = window
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -178,20 +182,22 @@ class Batcher:
         by_comp: dict[str, list[Job]] = {}
         for job in jobs:
             by_comp.setdefault(job.composition.name, []).append(job)
-        parts: list[Part] = []
+        parts: list[flow.Part] = []
         owners: list[list[Job]] = []
+        names = [e.name for e in self.config.experts]
         with self.executor.session() as stats:
             for name, group in by_comp.items():
-                orch = group[0].composition.orchestrator
+                comp = group[0].composition.flow
                 questions = [j.question for j in group]
-                try:
-                    routes = orch.route(questions)
+                try:  # a router that fails fails its composition's requests, not the batch
+                    routes, _ = route(comp.router, questions, names, blocks=False,
+                                      unknown=self.config.expert)
                 except Exception as e:
                     log.warning("routing for %s failed: %s: %s", name, type(e).__name__, e)
                     for job in group:
                         self._resolve(job, error=e)
                     continue
-                parts.append(Part(orch, questions, routes))
+                parts.append(flow.Part(comp, questions, routes))
                 owners.append(group)
             if not parts:
                 return
@@ -206,7 +212,8 @@ class Batcher:
                     self._loop.call_soon_threadsafe(job.tokens.put_nowait, piece)
 
             try:
-                results, _ = answer_together(parts, on_plan=on_plan, on_token=on_token)
+                results = flow.answer(self.executor, self.config, parts, on_plan=on_plan,
+                                      on_token=on_token).results
             except Exception as e:
                 log.warning("batch of %d failed: %s: %s", len(jobs), type(e).__name__, e)
                 for job in jobs:

@@ -5,10 +5,12 @@
   (``coe/skill+vote``, ``coe/category+llm``);
 - an expert's name: that expert alone (its own answer, through the same executor and cache).
 
-Every composition is an ``Orchestrator`` over one shared executor and one response cache, so a
-batch holding requests for several compositions loads each model once. A composition is built
-the first time it is asked for and kept; one that cannot be built (the skill router without
-profiles) answers 404 with the reason.
+Every composition is a ``coe.pipeline.flow.Composition`` (a router, an aggregator, how its
+experts are asked) over one shared executor and one response cache, so a batch holding
+requests for several compositions loads each model once (``flow.answer``). A composition is
+built the first time it is asked for and kept; one that cannot be built (the skill router
+without profiles) answers 404 with the reason. A pass-through asks its expert as a proxy: the
+request as it came.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from coe.apps.api import Orchestrator
+from coe.aggregation import build_aggregator
 from coe.core.config import PoolConfig
 from coe.core.errors import CoeError
 from coe.core.registry import AGGREGATORS, ROUTERS
 from coe.core.types import Question, Recruit, Route
 from coe.execution import Executor
-from coe.routing import Router
+from coe.pipeline import flow
+from coe.routing import Router, build_router
 
 DEFAULT = "coe"
 PREFIX = "coe/"
@@ -49,7 +52,7 @@ class ExpertRouter(Router):
 @dataclass
 class Composition:
     name: str
-    orchestrator: Orchestrator
+    flow: flow.Composition
     router: str
     aggregator: str
     expert: str | None = None  # a pass-through's expert
@@ -101,13 +104,15 @@ class Compositions:
             router, aggregator, expert = "expert", "single", name
         else:
             raise UnknownModel(self._unknown(name))
-        orch = Orchestrator(cfg, router=ExpertRouter(expert) if expert else router,
-                            aggregator=aggregator, executor=self.executor)
-        return Composition(name, orch, router, aggregator, expert)
+        strength = {e.name: e.strength for e in cfg.experts if e.strength is not None}
+        built = flow.Composition(
+            name, ExpertRouter(expert) if expert else build_router(router, cfg, self.executor),
+            build_aggregator(aggregator, cfg, strength=strength),
+            "proxy" if expert else "compose")
+        return Composition(name, built, router, aggregator, expert)
 
     def _unknown(self, name: str) -> str:
         return f"unknown model {name!r} (known: {', '.join(self.available())})"
 
     def close(self) -> None:
-        for comp in self._built.values():
-            comp.orchestrator.close()  # the shared executor is not theirs: nothing unloads
+        """Nothing to free: the shared executor and cache are the service's."""

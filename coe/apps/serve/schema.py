@@ -1,5 +1,6 @@
 """The service's request bodies (the OpenAI API's, with what ``coe`` does not use ignored) and
-how one becomes a ``Question``.
+how one becomes a ``Request``: the whole conversation, with the body's tools, tool choice and
+response format.
 
 Fields that change the answer and that ``coe`` cannot honour are refused (422) rather than
 silently ignored: ``n`` other than 1, a message with no text. Everything else an OpenAI client
@@ -12,7 +13,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from coe.core.types import MAX_TOKENS, AnswerKind, Question, SamplingOverride, StopString
+from coe.core.types import (
+    MAX_TOKENS,
+    AnswerKind,
+    Question,
+    ResponseFormat,
+    SamplingOverride,
+    StopString,
+    Tool,
+    ToolCall,
+    ToolChoice,
+)
+from coe.core.types import Message as ConvMessage
 
 MAX_ID_CHARS = 200
 
@@ -48,6 +60,9 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     coe: CoeFields | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -66,11 +81,19 @@ class _Body(BaseModel):
             fields["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
         return SamplingOverride(**fields) if fields else None
 
-    def question(self, default_id: str, text: str, instructions: str | None) -> Question:
+    def question(self, default_id: str, text: str | None, instructions: str | None,
+                 messages: list[ConvMessage] | None = None) -> Question:
         extra = self.coe or CoeFields()
-        return Question(id=extra.id or default_id, question=text, choices=extra.choices,
-                        category=extra.category, kind=extra.kind, instructions=instructions,
-                        sampling=self.sampling())
+        fields: dict[str, Any] = dict(
+            id=extra.id or default_id, choices=extra.choices, category=extra.category,
+            kind=extra.kind, sampling=self.sampling(), tools=self.tools,
+            tool_choice=self.tool_choice if self.tools else None,
+            response_format=self.response_format)
+        if messages is not None:
+            fields["messages"] = messages
+        else:
+            fields.update(question=text, instructions=instructions)
+        return Question(**fields)
 
 
 class TextPart(BaseModel):
@@ -85,12 +108,24 @@ class Message(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     @property
     def text(self) -> str:
         if isinstance(self.content, list):
             return "\n".join(p.text for p in self.content if p.type == "text" and p.text)
         return self.content or ""
+
+    def turn(self) -> ConvMessage:
+        """This message as a turn of the conversation (a legacy ``function`` result is a
+        ``tool`` turn named after its function)."""
+        content = self.text if self.content is not None else None
+        return ConvMessage(role="tool" if self.role == "function" else self.role,
+                           content=content, name=self.name,
+                           tool_calls=tuple(self.tool_calls) if self.tool_calls else None,
+                           tool_call_id=self.tool_call_id)
 
 
 class ChatRequest(_Body):
@@ -105,12 +140,9 @@ class ChatRequest(_Body):
         return messages
 
     def to_question(self, default_id: str) -> Question:
-        """The last user message is the question; system (and developer) messages are extra
-        instructions for every expert. Earlier turns are not sent to the experts."""
-        user = [m for m in self.messages if m.role == "user"][-1].text
-        system = "\n\n".join(m.text for m in self.messages
-                             if m.role in ("system", "developer") and m.text.strip())
-        return self.question(default_id, user, system or None)
+        """The whole conversation: routing reads its last user message first, every recruited
+        expert gets every turn."""
+        return self.question(default_id, None, None, [m.turn() for m in self.messages])
 
 
 class CompletionRequest(_Body):

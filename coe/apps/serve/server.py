@@ -15,7 +15,7 @@ import sys
 from coe.apps.serve.app import ServeOptions, create_app
 from coe.core.config import PoolConfig
 
-log = logging.getLogger("coe.apps.serve")
+log = logging.getLogger("coe.serve")
 
 
 def _loopback(host: str) -> bool:

@@ -1,29 +1,13 @@
 """The ``coe`` command as a user runs it: a subprocess, real files, real exit codes."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.cli import coe, one_line_error
+
 REPO = Path(__file__).resolve().parents[3]
-
-
-def coe(*args, cwd=REPO, env=None, timeout=600):
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "coe", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, env=full_env, timeout=timeout)
-
-
-def one_line_error(proc, code, *fragments):
-    assert proc.returncode == code, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for f in fragments:
-        assert f in lines[0]
 
 
 def test_bad_question_file(tmp_path):

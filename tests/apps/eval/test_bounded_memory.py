@@ -19,10 +19,11 @@ from collections import Counter
 import pytest
 import yaml
 
-import coe.apps.eval.runner as runner
+import coe.apps.eval.strategy_routes as strategy_routes
+import coe.pipeline.aggregate as pipeline_aggregate
+import coe.pipeline.generate as pipeline_generate
+import coe.pipeline.route as pipeline_route
 from coe.apps.eval.job import run_eval_job
-from coe.apps.eval.responses import ResponseTable
-from coe.apps.eval.routes import RouteTable
 from coe.apps.eval.scoring import NO_CATEGORY, Accuracy, StrategyScore
 from coe.backends.replay import ReplayBackend
 from coe.core.config import load_config, parse_config
@@ -39,6 +40,9 @@ from coe.core.types import (
 )
 from coe.execution.local import LocalExecutor
 from coe.io.cache import CacheKeys, cache_key
+from coe.pipeline.responses import ResponseTable
+from coe.pipeline.routes import RouteTable
+from coe.routing import Router
 from coe.text.answers import response_from
 from tests.apps.eval.test_eval import JUDGE, job, make_pool, scripted  # noqa: F401 (a fixture)
 from tests.conftest import write_jsonl
@@ -46,13 +50,34 @@ from tests.conftest import write_jsonl
 # -- cache keys --------------------------------------------------------------------------------
 
 
+#: keys computed by coe 0.1 (commit bf231c7), before a request could be a conversation with
+#: tool turns or carry penalties: a plain request must keep them
+KEYS_OF_0_1 = [
+    ("1e8007f80ead6d5cdae61c7d8a55fbb3e079328b7401df708e0506d698f39a90", False,
+     GenRequest(expert="x", question_id="3", sampling=Sampling(),
+                messages=(("system", "a"), ("user", "b ✓ \u2028")))),
+    ("224c47d2d74e1b5be6f529c66e33eaccd3ec94bd3ea11320da85e5d11e3d54f3", True,
+     GenRequest(expert="x", question_id="q1", prompt="Say hi",
+                sampling=Sampling(temperature=0.7, seed=None, stop=["é"]))),
+]
+
+
 def _reference_key(fingerprint: str, request: GenRequest, by_question: bool = False) -> str:
-    """The cache key as every earlier version wrote it."""
+    """The cache key as every earlier version wrote it: the conversation as [role, text]
+    pairs, the sampling fields of 0.1."""
+    old = ("temperature", "max_tokens", "top_p", "stop", "seed")
+    messages = None if request.messages is None else [[m.role, m.content]
+                                                      for m in request.messages]
     payload = {"question": request.question_id if by_question else None, "model": fingerprint,
-               "prompt": request.prompt, "messages": request.messages,
-               "sampling": request.sampling.model_dump()}
+               "prompt": request.prompt, "messages": messages,
+               "sampling": {k: v for k, v in request.sampling.model_dump().items() if k in old}}
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def test_cache_keys_of_plain_requests_are_those_of_0_1():
+    for key, by_question, request in KEYS_OF_0_1:
+        assert cache_key("fp:1", request, by_question) == key
 
 
 def test_cache_keys_are_unchanged():
@@ -254,8 +279,8 @@ def test_expert_phase_gives_one_model_at_a_time_in_bounded_runs(tmp_path, monkey
         return real(self, requests, plan, on_token)
 
     monkeypatch.setattr(LocalExecutor, "run", spy)
-    monkeypatch.setattr(runner, "CHUNK", 5)
-    monkeypatch.setattr(runner, "ROUTE_BLOCK", 3)
+    monkeypatch.setattr(pipeline_generate, "CHUNK", 5)
+    monkeypatch.setattr(pipeline_route, "ROUTE_BLOCK", 3)
     chunked = job(cfg, test, val, log=logs[1].append)
     # 4 experts x (8 test + 4 validation) cells: 3 runs of at most 5 requests per expert,
     # each run one expert's; a replay is sent no prompt to build
@@ -330,15 +355,15 @@ def test_totals_from_the_arrays_are_the_outcome_by_outcome_sums(tmp_path, script
                 "price": {"input_per_mtok": 0.3, "output_per_mtok": 1.7}}],
         aggregator={"kind": "llm", "expert": "judge"})
 
-    real = runner.build_router
+    real = strategy_routes.build_router
 
-    class Twice:  # names c twice: counted once in usage and params, twice in tokens
+    class Twice(Router):  # names c twice: counted once in usage and params, twice in tokens
         def route(self, questions):
             return [Route(question_id=q.id, experts=[Recruit(name="c"), Recruit(name="odd"),
                                                      Recruit(name="c", weight=0.5)])
                     for q in questions]
 
-    monkeypatch.setattr(runner, "build_router", lambda kind, c, ex, k:
+    monkeypatch.setattr(strategy_routes, "build_router", lambda kind, c, ex, k:
                         Twice() if kind == "skill" else real(kind, c, ex, k))
     r = job(cfg, test, val, strategies="*")
     config = load_config(cfg)
@@ -412,7 +437,7 @@ def test_aggregators_get_the_routes_and_responses_the_strategies_define(tmp_path
 
     spy(VoteAggregator)
     spy(SingleAggregator)
-    monkeypatch.setattr(runner, "BLOCK", 3)
+    monkeypatch.setattr(pipeline_aggregate, "BLOCK", 3)
     cfg, test, val = make_pool(tmp_path)
     job(cfg, test, val, strategies="single:b,random3+vote,category+vote")
     qs = load_questions(test).questions

@@ -192,7 +192,7 @@ class ScriptedBackend(Backend):
         script = self.config.model.split(":", 1)[1]
         for i, r in enumerate(requests):
             SCRIPT_CALLS.append((self.config.name, r.question_id, r.stage))
-            text = "\n".join(c for _, c in r.messages) if r.messages else r.prompt
+            text = "\n".join(m.text for m in r.messages) if r.messages else r.prompt
             if r.stage == "aggregate":
                 letter = re.findall(r"answer is \(([A-D])\)", text)[-1]
                 out = f"Having read the experts: Answer: {letter}"
@@ -391,10 +391,10 @@ def test_best_single_without_every_single_validates_first(tmp_path):
 
 
 def test_a_skill_router_when_available_joins_every_aggregator(tmp_path, monkeypatch):
-    import coe.apps.eval.runner
+    import coe.apps.eval.strategy_routes
     from coe.routing import Recruit, Route, Router
 
-    real = coe.apps.eval.runner.build_router
+    real = coe.apps.eval.strategy_routes.build_router
 
     class Fixed(Router):  # stands in for the skill router until it exists: recruits d, then c
         name = "skill"
@@ -407,7 +407,7 @@ def test_a_skill_router_when_available_joins_every_aggregator(tmp_path, monkeypa
                                                      [("d", 1.0), ("c", 0.5)][:self.k or 2]])
                     for q in questions]
 
-    monkeypatch.setattr(coe.apps.eval.runner, "build_router",
+    monkeypatch.setattr(coe.apps.eval.strategy_routes, "build_router",
                         lambda kind, cfg, ex, k: Fixed(k) if kind == "skill" else real(kind, cfg, ex, k))
     cfg, test, _ = make_pool(tmp_path)
     r = job(cfg, test, strategies="skill*")

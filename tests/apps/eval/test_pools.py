@@ -10,8 +10,8 @@ import yaml
 
 from coe.apps.eval.pools import build_pool, split_ids
 from coe.apps.eval.recorded import PoolSourceError
-from tests.apps.cli.test_cli import coe, one_line_error
 from tests.conftest import write_jsonl
+from tests.support.cli import coe, one_line_error
 
 IDS = list(range(1, 13))  # as integers "10" < "2" would sort them wrong: the split must not
 CHOICES = ["w", "x", "y", "z"]

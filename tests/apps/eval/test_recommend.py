@@ -280,7 +280,7 @@ def test_extra_strategy_fields_map_to_router_fields_and_paths_become_absolute(tm
 def _fake_skill_router(monkeypatch, cross_fitted: bool, reads_profiles: bool = True):
     """A "skill" router that recruits b when the yaml names profiles (its trained file),
     else c."""
-    import coe.apps.eval.runner as runner
+    import coe.apps.eval.strategy_routes as runner
     from coe.routing import Recruit, Route, Router
 
     class Trained(Router):

@@ -308,7 +308,7 @@ def test_a_requests_system_message_and_sampling_reach_every_expert_but_not_the_r
     q = req.to_question("chatcmpl-1")
     assert (q.question, q.instructions) == ("Capital of Peru?", "Answer in French.")
     chat = build_request(cfg.expert("chat"), q)
-    assert chat.messages[0] == ("system", "Persona.\n\nAnswer in French.")
+    assert (chat.messages[0].role, chat.messages[0].content) == ("system", "Persona.\n\nAnswer in French.")
     assert (chat.sampling.max_tokens, chat.sampling.stop, chat.sampling.temperature) == \
         (7, ["END"], 0.5)
     base = build_request(cfg.expert("base"), q)

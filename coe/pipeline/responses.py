@@ -5,8 +5,9 @@ it is right, its token counts and seconds, whether it failed (and why) or was cu
 is what ``ResponseTable`` keeps, in numpy arrays of questions x experts (about 35 bytes a
 cell; answers as codes into the list of distinct answers), instead of an ``ExpertResponse``
 per cell (about 800 bytes plus its text). The generation's text is kept only when something
-will read it (``keep_text``: an llm aggregator, ``--record``); 100,000 questions x 8 experts
-of recorded MMLU-Pro reasoning are 470 MB of text that voting never looks at.
+will read it (``keep_text``: an llm aggregator, ``--record``, an answer served or written out,
+which also keeps a generation's tool calls and logprobs); 100,000 questions x 8 experts of
+recorded MMLU-Pro reasoning are 470 MB of text that voting never looks at.
 
 The table is also a read-only mapping ``(question id, expert) -> ExpertResponse``, as the
 job's dict of responses was: ``table[(qid, name)]`` builds the response again (with an empty
@@ -70,6 +71,8 @@ class ResponseTable(Mapping):
         self.truncated_by = np.full((n, e), -1, np.int8)
         self.errors: dict[tuple[int, int], str] = {}
         self.texts: dict[tuple[int, int], str] | None = {} if keep_text else None
+        #: (tool_calls, logprobs) of the cells that have either, when texts are kept
+        self.extras: dict[tuple[int, int], tuple] = {}
         self.answers = Codes()
         self.finish_reasons = Codes(FINISH_REASONS)
         self.truncations = Codes(TRUNCATIONS)
@@ -92,6 +95,8 @@ class ResponseTable(Mapping):
                 errors[(i, j)] = g.error
             elif self.texts is not None:
                 self.texts[(i, j)] = g.text
+                if g.tool_calls or g.logprobs:
+                    self.extras[(i, j)] = (g.tool_calls, g.logprobs)
         at = (np.asarray(rows, np.intp), np.asarray(cols, np.intp))
         self.has[at] = True
         self.answer[at] = answers
@@ -115,10 +120,13 @@ class ResponseTable(Mapping):
         at = (np.asarray(rows, np.intp), np.asarray(cols, np.intp))
         texts, errors, names = self.texts or {}, self.errors, self.names
         answer, finish, trunc = self.answers.value, self.finish_reasons.value, self.truncations.value
+        extras = self.extras
         return [ExpertResponse(expert=names[j], text=texts.get((i, j), ""), answer=answer(a),
                                prompt_tokens=pt, completion_tokens=ct, seconds=sec, cached=c,
                                error=errors.get((i, j)), finish_reason=finish(fr), truncated=cut,
-                               truncated_by=trunc(tb))
+                               truncated_by=trunc(tb),
+                               **({} if (i, j) not in extras else
+                                  dict(zip(("tool_calls", "logprobs"), extras[(i, j)]))))
                 for i, j, a, pt, ct, sec, c, fr, cut, tb in zip(
                     at[0].tolist(), at[1].tolist(), self.answer[at].tolist(),
                     self.prompt_tokens[at].tolist(), self.completion_tokens[at].tolist(),

@@ -106,6 +106,22 @@ class RouteTable(Sequence):
         return cls(ids, names, experts.astype(np.int16), np.ones(experts.shape),
                    np.zeros(len(ids), np.int32), [(None, (), None, "", None)])
 
+    def with_reasons(self, suffixes: list[str]) -> "RouteTable":
+        """The same routes, each question's reason followed by its suffix."""
+        codes: dict[tuple, int] = {}
+        info = np.empty(len(self), np.int32)
+        for i, (code, tail) in enumerate(zip(self.info.tolist(), suffixes)):
+            category, skills, confidence, reason, aggregator = self.values[code]
+            key = (category, skills, confidence, reason + tail, aggregator)
+            info[i] = codes.setdefault(key, len(codes))
+        return RouteTable(self.ids, self.names, self.experts, self.weights, info, list(codes))
+
+    def take(self, rows) -> "RouteTable":
+        """The routes of questions ``rows`` (indices), in that order."""
+        rows = np.asarray(rows, np.intp)
+        return RouteTable([self.ids[i] for i in rows.tolist()], self.names, self.experts[rows],
+                          self.weights[rows], self.info[rows], self.values)
+
     # -- reading ----------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.ids)
