@@ -64,9 +64,11 @@ def new_name(old: str) -> str | None:
 
 class _Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path=None, target=None):
-        if not name.startswith("coe.") or new_name(name) is None:
+        new = new_name(name) if name.startswith("coe.") else None
+        if new is None:
             return None
-        return importlib.util.spec_from_loader(name, self)
+        found = importlib.util.find_spec(new)
+        return importlib.util.spec_from_loader(name, self, origin=found.origin if found else None)
 
     def create_module(self, spec):
         new = new_name(spec.name)
@@ -76,6 +78,16 @@ class _Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         pass  # the module is the new one, already executed
+
+    # ``python -m coe.cli`` (runpy) runs the new module's code as ``__main__``
+    def get_code(self, name):
+        new = new_name(name)
+        warnings.warn(f"{name} is deprecated and goes in the next release: use {new}",
+                      DeprecationWarning, stacklevel=2)
+        return importlib.util.find_spec(new).loader.get_code(new)
+
+    def is_package(self, name) -> bool:
+        return importlib.util.find_spec(new_name(name)).submodule_search_locations is not None
 
 
 def install() -> None:

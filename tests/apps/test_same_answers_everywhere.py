@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from tests.apps.eval.test_eval import make_pool
-from tests.conftest import write_jsonl
 from tests.support.cli import coe
 from tests.support.coe_server import CoeServer
 
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.server  # `coe serve` as a subprocess
 
 
 def _pool(tmp_path):
-    """The hand-checked pool, twice the questions (a knn neighbourhood needs some), k 2."""
+    """The hand-checked pool of eight test and four validation questions, recruiting two."""
     cfg, test, val = make_pool(tmp_path)
     pool = yaml.safe_load(cfg.read_text())
     pool["router"] = {"kind": "category", "k": 2}
@@ -44,40 +43,39 @@ def _served(server: CoeServer, model: str, questions: list[dict]) -> dict[str, t
     return out
 
 
-def test_run_serve_and_eval_answer_alike(tmp_path):
-    cfg, test, val = _pool(tmp_path)
-    questions = [json.loads(line) for line in test.read_text().splitlines()]
-
+def _run_and_eval(tmp_path, cfg, test, strategy: str) -> tuple[dict, dict]:
+    """(final answer, recruits) per question id from ``coe run`` and from ``coe eval``."""
     run = coe("run", test, "-c", cfg, "-q", "--no-cache")
     assert run.returncode == 0, run.stderr
     by_run = {r["id"]: (r["final_answer"], [e["name"] for e in r["route"]["experts"]])
               for r in map(json.loads, run.stdout.splitlines())}
-
-    ev = coe("eval", test, "-c", cfg, "-s", "category+vote", "-o", tmp_path / "eval", "-q",
-             "--no-cache", "--no-plots", "--val-fraction", "0")
+    out = tmp_path / f"eval-{strategy}"
+    ev = coe("eval", test, "-c", cfg, "-s", strategy, "-o", out, "-q", "--no-cache",
+             "--no-plots", "--val-fraction", "0")
     assert ev.returncode == 0, ev.stderr
-    rows = [json.loads(line) for line in (tmp_path / "eval" / "outcomes.jsonl").read_text()
-            .splitlines()]
-    by_eval = {r["id"]: (r["strategies"]["category+vote"]["answer"],
-                         r["strategies"]["category+vote"]["experts"]) for r in rows}
+    rows = map(json.loads, (out / "outcomes.jsonl").read_text().splitlines())
+    by_eval = {r["id"]: (r["strategies"][strategy]["answer"], r["strategies"][strategy]["experts"])
+               for r in rows}
+    return by_run, by_eval
 
+
+def test_run_serve_and_eval_answer_alike(tmp_path):
+    cfg, test, val = _pool(tmp_path)
+    questions = [json.loads(line) for line in test.read_text().splitlines()]
+    by_run, by_eval = _run_and_eval(tmp_path, cfg, test, "category+vote")
     server = CoeServer(cfg, tmp_path, "--no-cache", "--batch-window-ms", "5").start()
     try:
         by_serve = _served(server, "coe/category+vote", questions)
     finally:
         assert server.stop() == 0, server.log()
-
     assert by_run == by_eval == by_serve
     assert len(by_run) == 8 and all(len(experts) == 2 for _, experts in by_run.values())
 
 
 def test_a_learned_strategy_answers_alike_after_profiling(tmp_path):
-    """knn routing and the learned selector read the profiles ``coe profile`` wrote: run, serve
-    and eval still agree on every question."""
+    """knn routing and the learned selector read the profiles ``coe profile`` wrote (on the
+    validation questions): run, serve and eval still agree on every question."""
     cfg, test, val = _pool(tmp_path)
-    # profile on the validation questions and the test questions' twins (the knn router
-    # needs a neighbourhood; the selector needs right and wrong answers to learn from)
-    profile_qs = [json.loads(line) for line in val.read_text().splitlines()]
     prof = coe("profile", val, "-c", cfg, "-o", tmp_path / "profiles.json", "-q",
                "--no-cache", "--aggregators", "")
     assert prof.returncode == 0, prof.stderr
@@ -87,23 +85,10 @@ def test_a_learned_strategy_answers_alike_after_profiling(tmp_path):
     pool["aggregator"] = {"kind": "learned"}
     cfg.write_text(yaml.safe_dump(pool))
     questions = [json.loads(line) for line in test.read_text().splitlines()]
-    assert profile_qs
-
-    run = coe("run", test, "-c", cfg, "-q", "--no-cache")
-    assert run.returncode == 0, run.stderr
-    by_run = {r["id"]: (r["final_answer"], [e["name"] for e in r["route"]["experts"]])
-              for r in map(json.loads, run.stdout.splitlines())}
-    ev = coe("eval", test, "-c", cfg, "-s", "knn+learned", "-o", tmp_path / "eval", "-q",
-             "--no-cache", "--no-plots", "--val-fraction", "0")
-    assert ev.returncode == 0, ev.stderr
-    rows = [json.loads(line) for line in (tmp_path / "eval" / "outcomes.jsonl").read_text()
-            .splitlines()]
-    by_eval = {r["id"]: (r["strategies"]["knn+learned"]["answer"],
-                         r["strategies"]["knn+learned"]["experts"]) for r in rows}
+    by_run, by_eval = _run_and_eval(tmp_path, cfg, test, "knn+learned")
     server = CoeServer(cfg, tmp_path, "--no-cache").start()
     try:
         by_serve = _served(server, "coe", questions)
     finally:
         assert server.stop() == 0, server.log()
     assert by_run == by_eval == by_serve
-    write_jsonl(tmp_path / "answers.jsonl", [{"id": k, "answer": v[0]} for k, v in by_run.items()])

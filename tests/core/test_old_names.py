@@ -32,3 +32,9 @@ def test_a_plugin_written_for_0_1_imports_its_base_classes():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_python_m_coe_cli_still_runs_the_command_line():
+    out = subprocess.run([sys.executable, "-m", "coe.cli", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "Composition of Experts" in out.stdout, out.stderr
