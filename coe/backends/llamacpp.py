@@ -16,7 +16,6 @@ from typing import Literal
 from pydantic import Field
 
 from coe.backends import llamacpp_tools as tools
-from coe.backends.llamacpp_logprobs import echoed, plain
 from coe.backends.base import (
     Backend,
     Capabilities,
@@ -26,6 +25,7 @@ from coe.backends.base import (
     OnToken,
     truncation,
 )
+from coe.backends.llamacpp_logprobs import echoed, plain
 from coe.core.config import ExpertConfig, Resources
 from coe.core.errors import ConfigError, ExpertError
 from coe.core.types import MAX_TOKENS
