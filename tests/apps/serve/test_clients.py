@@ -34,15 +34,16 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string"},
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, _shared_models):
     """Pass-through experts ``chat`` (chat format) and ``base`` (completion format, no
-    persona) on one SmolLM2 load, a persona ``tutor`` on it, a replay ``memo``; ``coe`` votes
-    over all of them."""
+    persona) on one SmolLM2 load, a persona ``tutor`` on it, a replay ``memo``, and
+    ``gpt-4o-mini`` (as ``chat``, for llama-index); ``coe`` votes over all of them."""
     d = tmp_path_factory.mktemp("serve-clients")
     write_jsonl(d / "memo.jsonl", [{"id": "known", "text": "Answer: 4"}])
     pool = {"experts": [
         {"name": "chat", **SMOL},
         {"name": "tutor", **SMOL, "system_prompt": "You are a patient tutor."},
         {"name": "base", **SMOL, "prompt_format": "completion"},
-        {"name": "memo", "backend": "replay", "model": "memo.jsonl"}],
+        {"name": "memo", "backend": "replay", "model": "memo.jsonl"},
+        {"name": "gpt-4o-mini", **SMOL}],  # a name llama-index knows
         "router": {"kind": "all"}, "aggregator": {"kind": "vote"}, "cache": "cache.sqlite"}
     (d / "pool.yaml").write_text(yaml.safe_dump(pool))
     (d / "cache").mkdir()
@@ -231,21 +232,27 @@ def test_langchain_bind_tools_and_structured_output(server):
     assert isinstance(voted, Person)
 
 
-def test_llama_index_and_dspy(server):
+def test_llama_index_chat(server):
+    """llama-index's OpenAI class takes only model names it knows (its OpenAILike needs
+    transformers < 5): an expert named like one, ``gpt-4o-mini``, serves it."""
     from llama_index.core.llms import ChatMessage
     from llama_index.llms.openai import OpenAI as LlamaOpenAI
 
-    li = LlamaOpenAI(model="gpt-3.5-turbo", api_base=server.base_url, api_key="unused",
+    li = LlamaOpenAI(model="gpt-4o-mini", api_base=server.base_url, api_key="unused",
                      max_tokens=8, max_retries=0)
-    li.model = "chat"  # a name coe serves (llama-index checks names it knows at build)
-    assert li.chat([ChatMessage(role="user", content="Say hi.")]).message.content
+    r = li.chat([ChatMessage(role="system", content="Be brief."),
+                 ChatMessage(role="user", content="Say hi.")])
+    raw = r.raw if isinstance(r.raw, dict) else r.raw.model_dump()
+    assert r.message.content and raw["coe"]["composition"] == "gpt-4o-mini"
 
+
+def test_dspy_predict(server):
     import dspy
 
     lm = dspy.LM("openai/chat", api_base=server.base_url, api_key="unused", max_tokens=16,
                  temperature=0.0, cache=False, num_retries=0)
     out = lm("Say hi.")
-    assert isinstance(out, list) and out and isinstance(out[0], str)
+    assert isinstance(out, list) and out and isinstance(out[0], str) and out[0]
 
 
 @pytest.fixture(scope="module")
