@@ -88,9 +88,12 @@ def run_set(port: int, model: str, n: int, max_tokens: int) -> tuple[float, list
         t0 = time.perf_counter()
         texts = []
         for q in QUESTIONS[:n]:
+            # llama_cpp.server's own default repeat_penalty is 1.1: ask for llama-cpp-python's
+            # 1.0, which coe's expert uses, so both decode the same tokens (coe ignores it)
             r = c.chat.completions.create(model=model, max_tokens=max_tokens, temperature=0.0,
-                                          seed=0, messages=[{"role": "system", "content": SYSTEM},
-                                                            {"role": "user", "content": q}])
+                                          seed=0, extra_body={"repeat_penalty": 1.0},
+                                          messages=[{"role": "system", "content": SYSTEM},
+                                                    {"role": "user", "content": q}])
             texts.append(r.choices[0].message.content)
         return time.perf_counter() - t0, texts
 
