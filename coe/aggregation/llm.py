@@ -13,6 +13,7 @@ the result notes it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 from coe.aggregation.base import Aggregator
@@ -33,6 +34,11 @@ _FINISH = {
 }
 
 
+#: a request that asks for JSON: the aggregator writes the final JSON (asked of its backend
+#: too, as the experts were), and its answer is read as the experts' are (``json_answer``)
+JSON_FINISH = "Reply with the final answer only, as JSON in the format asked for."
+
+
 def aggregation_prompt(q: Question, responses: list[ExpertResponse]) -> str:
     parts = [f"Question: {format_question(q)}", "", "Expert responses:"]
     ok = [r for r in responses if r.error is None and r.text.strip()]
@@ -41,7 +47,8 @@ def aggregation_prompt(q: Question, responses: list[ExpertResponse]) -> str:
         if len(text) > MAX_RESPONSE_CHARS:
             text = text[:MAX_RESPONSE_CHARS] + " ..."
         parts.append(f"[Expert {n}] {text}")
-    parts += ["", _FINISH[q.answer_kind]]
+    wants_json = q.response_format is not None and q.response_format.wants_json
+    parts += ["", JSON_FINISH if wants_json else _FINISH[q.answer_kind]]
     return "\n".join(parts)
 
 
@@ -74,7 +81,10 @@ class LLMAggregator(Aggregator):
         for q, route, resp in zip(questions, routes, responses):
             cfg = self.config.expert(self.expert_for(route))
             msgs = (("system", SYSTEM), ("user", aggregation_prompt(q, resp)))
-            out.append(build_request(cfg, q, stage="aggregate", messages=msgs))
+            r = build_request(cfg, q, stage="aggregate", messages=msgs)
+            if q.response_format is not None and q.response_format.wants_json:
+                r = dataclasses.replace(r, response_format=q.response_format)
+            out.append(r)
         return out
 
     def aggregate(self, questions: list[Question], routes: list[Route],

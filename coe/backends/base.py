@@ -90,8 +90,8 @@ class Capabilities:
     def lacks(self, request: GenRequest) -> str | None:
         """What of ``request`` this backend cannot honour, as "tools" or "response_format
         json_schema" (None: everything)."""
-        if request.tools and not self.tools:
-            return "tools"
+        if request.tools and (not self.tools or request.messages is None):
+            return "tools"  # a completion (a prompt, not a conversation) has no tools
         if (request.response_format is not None and request.response_format.wants_json
                 and not self.json_schema):
             return f"response_format {request.response_format.type}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import functools
 import gc
 import json
 import os
@@ -13,6 +15,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from coe.backends import llamacpp_tools as tools
 from coe.backends.base import (
     Backend,
     Capabilities,
@@ -22,6 +25,7 @@ from coe.backends.base import (
     OnToken,
     truncation,
 )
+from coe.backends.llamacpp_logprobs import echoed, plain
 from coe.core.config import ExpertConfig, Resources
 from coe.core.errors import ConfigError, ExpertError
 from coe.core.types import MAX_TOKENS
@@ -39,13 +43,21 @@ class LlamaCppExpert(ExpertConfig):
     n_ctx: int = Field(2048, gt=0, le=MAX_TOKENS)
     n_threads: int | None = Field(None, gt=0, le=MAX_THREADS)
     reuse_prefix: bool = Field(
-        False, description="keep the tokens a prompt shares with the previous one evaluated "
-        "(faster with a long shared system prompt: ~20% on the default SmolLM2 personas), at "
-        "the price of greedy answers that depend on the prompt before (llama.cpp rounds a "
-        "prompt evaluated in other chunks differently)")
+        True, description="keep the KV cache of the tokens a prompt shares with the previous "
+        "one, in whole blocks of prefix_block tokens: each block is evaluated exactly as it "
+        "would be from an empty context, so an answer does not depend on the prompt before "
+        "it; false: every prompt from an empty context")
+    prefix_block: int = Field(
+        32, gt=0, le=4096, description="tokens per prompt-evaluation step (llama.cpp's "
+        "n_batch), and the unit in which a shared prefix is kept")
+    logprobs: bool = Field(
+        False, description="keep every position's logits (llama.cpp's logits_all, a "
+        "vocabulary of floats per token of context): the expert can then return token "
+        "logprobs and echo a completion's prompt with its logprobs")
 
     def load_key(self) -> tuple:
-        return ("llamacpp", self.model, self.n_ctx, self.n_threads, self.reuse_prefix)
+        return ("llamacpp", self.model, self.n_ctx, self.n_threads, self.reuse_prefix,
+                self.prefix_block, self.logprobs)
 
 
 # Memory estimate: GGUF size x 1.3, plus an f16 KV cache of n_ctx tokens (its shape read from
@@ -133,6 +145,39 @@ def _json_gbnf() -> str:
     return llama_grammar.JSON_GBNF
 
 
+@functools.cache
+def aligned_llama():
+    """llama-cpp-python's ``Llama``, keeping of the previous prompt only what an empty context
+    would give again. Its ``generate`` keeps (of the KV cache) the prefix this prompt shares
+    with the previous *prompt*, cut down to whole steps of ``n_batch`` tokens, so the rest is
+    evaluated in the same steps, from the same positions, as from an empty context: the same
+    floating-point operations, the same logits. (llama-cpp-python alone keeps every shared
+    token, the previous answer's too, and evaluates the rest in other steps, which rounds
+    differently: a greedy answer then depends on the prompt before it.) With
+    ``reuse_prefix`` False nothing is kept."""
+    from llama_cpp import Llama
+
+    class AlignedLlama(Llama):
+        reuse_prefix = True
+        last_prompt: list = []
+        kept = 0  # tokens of the last prompt taken from the previous one
+
+        def generate(self, tokens, *args, **kwargs):
+            tokens = list(tokens)
+            keep = 0
+            if self.reuse_prefix:
+                step, prev = self.n_batch, self.last_prompt
+                limit = min(len(prev) // step * step, len(tokens) - 1, self.n_tokens)
+                while keep < limit and prev[keep] == tokens[keep]:
+                    keep += 1
+                keep = keep // step * step
+            self.n_tokens = keep  # llama-cpp-python keeps exactly these (0: resets)
+            self.last_prompt, self.kept = tokens, keep
+            return super().generate(tokens, *args, **kwargs)
+
+    return AlignedLlama
+
+
 _LOG_CALLBACK = None
 # llama-cpp-python's refusal of a prompt that does not fit in the context window
 _NO_ROOM = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
@@ -180,8 +225,17 @@ def _silence_llama_log() -> None:
 
 class LlamaCppBackend(Backend):
     config_model = LlamaCppExpert
-    # a JSON response format is a grammar llama.cpp derives from the schema
-    capabilities = Capabilities(stream=True, json_schema=True)
+    # a JSON response format is a grammar llama.cpp derives from the schema; tools are a
+    # grammar over the tools' schemas (coe.backends.llamacpp_tools)
+    capabilities = Capabilities(stream=True, json_schema=True, tools=True)
+
+    @classmethod
+    def capabilities_for(cls, config) -> Capabilities:
+        """Logprobs and echo only for an expert loaded with every position's logits
+        (``logprobs: true``)."""
+        if config.logprobs:
+            return dataclasses.replace(cls.capabilities, logprobs=True, echo=True)
+        return cls.capabilities
 
     @classmethod
     def check(cls, config, base_dir) -> None:
@@ -228,64 +282,84 @@ class LlamaCppBackend(Backend):
         return Resources(num_cpus=self.config.n_threads or 1, num_gpus=0)
 
     def fingerprint(self) -> str:
-        reuse = ":reuse-prefix" if self.config.reuse_prefix else ""  # order-dependent answers
-        return f"gguf:{file_fingerprint(self.path)}:ctx{self.config.n_ctx}{reuse}"
+        # the evaluation step changes how a prompt is rounded: answers made with another
+        # step are not these (prefix reuse does not: it keeps the same steps)
+        return (f"gguf:{file_fingerprint(self.path)}:ctx{self.config.n_ctx}"
+                f":b{self.config.prefix_block}")
 
     def load(self) -> None:
         wait_passively()  # before llama.cpp's libgomp is first loaded
-        from llama_cpp import Llama
-
         _silence_llama_log()
         threads = self.config.n_threads or default_threads()
         try:
-            self.llm = Llama(
+            self.llm = aligned_llama()(
                 model_path=str(self.path),
                 n_ctx=self.config.n_ctx,
                 # prompts too: llama-cpp-python's n_threads_batch is every core otherwise,
                 # whatever share of the machine the model was given (a Ray actor's CPUs)
                 n_threads=threads,
                 n_threads_batch=threads,
+                n_batch=self.config.prefix_block,
+                n_ubatch=self.config.prefix_block,
+                logits_all=self.config.logprobs,
                 verbose=False,
             )
+            self.llm.reuse_prefix = self.config.reuse_prefix
         except (ValueError, RuntimeError, OSError) as e:
             raise ExpertError(self.config.name, f"cannot load {self.path}: {e}") from None
 
-    def _one(self, r: GenRequest, on_token=None) -> Generation:
+    def _options(self, r: GenRequest) -> dict:
+        """llama-cpp-python's arguments for ``r`` beyond the prompt: sampling, a JSON
+        response format or the tools as a grammar, logprobs, echo."""
         s = r.sampling
         kw = dict(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
                   stop=list(s.stop) or None, seed=s.seed, presence_penalty=s.presence_penalty,
                   frequency_penalty=s.frequency_penalty)
         chat = r.messages is not None
-        if r.response_format is not None and r.response_format.wants_json:
-            kw["response_format"] = grammar_format(r.response_format)
-            if not chat:  # create_completion takes the grammar itself
-                from llama_cpp import LlamaGrammar
+        from llama_cpp import LlamaGrammar
 
-                schema = kw.pop("response_format").get("schema")
-                kw["grammar"] = (LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
-                                 if schema else LlamaGrammar.from_string(_json_gbnf(),
-                                                                          verbose=False))
+        if chat and tools.wants_tools(r):
+            kw["grammar"] = LlamaGrammar.from_string(tools.grammar_text(r), verbose=False)
+        elif r.response_format is not None and r.response_format.wants_json:
+            schema = grammar_format(r.response_format).get("schema")
+            kw["grammar"] = (LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+                             if schema else LlamaGrammar.from_string(_json_gbnf(),
+                                                                      verbose=False))
+        if r.logprobs is not None:
+            if chat:
+                kw.update(logprobs=True, top_logprobs=r.logprobs)
+            else:
+                kw["logprobs"] = r.logprobs
+        return kw  # echo: the prompt's part is added after (llamacpp_logprobs)
+
+    def _one(self, r: GenRequest, on_token=None) -> Generation:
+        s = r.sampling
+        kw = self._options(r)
+        chat = r.messages is not None
+        calls_tools = chat and tools.wants_tools(r)
+        if calls_tools or r.logprobs is not None:
+            on_token = None  # the answer comes whole: tool calls, logprobs
+        messages = tools.messages(r) if chat else None
         t0 = time.perf_counter()
-        # Every prompt from an empty context, unless reuse_prefix: llama-cpp-python would
-        # otherwise keep the tokens the previous prompt shares with this one and evaluate
-        # only the rest, in other chunks, which rounds differently: a greedy answer would
-        # depend on the prompt before it (and the response cache, keyed by the request
-        # alone, on the run's order).
-        if not self.config.reuse_prefix:
-            self.llm.reset()
+        # The prefix a prompt shares with the previous one is kept in whole prefix_block
+        # steps, evaluated as from an empty context (aligned_llama), or not at all: a greedy
+        # answer never depends on the prompt before it (nor the response cache, keyed by the
+        # request alone, on the run's order).
+        lp = None
         if on_token is None:
-            out = (self.llm.create_chat_completion(messages=r.chat(), **kw) if chat
+            out = (self.llm.create_chat_completion(messages=messages, **kw) if chat
                    else self.llm.create_completion(prompt=r.prompt, **kw))
             choice, usage = out["choices"][0], out["usage"]
             text = (choice["message"]["content"] if chat else choice["text"]) or ""
             prompt_tokens, n = usage["prompt_tokens"], usage["completion_tokens"]
             finish = choice.get("finish_reason")
+            lp = choice.get("logprobs")
         else:
             # Streaming: the same decoding (greedy outputs are identical), each piece reported
             # as it comes. llama.cpp's stream carries no usage: a chunk is one sampled token,
             # and the context then holds the prompt plus every sampled token but the last when
             # the generation was cut at max_tokens (that token is never evaluated).
-            stream = (self.llm.create_chat_completion(messages=r.chat(), stream=True, **kw)
+            stream = (self.llm.create_chat_completion(messages=messages, stream=True, **kw)
                       if chat else self.llm.create_completion(prompt=r.prompt, stream=True, **kw))
             pieces, finish = [], None
             for chunk in stream:
@@ -297,12 +371,21 @@ class LlamaCppBackend(Backend):
                 finish = choice.get("finish_reason") or finish
             text, n = "".join(pieces), len(pieces)
             prompt_tokens = max(0, self.llm.n_tokens - (n - 1 if finish == "length" else n))
+        calls = tools.parse(text, r.question_id) if calls_tools else None
+        if calls:
+            text, finish = "", "tool_calls"
+        if r.echo and not chat:
+            text = r.prompt + text
+            if r.logprobs is not None:
+                lp = echoed(self.llm, self.llm.last_prompt, r.logprobs, lp)
+        lp = plain(lp)
         # llama.cpp ends an answer that fills the context window with "length" too, having
         # lowered max_tokens to the room the prompt left: n_ctx tells the two apart
         return Generation(text=text, prompt_tokens=prompt_tokens, completion_tokens=n,
                           finish_reason=finish, seconds=time.perf_counter() - t0,
                           truncated_by=truncation(finish, n, s.max_tokens, prompt_tokens,
-                                                  self.llm.n_ctx()))
+                                                  self.llm.n_ctx()),
+                          tool_calls=calls, logprobs=lp)
 
     def generate(self, requests: list[GenRequest], on_result: OnResult,
                  on_token: OnToken | None = None) -> None:

@@ -320,8 +320,8 @@ class OpenAIBackend(Backend):
 
     async def _one(self, client, r: GenRequest, on_token=None) -> Generation:
         kw = self._options(r)
-        if on_token is not None:
-            return await self._stream(client, r, kw, on_token)
+        if on_token is not None and not r.tools and r.logprobs is None:
+            return await self._stream(client, r, kw, on_token)  # (tool calls, logprobs: whole)
         t0 = time.perf_counter()
         if r.messages is not None:
             out = await client.chat.completions.create(messages=r.chat(), **kw)

@@ -209,13 +209,19 @@ class GenerationOptions(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    #: a completion's prompt given back before its answer, with the prompt's logprobs
+    echo: bool = False
 
-    REQUEST_ONLY: ClassVar[tuple[str, ...]] = ("n", "logprobs", "top_logprobs")
+    REQUEST_ONLY: ClassVar[tuple[str, ...]] = ("n", "logprobs", "top_logprobs", "echo")
 
     def apply(self, sampling: Sampling) -> Sampling:
-        """``sampling`` with this request's sampling fields over it."""
+        """``sampling`` with this request's sampling fields over it. A request that asks for
+        a temperature above 0 and no ``seed`` asks for a fresh sample: the expert's own seed
+        is dropped, so the answer is not reproducible (and never read from the cache)."""
         fields = self.model_dump(exclude_unset=True, exclude_none=True,
                                  exclude=set(self.REQUEST_ONLY))
+        if fields.get("temperature", 0.0) > 0.0 and "seed" not in fields:
+            fields["seed"] = None
         return sampling.model_copy(update=fields)
 
     @property

@@ -6,7 +6,8 @@ a batch of generations out.
 
 - ``plan(requests, last=None)`` groups the requests by *model weights* (experts that share a
   load key, such as two personas of one GGUF, share one group), drops duplicates and looks up
-  the response cache. ``last`` names the expert the next stage will use (the llm aggregator):
+  the response cache (a request whose sampling is not reproducible, a temperature above 0
+  without a seed, is neither shared with a duplicate nor read from or written to the cache). ``last`` names the expert the next stage will use (the llm aggregator):
   its group goes last, so its weights are still loaded when that stage starts.
 - ``run(requests, plan=None)`` makes every uncached generation and returns an ``Execution``:
   the generations in request order and the ``RunStats`` of that call. Each generation is
@@ -185,12 +186,13 @@ class Executor(ABC):
             if key in first:
                 same_as[i] = first[key]
                 continue
-            first[key] = i
+            if r.sampling.deterministic:  # a fresh sample is never shared nor cached
+                first[key] = i
             g.indices.append(i)
         hits: dict[int, Generation] = {}
         if self.cache is not None:
             cacheable = [i for g in groups.values() if self._backends[g.key].can.cacheable
-                         for i in g.indices]
+                         for i in g.indices if requests[i].sampling.deterministic]
             found = self.cache.get_many([keys[i] for i in cacheable])
             for i in cacheable:
                 if keys[i] in found:
@@ -223,7 +225,7 @@ class Executor(ABC):
             stats.generation_seconds += gen.seconds
             stats.prompt_tokens += gen.prompt_tokens
             stats.completion_tokens += gen.completion_tokens
-            if self.cache is not None and cacheable:
+            if self.cache is not None and cacheable and plan.requests[i].sampling.deterministic:
                 self.cache.put(plan.cache_keys[i], gen)
         else:
             stats.failed_generations += 1

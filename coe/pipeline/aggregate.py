@@ -124,11 +124,15 @@ def _generating(jobs: list[Job], ks: list[int], sink: Sink, generate,
         asked[k] = job.aggregator.requests(qs, routes, resp)
     flat = [r for k in ks for r in asked[k]]
     owner: list[tuple[int, int]] = []  # flat request -> (job, position)
-    for k in ks:
-        index: dict[str, int] = {}
+    for k in ks:  # the n-th request about a question id is the n-th row with that id (a
+        index: dict[str, list[int]] = {}  # request's several samples share one id)
         for i, q in enumerate(state[k][0]):
-            index.setdefault(q.id, i)
-        owner += [(k, index.get(r.question_id, -1)) for r in asked[k]]
+            index.setdefault(q.id, []).append(i)
+        seen: dict[str, int] = {}
+        for r in asked[k]:
+            at = index.get(r.question_id, [])
+            n = seen[r.question_id] = seen.get(r.question_id, -1) + 1
+            owner.append((k, at[min(n, len(at) - 1)] if at else -1))
     stream = None
     if on_token is not None:
         def stream(i: int, piece: str) -> None:

@@ -29,6 +29,7 @@ class CascadeJob:
     table: ResponseTable
     rows: np.ndarray | None = None
     kind: PromptKind = "compose"
+    samples: list[int] | None = None  # per row of ``table``: which of its n samples it is
 
     def row_index(self) -> np.ndarray:
         return np.arange(len(self.routes)) if self.rows is None else self.rows
@@ -59,7 +60,7 @@ def run_cascades(generator: Generator, jobs: list[CascadeJob], name: str = "casc
             need = np.zeros(job.table.has.shape, bool)
             need[rows] = _asked(job.routes, counts[k]).mask() & ~job.table.has[rows]
             if need.any():
-                parts.append(Cells(job.table, need, job.kind))
+                parts.append(Cells(job.table, need, job.kind, samples=job.samples))
         if parts:
             phases.append(generator.generate(parts, name=name))
         still = []

@@ -47,11 +47,14 @@ class Composition:
 
 @dataclass
 class Part:
-    """One composition's requests in a batch, with their routes if already made."""
+    """One composition's requests in a batch, with their routes if already made. A request
+    asked for ``n`` independent answers is ``n`` rows (the same request), ``samples`` saying
+    which sample each row is (None: all 0)."""
 
     composition: Composition
     requests: list[Request]
     routes: RouteTable | list[Route] | None = None
+    samples: list[int] | None = None
 
 
 @dataclass
@@ -88,20 +91,23 @@ def first_round(routes: RouteTable) -> RouteTable:
 
 
 def prepare(executor: Executor, config: PoolConfig, parts: list[Part]
-            ) -> tuple[ResponseTable, list[RouteTable], list[np.ndarray], list[PromptKind]]:
-    """The batch's table, each part's full routes and rows, and each row's prompt kind."""
+            ) -> tuple[ResponseTable, list[RouteTable], list[np.ndarray], list[PromptKind],
+                       list[int]]:
+    """The batch's table, each part's full routes and rows, and each row's prompt kind and
+    sample."""
     names = [e.name for e in config.experts]
     requests = [q for p in parts for q in p.requests]
     table = ResponseTable(requests, names, [gold_answer(q) for q in requests], keep_text=True)
-    routes, rows, kinds = [], [], []
+    routes, rows, kinds, samples = [], [], [], []
     start = 0
     for p in parts:
         n = len(p.requests)
         rows.append(np.arange(start, start + n))
         routes.append(_routes(p, names, config, executor.keeps_loaded))
         kinds += [p.composition.kind] * n
+        samples += p.samples if p.samples is not None else [0] * n
         start += n
-    return table, routes, rows, kinds
+    return table, routes, rows, kinds, samples
 
 
 def _mask(table: ResponseTable, routes: list[RouteTable], rows: list[np.ndarray]) -> np.ndarray:
@@ -115,7 +121,7 @@ def answer(executor: Executor, config: PoolConfig, parts: list[Part],
            on_plan: Callable[[Plan], None] | None = None,
            on_token: PartToken | None = None) -> Answered:
     """Answer every part's requests (see the module doc)."""
-    table, full, rows, kinds = prepare(executor, config, parts)
+    table, full, rows, kinds, samples = prepare(executor, config, parts)
     cascades = [p.composition.router.cascade for p in parts]
     asked = [first_round(r) if c is not None else r for r, c in zip(full, cascades)]
     jobs = [Job(p.composition.aggregator, r, table, idx)
@@ -131,13 +137,15 @@ def answer(executor: Executor, config: PoolConfig, parts: list[Part],
             k = int(part_of[row])
             if parts[k].composition.kind == "proxy":  # a pass-through streams its expert
                 on_token(k, row - int(rows[k][0]), piece)
-    phase = gen.generate([Cells(table, _mask(table, asked, rows), kinds=kinds)], whole=True,
+    phase = gen.generate([Cells(table, _mask(table, asked, rows), kinds=kinds,
+                                samples=samples)], whole=True,
                          last=last[0][0] if last else None, on_plan=on_plan, on_token=stream)
     phases = [phase]
     todo = [k for k, c in enumerate(cascades) if c is not None]
     if todo:
         done, rounds = run_cascades(gen, [CascadeJob(cascades[k], full[k], table, rows[k],
-                                                     parts[k].composition.kind) for k in todo],
+                                                     parts[k].composition.kind, samples)
+                                          for k in todo],
                                     describe=True)
         phases += rounds
         for k, r in zip(todo, done):
@@ -183,7 +191,7 @@ def plan(executor: Executor, config: PoolConfig, parts: list[Part]) -> tuple[lis
                                                                              Plan]:
     """The routes and the experts' plan of ``parts`` (a cascade's first round), generating
     nothing: what ``--dry-run`` shows."""
-    table, full, rows, kinds = prepare(executor, config, parts)
+    table, full, rows, kinds, samples = prepare(executor, config, parts)
     asked = [first_round(r) if p.composition.router.cascade is not None else r
              for p, r in zip(parts, full)]
     jobs = [Job(p.composition.aggregator, r, table, idx) for p, r, idx in zip(parts, asked, rows)]
@@ -191,7 +199,7 @@ def plan(executor: Executor, config: PoolConfig, parts: list[Part]) -> tuple[lis
     gen = Generator(executor, config)
     need = _mask(table, asked, rows)
     r, c = np.nonzero(need)
-    part = Cells(table, need, kinds=kinds)
+    part = Cells(table, need, kinds=kinds, samples=samples)
     requests, _ = gen.requests(part, r.tolist(), c.tolist())
     return full, executor.plan([q for q in requests if q is not None],
                                last=last[0][0] if last else None)

@@ -47,9 +47,10 @@ ANY = Capabilities()  # a backend that is not a replay
 
 
 def asks_more(q: Request) -> bool:
-    """Whether the request asks more than text: tools, a JSON format, logprobs."""
+    """Whether the request asks more than text: tools, a JSON format, logprobs, echo."""
     return bool(q.tools or (q.response_format is not None and q.response_format.wants_json)
-                or (q.sampling is not None and q.sampling.wants_logprobs is not None))
+                or (q.sampling is not None and (q.sampling.wants_logprobs is not None
+                                                or q.sampling.echo)))
 
 
 def prompt(kind: PromptKind, q: Request, cfg: ExpertConfig, can: Capabilities,
@@ -62,6 +63,24 @@ def prompt(kind: PromptKind, q: Request, cfg: ExpertConfig, can: Capabilities,
     if kind == "proxy":
         return proxy_request(cfg, q, sample=sample)
     return build_request(cfg, q, sample=sample)
+
+
+def checked(kind: PromptKind, q: Request, cfg: ExpertConfig, can: Capabilities,
+            sample: int = 0) -> tuple[GenRequest | None, str | None, str | None]:
+    """(request, lack, why): expert ``cfg``'s request for ``q``, or None with what it lacks
+    ("tools", "response_format json_schema", "logprobs", "echo", "chat messages", or
+    "messages": a conversation its format cannot hold) and one line naming the expert."""
+    try:
+        r = prompt(kind, q, cfg, can, sample)
+    except Unrenderable as e:
+        return None, "messages", (f"expert {cfg.name!r} ({cfg.prompt_format} format) cannot "
+                                  f"take this request: {e}")
+    # a replay's request has no prompt to check: what the request asks is checked on the
+    # request another backend would get
+    lack = can.lacks(prompt(kind, q, cfg, ANY) if can.replay_only and asks_more(q) else r)
+    if lack is None:
+        return r, None, None
+    return None, lack, f"expert {cfg.name!r} (backend {cfg.backend}) cannot honour {lack}"
 
 
 @dataclass
@@ -127,23 +146,9 @@ class Generator:
         for i, j in zip(rows, cols):
             kind = kinds[i] if kinds is not None else part.kind
             cfg, can = self.cfgs[j], self.caps[j]
-            try:
-                r = prompt(kind, qs[i], cfg, can, samples[i] if samples is not None else 0)
-            except Unrenderable as e:
-                out.append(None)
-                why.append(f"expert {cfg.name!r} ({cfg.prompt_format} format) cannot take this "
-                           f"request: {e}")
-                continue
-            # a replay's request has no prompt to check: what the request asks is checked on
-            # the request another backend would get
-            lack = can.lacks(prompt(kind, qs[i], cfg, ANY) if can.replay_only and asks_more(qs[i])
-                             else r)
-            if lack is not None:
-                out.append(None)
-                why.append(f"expert {cfg.name!r} (backend {cfg.backend}) cannot honour {lack}")
-                continue
+            r, _, no = checked(kind, qs[i], cfg, can, samples[i] if samples is not None else 0)
             out.append(r)
-            why.append(None)
+            why.append(no)
         return out, why
 
     def generate(self, parts: list[Cells], name: str = "experts", last: str | None = None,

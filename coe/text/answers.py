@@ -4,6 +4,8 @@ Voting compares normalised answers; evaluation compares them with the gold answe
 - multiple choice: a letter A..Z ("The answer is (C)", "Answer: c", or the text of one choice)
 - number: canonical decimal ("#### 1,200" -> "1200", "3.50" -> "3.5", "\\boxed{7}" -> "7")
 - text: lower-case, articles and punctuation removed, white space folded
+- JSON (a request with a JSON ``response_format``): the canonical JSON, when it parses and
+  validates against the request's schema
 
 Gold answers go through the same normalisation (``gold_answer``); a multiple-choice gold may
 also be the text of a choice. One that names no answer of its question is not graded, and
@@ -12,15 +14,25 @@ also be the text of a choice. One that names no answer of its question is not gr
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from decimal import Decimal
 
-from coe.core.types import LETTERS, AnswerKind, ExpertResponse, Generation, Question, parse_number
+from coe.core.types import (
+    LETTERS,
+    AnswerKind,
+    ExpertResponse,
+    Generation,
+    Question,
+    ResponseFormat,
+    parse_number,
+)
 
 _NUM = r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\.\d+"
 _NUM_RE = re.compile(_NUM)
 _NEXT_QUESTION = re.compile(r"\n\s*Question\s*:")
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.S)
 
 
 def _canonical_number(d: Decimal) -> str:
@@ -95,10 +107,44 @@ def _extract_text(text: str) -> str | None:
     return lines[0] if lines else None
 
 
+def parse_json(text: str) -> object:
+    """The JSON value of a response: the whole text, or the inside of a fenced code block
+    (a model answering JSON without a grammar often fences it). Raises ValueError."""
+    t = text.strip()
+    m = _FENCE.fullmatch(t)
+    return json.loads(m.group(1) if m else t)
+
+
+def json_answer(text: str, fmt: ResponseFormat) -> str | None:
+    """The canonical JSON (keys sorted, no spaces) of a response that a JSON
+    ``response_format`` asked for: None unless it parses, is an object (``json_object``) and
+    validates against the schema (``json_schema``). Votes compare these, so key order and
+    spacing do not split them."""
+    try:
+        value = parse_json(text)
+    except ValueError:
+        return None
+    schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+    if fmt.type == "json_object" and not isinstance(value, dict):
+        return None
+    if fmt.type == "json_schema" and schema:
+        import jsonschema
+
+        try:
+            jsonschema.validate(value, schema)
+        except (jsonschema.ValidationError, jsonschema.SchemaError):
+            return None
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def extract_answer(text: str | None, question: Question) -> str | None:
-    """The normalised final answer in a response, or None if there is none."""
+    """The normalised final answer in a response, or None if there is none (a request that
+    asks for JSON: its canonical JSON, see ``json_answer``)."""
     if not text or not text.strip():
         return None
+    fmt = question.response_format
+    if fmt is not None and fmt.wants_json:
+        return json_answer(text, fmt)
     text = _NEXT_QUESTION.split(text, 1)[0]  # a base model may go on to invent the next question
     kind = question.answer_kind
     if kind == "mc":

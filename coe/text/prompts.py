@@ -101,6 +101,19 @@ def _sampling(expert, q: Request, stage: str) -> Sampling:
     return sampling
 
 
+def _sample(sampling: Sampling, sample: int) -> tuple[Sampling, int]:
+    """The sampling and sample index of one of a request's ``n`` samples: a greedy sample is
+    the same generation for every index (0: made once); a seeded one gets seed ``seed +
+    sample``, so each sample is different and reproducible; an unseeded one is fresh anyway."""
+    if sample == 0:
+        return sampling, 0
+    if sampling.temperature == 0.0:
+        return sampling, 0
+    if sampling.seed is not None:
+        sampling = sampling.model_copy(update={"seed": sampling.seed + sample})
+    return sampling, sample
+
+
 def _extras(q: Request) -> dict:
     """What the request asks of every generation besides its prompt."""
     tools = tuple(q.tools) if q.tools else None
@@ -117,7 +130,7 @@ def build_request(expert, q: Request, stage: str = "expert",
     Routers and aggregators that need a model pass their own ``messages`` (chat) or
     ``prompt`` (completion); the expert's prompt format and sampling still apply, and nothing
     of the request but its sampling (aggregation) goes with them."""
-    sampling = _sampling(expert, q, stage)
+    sampling, sample = _sample(_sampling(expert, q, stage), sample)
     extras = _extras(q) if messages is None and prompt is None else {}
     if expert.prompt_format == "chat":
         if messages:
@@ -147,12 +160,13 @@ def build_request(expert, q: Request, stage: str = "expert",
                       **extras)
 
 
-def proxy_request(expert, q: Request, sample: int = 0, echo: bool = False) -> GenRequest:
+def proxy_request(expert, q: Request, sample: int = 0) -> GenRequest:
     """A pass-through: the caller's conversation verbatim (the expert's own ``system_prompt``
-    first, if the yaml gives one), every option of the request forwarded. A completion-format
-    expert gets the conversation in the ``Question: ... Answer:`` template."""
-    sampling = _sampling(expert, q, "expert")
+    first, if the yaml gives one), every option of the request forwarded (``echo`` too). A
+    completion-format expert gets the conversation in the ``Question: ... Answer:`` template."""
+    sampling, sample = _sample(_sampling(expert, q, "expert"), sample)
     extras = _extras(q)
+    echo = q.sampling is not None and q.sampling.echo
     if expert.prompt_format == "chat":
         msgs = tuple(q.messages)
         if expert.system_prompt and expert.system_prompt.strip():

@@ -2,14 +2,16 @@
 ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``, ``GET /metrics``.
 
 A response is the OpenAI object plus one field, ``coe``: the route, every expert's answer, the
-votes and the aggregator, so a caller can see why. ``choices[0]`` holds the text behind the
-final answer: the llm aggregator's response, else the response of the highest-weighted expert
-that gave the final answer (a pass-through: its expert's), else the first expert that answered.
+votes and the aggregator, so a caller can see why. Each choice holds the response behind its
+final answer (``coe.apps.serve.shape``): a pass-through's is its expert's answer as the backend
+gave it (tool calls, finish reason, logprobs).
 
 Errors are OpenAI-shaped, one line: ``{"error": {"message", "type", "param", "code"}}`` with
-400 (not JSON), 401 (key), 404 (unknown model, naming the known ones), 413 (body too large),
-422 (a field), 429 (queue full, with ``Retry-After``), 499 (client went away: logged only),
-503 (starting or draining), 504 (no answer within the request timeout).
+400 (not JSON, a bad field, or a field the model asked cannot honour: ``param`` names it),
+401 (key), 404 (unknown model, naming the known ones, or unknown path), 405 (method), 413
+(body too large), 429 (queue full, with ``Retry-After``), 499 (client went away: logged only),
+502 (every expert failed, naming them and their errors), 503 (starting or draining), 504 (no
+answer within the request timeout, or every expert timed out).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coe.apps.serve.completions import complete
 from coe.apps.serve.errors import ApiError
@@ -62,6 +65,18 @@ def create_app(config: PoolConfig, options: ServeOptions | None = None,
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
         return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """An unknown path (404) or method (405), in the OpenAI shape."""
+        if e.status_code == 404:
+            message = f"unknown path {request.url.path!r}"
+        elif e.status_code == 405:
+            message = f"method {request.method} not allowed on {request.url.path!r}"
+        else:
+            message = str(e.detail)
+        return ApiError(e.status_code, message, "not_found" if e.status_code == 404 else None,
+                        dict(e.headers or {})).response()
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -3,7 +3,9 @@
 A request becomes a ``Job`` in a bounded queue (full: ``QueueFull``, the app answers 429).
 One loop takes the first waiting job, then every job that arrives within ``window`` seconds
 (up to ``max_batch``), and answers them together in a worker thread: each composition routes
-its own questions, then every expert generation of the batch goes into one executor plan (each
+its own questions (a request that asks tools of a composition is then delegated to one recruit,
+and one that asks what no recruit can honour fails with ``Refused``: ``honour``), then every
+expert generation of the batch goes into one executor plan (each
 model is loaded at most once per batch, a backend gets all of the batch's prompts for it in
 one call), then every aggregator generation into one more call: ``coe.pipeline.flow.answer``. Batches run one after
 another; the models stay resident between them (the executor's ``keep_resident``), and the
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from coe.apps.serve.compositions import Composition
+from coe.apps.serve.honour import Refused, settle
 from coe.core.config import PoolConfig
 from coe.core.types import Question, QuestionResult
 from coe.execution import Executor, RunStats
@@ -46,13 +49,23 @@ class Cancelled(Exception):
 
 @dataclass(eq=False)
 class Job:
+    """One HTTP request's rows: its requests (a completion's prompts), each ``n`` times (its
+    samples). The future gives the list of their results, request by request and sample by
+    sample, or the one result of a request with one row (``single``)."""
+
     composition: Composition
-    question: Question
+    questions: list[Question]
     future: asyncio.Future
-    tokens: asyncio.Queue | None = None  # streamed pieces of the aggregator's answer
+    tokens: asyncio.Queue | None = None  # streamed (row, piece) of the answer
+    samples: list[int] = field(default_factory=list)
+    single: bool = True
     cancelled: bool = False
     started: bool = False
     arrived: float = field(default_factory=time.perf_counter)
+
+    @property
+    def question(self) -> Question:
+        return self.questions[0]
 
     def cancel(self) -> None:
         """Drop the job if its batch has not started (a client that went away)."""
@@ -108,10 +121,15 @@ class Batcher:
     def depth(self) -> int:
         return self._queue.qsize() if self._queue else 0
 
-    def submit(self, composition: Composition, question: Question,
-               stream: bool = False) -> Job:
-        job = Job(composition, question, self._loop.create_future(),
-                  asyncio.Queue() if stream else None)
+    def submit(self, composition: Composition, question: Question | list[Question],
+               stream: bool = False, n: int = 1) -> Job:
+        """Queue ``question`` (or several: a completion's prompts), each asked for ``n``
+        independent answers (``GenRequest.sample``)."""
+        qs = question if isinstance(question, list) else [question]
+        rows = [q for q in qs for _ in range(n)]
+        job = Job(composition, rows, self._loop.create_future(),
+                  asyncio.Queue() if stream else None, samples=list(range(n)) * len(qs),
+                  single=not isinstance(question, list) and n == 1)
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -157,7 +175,7 @@ class Batcher:
                     self._queue.task_done()
 
     # -- one batch (in a worker thread) --------------------------------------------------
-    def _resolve(self, job: Job, result: QuestionResult | None = None,
+    def _resolve(self, job: Job, result: list[QuestionResult] | None = None,
                  error: BaseException | None = None) -> None:
         def set_it() -> None:
             if job.future.done():
@@ -165,7 +183,7 @@ class Batcher:
             if error is not None:
                 job.future.set_exception(error)
             else:
-                job.future.set_result(result)
+                job.future.set_result(result[0] if job.single else result)
 
         if self._loop is None:
             return
@@ -177,28 +195,58 @@ class Batcher:
             pass
         self._loop.call_soon_threadsafe(set_it)
 
+    def _route(self, comp: Composition, rows: list[tuple[Job, int]],
+               names: list[str]) -> list[tuple[flow.Part, list[tuple[Job, int]]]]:
+        """One composition's rows routed, and split into the parts they are answered in: as
+        routed, and (tools) delegated to one recruit each (``honour.settle``). A job one of
+        whose rows cannot be honoured fails (``Refused``)."""
+        questions = [job.questions[r] for job, r in rows]
+        routes, _ = route(comp.flow.router, questions, names, blocks=False,
+                          unknown=self.config.expert)
+        if comp.delegated is None:  # a pass-through: checked before it was queued
+            return [(flow.Part(comp.flow, questions, routes, [j.samples[r] for j, r in rows]),
+                     rows)]
+        keep, moved, failed = [], [], set()
+        for k, (row, r) in enumerate(zip(rows, routes[:])):
+            if row[0] in failed:
+                continue
+            try:
+                other = settle(questions[k], r, self.config, self.executor.capabilities)
+            except Refused as e:
+                failed.add(row[0])
+                self._resolve(row[0], error=e)
+                continue
+            (keep if other is None else moved).append((k, other))
+        out = []
+        for flow_, chosen, given in ((comp.flow, keep, None), (comp.delegated, moved, True)):
+            chosen = [(k, r) for k, r in chosen if rows[k][0] not in failed]
+            if chosen:
+                idx = [k for k, _ in chosen]
+                out.append((flow.Part(flow_, [questions[k] for k in idx],
+                                      [r for _, r in chosen] if given else routes.take(idx),
+                                      [rows[k][0].samples[rows[k][1]] for k in idx]),
+                            [rows[k] for k in idx]))
+        return out
+
     def _answer(self, jobs: list[Job]) -> None:
         t0 = time.perf_counter()
         by_comp: dict[str, list[Job]] = {}
         for job in jobs:
             by_comp.setdefault(job.composition.name, []).append(job)
         parts: list[flow.Part] = []
-        owners: list[list[Job]] = []
+        owners: list[list[tuple[Job, int]]] = []  # per part, per row: (job, its row)
         names = [e.name for e in self.config.experts]
         with self.executor.session() as stats:
             for name, group in by_comp.items():
-                comp = group[0].composition.flow
-                questions = [j.question for j in group]
+                rows = [(job, r) for job in group for r in range(len(job.questions))]
                 try:  # a router that fails fails its composition's requests, not the batch
-                    routes, _ = route(comp.router, questions, names, blocks=False,
-                                      unknown=self.config.expert)
+                    for part, mine in self._route(group[0].composition, rows, names):
+                        parts.append(part)
+                        owners.append(mine)
                 except Exception as e:
                     log.warning("routing for %s failed: %s: %s", name, type(e).__name__, e)
                     for job in group:
                         self._resolve(job, error=e)
-                    continue
-                parts.append(flow.Part(comp, questions, routes))
-                owners.append(group)
             if not parts:
                 return
             weights: set = set()
@@ -207,9 +255,9 @@ class Batcher:
                 weights.update(g.key for g in plan.groups)
 
             def on_token(part: int, index: int, piece: str) -> None:
-                job = owners[part][index]
+                job, row = owners[part][index]
                 if job.tokens is not None:
-                    self._loop.call_soon_threadsafe(job.tokens.put_nowait, piece)
+                    self._loop.call_soon_threadsafe(job.tokens.put_nowait, (row, piece))
 
             try:
                 results = flow.answer(self.executor, self.config, parts, on_plan=on_plan,
@@ -220,10 +268,13 @@ class Batcher:
                     self._resolve(job, error=e)
                 return
         failures: Counter = Counter()
-        for group, mine in zip(owners, results):
-            for job, result in zip(group, mine):
+        answered: dict[Job, dict[int, QuestionResult]] = {}
+        for mine, got in zip(owners, results):
+            for (job, row), result in zip(mine, got):
                 failures.update(r.expert for r in result.responses if r.error)
-                self._resolve(job, result)
+                answered.setdefault(job, {})[row] = result
+        for job, by_row in answered.items():
+            self._resolve(job, [by_row[r] for r in range(len(job.questions))])
         seconds = time.perf_counter() - t0
         self._last_batch_seconds = seconds
         if self.on_batch is not None:

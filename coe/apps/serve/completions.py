@@ -1,10 +1,12 @@
 """One completion (``POST /v1/chat/completions``, ``POST /v1/completions``): the body read and
-checked, its request submitted to the batcher, the answer sent whole or streamed (server-sent
-events), and what a result becomes in the OpenAI shape plus the ``coe`` field.
+checked (what its composition cannot honour refused with 400: ``honour``), its requests
+submitted to the batcher (a completion's prompts, each ``n`` times), the answer sent whole or
+streamed (server-sent events) in the OpenAI shape plus the ``coe`` field (``shape``).
 
-``choices[0]`` holds the text behind the final answer: the llm aggregator's response, else the
-response of the highest-weighted expert that gave the final answer (a pass-through: its
-expert's), else the first expert that answered.
+A result that is an error is one: every expert failed is 502 (504 when every failure was a
+timeout) naming the experts and their one-line errors, never a 200 with empty content. A
+streamed answer waits for its first piece before the headers go out, so such an error still
+gets its status; one found after the first piece is an ``error`` event.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -22,48 +24,26 @@ from pydantic import ValidationError
 
 from coe.apps.serve.batcher import Cancelled, Job, QueueFull
 from coe.apps.serve.compositions import UnknownModel
-from coe.apps.serve.errors import ApiError, ClientGone, one_line_validation
+from coe.apps.serve.errors import ApiError, ClientGone, invalid
+from coe.apps.serve.honour import Refused, check_composition, check_pass_through
 from coe.apps.serve.service import Service
+from coe.apps.serve.shape import (
+    answer_text,
+    choice,
+    content,
+    dumps,
+    extensions,
+    failure,
+    tool_calls,
+    usage,
+)
 from coe.core.secrets import redact
-from coe.core.types import QuestionResult
+from coe.core.types import Question, QuestionResult
 
 log = logging.getLogger("coe.serve")
 
+__all__ = ["answer_text", "complete"]
 
-# -- what a result becomes --------------------------------------------------------------------
-
-def answer_text(result: QuestionResult) -> tuple[str, str]:
-    """(content, finish_reason): the text behind the final answer (see the module doc)."""
-    agg = result.aggregator_response
-    if agg is not None and agg.error is None and agg.answer == result.final_answer and agg.text:
-        return agg.text, agg.finish_reason or "stop"
-    weight = {r.name: r.weight for r in result.route.experts}
-    ok = [r for r in result.responses if r.error is None]
-    ok.sort(key=lambda r: -weight.get(r.expert, 0.0))  # stable: route order among equals
-    pick = next((r for r in ok if result.final_answer is not None
-                 and r.answer == result.final_answer), None) or (ok[0] if ok else None)
-    if pick is None:
-        return result.final_answer or "", "stop"
-    return pick.text, pick.finish_reason or "stop"
-
-
-def usage(result: QuestionResult) -> dict[str, int]:
-    resp = [*result.responses, *([result.aggregator_response] if result.aggregator_response
-                                 else [])]
-    p = sum(r.prompt_tokens for r in resp)
-    c = sum(r.completion_tokens for r in resp)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-def extension(result: QuestionResult, composition: str) -> dict[str, Any]:
-    """The ``coe`` field: why this answer."""
-    ext = result.model_dump(mode="json", exclude={"question", "gold", "correct"})
-    ext["composition"] = composition
-    ext["failed"] = dict(result.route.failed)
-    return ext
-
-
-# -- one completion ---------------------------------------------------------------------------
 
 class _Call:
     """One request's bookkeeping: its id, what it asked, and its log line."""
@@ -78,6 +58,7 @@ class _Call:
         self.experts = "-"
         self.prompt: str | None = None
         self.accepted = False
+        self.questions: list[Question] = []  # one per row of the job
 
     def finish(self, status: int) -> None:
         m = self.svc.metrics
@@ -94,32 +75,37 @@ class _Call:
             line += f" prompt={self.prompt[:500]!r}"
         log.info("%s", line)
 
-    def chunk(self, piece: str | None = None, finish: str | None = None) -> dict:
+    def chunk(self, row: int = 0, piece: str | None = None, finish: str | None = None,
+              **delta) -> dict:
         if self.chat:
-            choice = {"index": 0, "delta": ({"content": piece} if piece is not None else {}),
-                      "finish_reason": finish, "logprobs": None}
+            d = {"content": piece} if piece is not None else {}
+            c = {"index": row, "delta": {**d, **delta}, "finish_reason": finish,
+                 "logprobs": None}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
+            c = {"index": row, "text": piece or "", "finish_reason": finish, "logprobs": None}
             obj = "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": [choice]}
+                "choices": [c]}
 
-    def body(self, result: QuestionResult) -> dict:
-        content, finish = answer_text(result)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": content},
-                      "finish_reason": finish, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": content, "finish_reason": finish, "logprobs": None}
+    def check(self, results: list[QuestionResult]) -> None:
+        """Raise the error a result is (``shape.failure``); note the experts for the log."""
+        self.experts = ",".join(dict.fromkeys(n for r in results for n in r.route.names)) or "-"
+        for result, q in zip(results, self.questions):
+            error = failure(result, q)
+            if error is not None:
+                raise error
+
+    def body(self, results: list[QuestionResult]) -> dict:
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [choice],
-                "usage": usage(result), "coe": extension(result, self.model)}
+                "created": self.created, "model": self.model,
+                "choices": [choice(i, r, q, self.chat)
+                            for i, (r, q) in enumerate(zip(results, self.questions))],
+                "usage": usage(results), "coe": extensions(results, self.model)}
 
 
 def _sse(obj: dict | str) -> bytes:
-    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
+    return f"data: {obj if isinstance(obj, str) else dumps(obj)}\n\n".encode()
 
 
 async def _disconnected(request: Request) -> None:
@@ -128,6 +114,23 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _questions(svc: Service, req, comp, call: _Call) -> list[Question]:
+    """The body's requests, checked against what its composition can honour."""
+    try:
+        qs = req.to_questions(call.id) if not call.chat else [req.to_question(call.id)]
+    except ValidationError as e:
+        raise invalid(e) from None
+    try:
+        for q in qs:
+            if comp.expert is not None:
+                check_pass_through(q, comp.expert, svc.config, svc.executor.capabilities)
+            else:
+                check_composition(q, comp.name)
+    except Refused as e:
+        raise ApiError(400, e.message, "unsupported_parameter", param=e.param) from None
+    return qs
 
 
 async def complete(svc: Service, request: Request, model_cls, chat: bool) -> Response:
@@ -148,20 +151,19 @@ async def complete(svc: Service, request: Request, model_cls, chat: bool) -> Res
         try:
             req = model_cls.model_validate(data)
         except ValidationError as e:
-            raise ApiError(422, one_line_validation(e), "invalid_field") from None
+            raise invalid(e) from None
         try:
             comp = svc.compositions.get(req.model)
         except UnknownModel as e:
-            raise ApiError(404, str(e), "model_not_found") from None
-        try:
-            question = req.to_question(call.id)
-        except ValidationError as e:
-            raise ApiError(422, one_line_validation(e), "invalid_field") from None
-        call.prompt = question.question
+            raise ApiError(404, str(e), "model_not_found", param="model") from None
+        qs = _questions(svc, req, comp, call)
+        call.prompt = qs[0].question
+        call.questions = [q for q in qs for _ in range(req.n)]
         if svc.draining or not svc.ready:
             raise ApiError(503, "the server is shutting down", "unavailable")
         try:
-            job = svc.batcher.submit(comp, question, stream=req.stream)
+            job = svc.batcher.submit(comp, qs if not chat else qs[0], stream=req.stream,
+                                     n=req.n)
         except QueueFull as e:
             raise ApiError(429, f"too many requests waiting ({svc.options.max_queue}); "
                            f"retry after {e.retry_after}s", "queue_full",
@@ -170,20 +172,26 @@ async def complete(svc: Service, request: Request, model_cls, chat: bool) -> Res
         svc.metrics.in_flight.inc()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            first = await _first(svc, request, job)  # an error still gets its status
+            if first is None:
+                call.check(_listed(job, job.future.result()))
             streaming = True
-            return StreamingResponse(_events(svc, call, job, include_usage),
+            return StreamingResponse(_events(svc, call, job, include_usage, first),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        result = await _wait(svc, request, job)
-        call.experts = ",".join(result.route.names) or "-"
+        results = _listed(job, await _wait(svc, request, job))
+        call.check(results)
         status = 200
-        return JSONResponse(call.body(result))
+        return JSONResponse(call.body(results))
     except ApiError as e:
         status = e.status
         return e.response()
     except ClientGone:
         status = 499
         return Response(status_code=499)
+    except Refused as e:  # decided once the route was known (batcher)
+        status = 400
+        return ApiError(400, e.message, "unsupported_parameter", param=e.param).response()
     except Exception as e:  # a bug or a broken router: one line to the client, logged here
         log.warning("%s failed: %s: %s", call.id, type(e).__name__, e)
         status = 500
@@ -193,7 +201,16 @@ async def complete(svc: Service, request: Request, model_cls, chat: bool) -> Res
             call.finish(status)
 
 
-async def _wait(svc: Service, request: Request, job: Job) -> QuestionResult:
+def _listed(job: Job, got) -> list[QuestionResult]:
+    return [got] if job.single else got
+
+
+def _timeout(svc: Service) -> ApiError:
+    return ApiError(504, f"no answer within the request timeout "
+                    f"({svc.options.request_timeout:g}s)", "timeout")
+
+
+async def _wait(svc: Service, request: Request, job: Job):
     gone = asyncio.create_task(_disconnected(request))
     try:
         done, _ = await asyncio.wait({job.future, gone}, timeout=svc.options.request_timeout,
@@ -208,65 +225,104 @@ async def _wait(svc: Service, request: Request, job: Job) -> QuestionResult:
     job.cancel()
     if gone in done:
         raise ClientGone()
-    raise ApiError(504, f"no answer within the request timeout "
-                   f"({svc.options.request_timeout:g}s)", "timeout")
+    raise _timeout(svc)
 
 
-async def _events(svc: Service, call: _Call, job: Job, include_usage: bool
-                  ) -> AsyncIterator[bytes]:
-    """Server-sent events: the role, the aggregator's pieces as they are decoded, whatever of
-    the answer was not streamed, a last chunk with ``finish_reason`` and ``coe``, the usage
-    (when asked for), then ``[DONE]``. A failure after the headers went out is an ``error``
-    event."""
+async def _first(svc: Service, request: Request, job: Job) -> tuple | None:
+    """A streamed job's first piece (row, text), or None when it finished without one (then
+    its result is checked here, before any header goes out)."""
+    get = asyncio.ensure_future(job.tokens.get())
+    gone = asyncio.create_task(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({get, job.future, gone},
+                                     timeout=svc.options.request_timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if get in done:
+        return get.result()
+    get.cancel()
+    if job.future.done():
+        try:
+            job.future.result()
+        except Cancelled:
+            raise ClientGone() from None
+        return None
+    job.cancel()
+    if gone in done:
+        raise ClientGone()
+    raise _timeout(svc)
+
+
+async def _events(svc: Service, call: _Call, job: Job, include_usage: bool,
+                  first: tuple | None) -> AsyncIterator[bytes]:
+    """Server-sent events: the role, each row's pieces as they are decoded, whatever of each
+    answer was not streamed (its tool calls included), a finish chunk per row (the last one
+    with ``coe``), the usage (when asked for), then ``[DONE]``. A failure after the first
+    piece went out is an ``error`` event."""
     status = 500
     loop = asyncio.get_running_loop()
     deadline = loop.time() + svc.options.request_timeout
-    sent = []
+    rows = len(job.questions)
+    sent: dict[int, list[str]] = {}
     get: asyncio.Future | None = None
+
+    def piece(item: tuple) -> bytes:
+        row, text = item
+        sent.setdefault(row, []).append(text)
+        return _sse(call.chunk(row, text))
+
     try:
-        first = call.chunk("")
-        if call.chat:
-            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-        yield _sse(first)
+        for row in range(rows):
+            head = call.chunk(row, "")
+            if call.chat:
+                head["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            yield _sse(head)
+        if first is not None:
+            yield piece(first)
         while not job.future.done():
             get = get or asyncio.ensure_future(job.tokens.get())
             left = deadline - loop.time()
             if left <= 0:
                 job.cancel()
-                raise ApiError(504, f"no answer within the request timeout "
-                               f"({svc.options.request_timeout:g}s)", "timeout")
+                raise _timeout(svc)
             done, _ = await asyncio.wait({get, job.future}, timeout=left,
                                          return_when=asyncio.FIRST_COMPLETED)
             if get in done:
-                piece, get = get.result(), None
-                sent.append(piece)
-                yield _sse(call.chunk(piece))
+                item, get = get.result(), None
+                yield piece(item)
         if get is not None:
             if get.done():
-                sent.append(get.result())
-                yield _sse(call.chunk(sent[-1]))
+                yield piece(get.result())
             else:
                 get.cancel()
         while not job.tokens.empty():
-            sent.append(job.tokens.get_nowait())
-            yield _sse(call.chunk(sent[-1]))
+            yield piece(job.tokens.get_nowait())
         try:
-            result = job.future.result()
+            results = _listed(job, job.future.result())
         except Cancelled:
             status = 499
             return
-        call.experts = ",".join(result.route.names) or "-"
-        content, finish = answer_text(result)
-        streamed = "".join(sent)
-        if content.startswith(streamed) and len(content) > len(streamed):
-            yield _sse(call.chunk(content[len(streamed):]))
-        last = call.chunk(None, finish)
-        last["coe"] = extension(result, call.model)
-        yield _sse(last)
+        call.check(results)
+        for row, (result, q) in enumerate(zip(results, call.questions)):
+            r, text, finish = content(result, q)
+            streamed = "".join(sent.get(row, []))
+            if text.startswith(streamed) and len(text) > len(streamed):
+                yield _sse(call.chunk(row, text[len(streamed):]))
+            calls = tool_calls(r)
+            if calls and call.chat:
+                yield _sse(call.chunk(row, tool_calls=[dict(c, index=i)
+                                                       for i, c in enumerate(calls)]))
+            last = call.chunk(row, None, finish)
+            if r is not None and r.logprobs is not None:
+                last["choices"][0]["logprobs"] = r.logprobs
+            if row == rows - 1:
+                last["coe"] = extensions(results, call.model)
+            yield _sse(last)
         if include_usage:
-            tail = call.chunk(None)
+            tail = call.chunk()
             tail["choices"] = []
-            tail["usage"] = usage(result)
+            tail["usage"] = usage(results)
             yield _sse(tail)
         yield _sse("[DONE]")
         status = 200

@@ -56,6 +56,9 @@ class Composition:
     router: str
     aggregator: str
     expert: str | None = None  # a pass-through's expert
+    #: how a request delegated to one of its recruits is answered (tools): that recruit as a
+    #: pass-through, its answer as it is
+    delegated: flow.Composition | None = None
 
 
 class Compositions:
@@ -109,7 +112,9 @@ class Compositions:
             name, ExpertRouter(expert) if expert else build_router(router, cfg, self.executor),
             build_aggregator(aggregator, cfg, strength=strength),
             "proxy" if expert else "compose")
-        return Composition(name, built, router, aggregator, expert)
+        delegated = None if expert else flow.Composition(
+            name, built.router, build_aggregator("single", cfg, strength=strength), "proxy")
+        return Composition(name, built, router, aggregator, expert, delegated)
 
     def _unknown(self, name: str) -> str:
         return f"unknown model {name!r} (known: {', '.join(self.available())})"

@@ -1,24 +1,28 @@
-"""The service's request bodies (the OpenAI API's, with what ``coe`` does not use ignored) and
-how one becomes a ``Request``: the whole conversation, with the body's tools, tool choice and
-response format.
+"""The service's request bodies (the OpenAI API's) and how one becomes a ``Request``: the
+whole conversation, with the body's tools, tool choice, response format and generation options
+(temperature, top_p, max_tokens or max_completion_tokens, stop, seed, penalties, n, logprobs,
+top_logprobs; a text completion's echo).
 
-Fields that change the answer and that ``coe`` cannot honour are refused (422) rather than
-silently ignored: ``n`` other than 1, a message with no text. Everything else an OpenAI client
-may send (``user``, ``logprobs``, ``frequency_penalty``...) is accepted and ignored.
+A field that changes the answer and that no backend here honours (``logit_bias``, ``suffix``,
+``best_of``, token-id prompts...) is refused (400 naming it) rather than silently ignored;
+fields that change nothing (``user``, ``parallel_tool_calls``, ``metadata``...) are accepted.
+Whether the composition asked for can honour the rest (tools, JSON, logprobs) is decided once
+its experts are known (``coe.apps.serve.honour``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from coe.core.request import MAX_N, MAX_TOP_LOGPROBS
 from coe.core.types import (
     MAX_TOKENS,
     AnswerKind,
+    GenerationOptions,
     Question,
     ResponseFormat,
-    SamplingOverride,
     StopString,
     Tool,
     ToolCall,
@@ -27,6 +31,10 @@ from coe.core.types import (
 from coe.core.types import Message as ConvMessage
 
 MAX_ID_CHARS = 200
+#: the most prompts one ``/v1/completions`` request may hold
+MAX_PROMPTS = 64
+#: the most alternatives per token a text completion may ask for (the OpenAI API's)
+MAX_COMPLETION_LOGPROBS = 5
 
 
 class CoeFields(BaseModel):
@@ -46,6 +54,19 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+#: fields of the OpenAI API that change the answer and that no backend here honours: refused
+#: (400 naming the field) when given a value other than their default, never ignored
+UNSUPPORTED = {
+    "logit_bias": "logit_bias is not supported",
+    "suffix": "suffix (text after the insertion point) is not supported",
+    "functions": "functions is the API's old form of tools: send tools",
+    "function_call": "function_call is the API's old form of tool_choice: send tool_choice",
+    "audio": "audio output is not supported",
+    "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+}
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -56,30 +77,53 @@ class _Body(BaseModel):
     max_completion_tokens: int | None = Field(None, gt=0, le=MAX_TOKENS)
     stop: list[StopString] | None = Field(None, max_length=4)  # as SamplingOverride's
     seed: int | None = None
-    n: int = Field(1, ge=1, le=1, description="one answer per request")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    n: int = Field(1, ge=1, le=MAX_N, description="independent answers (choices)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     coe: CoeFields | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
 
     @field_validator("stop", mode="before")
     @classmethod
     def _one_stop(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
-    def sampling(self) -> SamplingOverride | None:
+    @field_validator(*UNSUPPORTED, mode="after")
+    @classmethod
+    def _unsupported(cls, v: Any, info) -> Any:
+        if v not in (None, {}, [], "", ["text"]):
+            raise ValueError(UNSUPPORTED[info.field_name])
+        return v
+
+    def logprob_fields(self) -> dict[str, Any]:
+        """``logprobs`` and ``top_logprobs`` as ``GenerationOptions`` takes them."""
+        return {}
+
+    def sampling(self) -> GenerationOptions | None:
         fields: dict[str, Any] = {}
-        for name in ("temperature", "top_p", "seed"):
+        for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
             if getattr(self, name) is not None:
                 fields[name] = getattr(self, name)
         tokens = self.max_completion_tokens or self.max_tokens
         if tokens is not None:
             fields["max_tokens"] = tokens
         if self.stop is not None:
-            fields["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
-        return SamplingOverride(**fields) if fields else None
+            fields["stop"] = self.stop
+        if self.n != 1:
+            fields["n"] = self.n
+        fields.update(self.logprob_fields())
+        return GenerationOptions(**fields) if fields else None
 
     def question(self, default_id: str, text: str | None, instructions: str | None,
                  messages: list[ConvMessage] | None = None) -> Question:
@@ -130,6 +174,19 @@ class Message(BaseModel):
 
 class ChatRequest(_Body):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> "ChatRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def logprob_fields(self) -> dict[str, Any]:
+        if not self.logprobs:
+            return {}
+        return {"logprobs": True, "top_logprobs": self.top_logprobs}
 
     @field_validator("messages")
     @classmethod
@@ -146,18 +203,55 @@ class ChatRequest(_Body):
 
 
 class CompletionRequest(_Body):
-    prompt: str | list[str]
+    """A text completion: one prompt, or a list of prompts (one choice per prompt and sample,
+    ``index`` = prompt x n + sample, as the OpenAI API numbers them)."""
+
+    prompt: str | list[str] = Field(description="text; token ids are not supported")
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_prompts(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and prompt and not all(isinstance(p, str) for p in prompt):
+            raise ValueError("token-id prompts are not supported: send the prompt as text")
+        return prompt
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
-        text = prompt if isinstance(prompt, str) else (prompt[0] if len(prompt) == 1 else None)
-        if text is None:
-            raise ValueError("one prompt per request")
-        if not text.strip():
+    def _prompts(cls, prompt: str | list[str]) -> str | list[str]:
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        if not texts:
+            raise ValueError("needs at least one prompt")
+        if len(texts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+        if any(not t.strip() for t in texts):
             raise ValueError("must not be blank")
         return prompt
 
+    @model_validator(mode="after")
+    def _best_of(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of (several samples ranked by likelihood) is not supported")
+        return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def logprob_fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"echo": True} if self.echo else {}
+        if self.logprobs is not None:
+            out.update(logprobs=True, top_logprobs=self.logprobs)
+        return out
+
+    def to_questions(self, default_id: str) -> list[Question]:
+        """One request per prompt (ids ``<id>-<i>`` when there are several)."""
+        prompts = self.prompts
+        if len(prompts) == 1:
+            return [self.question(default_id, prompts[0], None)]
+        return [self.question(f"{default_id}-{i}", text, None) for i, text in enumerate(prompts)]
+
     def to_question(self, default_id: str) -> Question:
-        text = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-        return self.question(default_id, text, None)
+        return self.to_questions(default_id)[0]

@@ -176,7 +176,7 @@ def test_bad_requests_get_the_right_status_and_one_line(tmp_path, proxy):
         assert status == 404 and "unknown model 'gpt-9'" in msg
         assert "coe, coe/all+vote" in msg and "memo, api" in msg
         assert error(server.post("/v1/chat/completions", {"model": "coe"}, auth)) == \
-            (422, "messages: Field required")
+            (400, "messages: Field required")
         big = {"model": "coe", "messages": [{"role": "user", "content": "x" * 3000}]}
         assert error(server.post("/v1/chat/completions", big, auth))[0] == 413
         # the key: missing, wrong; never in the log
