@@ -41,10 +41,15 @@ def test_default_threads_leaves_one_usable_core_free(monkeypatch, affinity, omp,
 
 
 def test_load_gives_decoding_and_prompts_the_same_thread_count(monkeypatch, tmp_path):
-    import llama_cpp
-
     seen = []
-    monkeypatch.setattr(llama_cpp, "Llama", lambda **kw: seen.append(kw))
+    # the backend's Llama (llama-cpp-python's, keeping prefixes in whole steps): a recorder
+    class Recorder:
+        reuse_prefix = False
+
+        def __init__(self, **kw):
+            seen.append(kw)
+
+    monkeypatch.setattr(llamacpp, "aligned_llama", lambda: Recorder)
     monkeypatch.setattr(llamacpp, "_silence_llama_log", lambda: None)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
