@@ -1,11 +1,10 @@
 """The Ray executor on a real local Ray instance, started by this module with the machine's two
-CPUs (and two *logical* GPUs, for the vLLM test double: Ray only counts them).
+CPUs (and two *logical* GPUs, for the vLLM test double: Ray only counts them), private as coe
+starts one: every listener on 127.0.0.1.
 
 Faults are driven by request counts: an expert behind the fault proxy makes one request at a
 time, and the worker process is killed when the N-th request arrives, once the driver holds
 the generations before it (read from the response cache, as a user's ``--resume`` would).
-Ray's own listeners bind every interface (Ray 2.x has no option to bind loopback only); its
-token authentication, on by default, guards them.
 """
 
 from __future__ import annotations
@@ -38,10 +37,12 @@ DOUBLES = Path(__file__).resolve().parents[1] / "support" / "doubles"
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     cache = tmp_path_factory.mktemp("ray-workers-cache")
+    from coe.execution.ray_cluster import start_private
+
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, runtime_env={"env_vars": {"COE_CACHE_DIR": str(cache)}})
+    start_private(ray, num_cpus=2, num_gpus=2, logging_level="ERROR", log_to_driver=False,
+                  runtime_env={"env_vars": {"COE_CACHE_DIR": str(cache)}})
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
