@@ -1,6 +1,6 @@
-"""The Ray executor on a real local Ray instance, started by this module with the machine's two
-CPUs (and two *logical* GPUs, for the vLLM test double: Ray only counts them), private as coe
-starts one: every listener on 127.0.0.1.
+"""The Ray executor on a real local Ray instance (``ray_cluster`` in tests/conftest.py: the
+machine's two CPUs and two logical GPUs, private as coe starts one), giving the answers and
+cache keys of the local executor, for ``coe run``, ``eval`` and ``serve``.
 
 Faults are driven by request counts: an expert behind the fault proxy makes one request at a
 time, and the worker process is killed when the N-th request arrives, once the driver holds
@@ -32,21 +32,6 @@ from tests.support.proxy import Fault
 ray = pytest.importorskip("ray")
 
 DOUBLES = Path(__file__).resolve().parents[1] / "support" / "doubles"
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("ray-workers-cache")
-    from coe.execution.ray_cluster import start_private
-
-    if ray.is_initialized():
-        ray.shutdown()
-    start_private(ray, num_cpus=2, num_gpus=2, logging_level="ERROR", log_to_driver=False,
-                  runtime_env={"env_vars": {"COE_CACHE_DIR": str(cache)}})
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
 
 
 def answers(result) -> list:

@@ -230,8 +230,9 @@ class Batcher:
                     self._loop.call_soon_threadsafe(job.tokens.put_nowait, piece)
 
             try:
+                streams = any(job.tokens is not None for job in jobs)  # else: no pieces
                 results = flow.answer(self.executor, self.config, parts, on_plan=on_plan,
-                                      on_token=on_token).results
+                                      on_token=on_token if streams else None).results
             except Exception as e:
                 log.warning("batch of %d failed: %s: %s", len(jobs), type(e).__name__, e)
                 for job in jobs:
