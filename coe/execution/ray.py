@@ -71,8 +71,10 @@ def _ray():
 @dataclass
 class GroupSpan:
     """Where and when one group ran (``RayExecutor.timeline``). Times are the actor's clock
-    (``time.time()`` on its node); ``nodes`` has one entry per actor start seen by this group,
-    so a restart shows as a second node. ``loaded`` is None when the model was loaded already."""
+    (``time.time()`` on its node), ``submitted`` the driver's; ``nodes`` has one entry per
+    actor start seen by this group, so a restart shows as a second node. ``started`` is when
+    its model began loading for it, else when it began on the resident model (``loaded``
+    None)."""
 
     label: str
     experts: list[str]
@@ -278,9 +280,12 @@ class RayExecutor(Executor):
         except BaseException:
             self.actors.free(rk)
             raise
-        if seconds is not None:
+        if seconds is not None:  # loaded for this group: its start is the load's
+            worker = self.actors.workers[rk]
             job.stats.loads += 1
-            job.stats.load_seconds += seconds
+            job.stats.load_seconds += worker.load_seconds  # the model's, as the local executor's
+            job.span.started = worker.loaded_at - worker.load_seconds
+            job.span.loaded = worker.loaded_at
         broken = True
         try:
             if abort.is_set():

@@ -50,6 +50,8 @@ class Worker:
     actor: Any
     placement_group: Any
     where: dict
+    load_seconds: float = 0.0  # its model's load, as the actor measured it
+    loaded_at: float = 0.0  # when it ended (the node's clock)
 
 
 class ModelActors:
@@ -124,7 +126,7 @@ class ModelActors:
         if out[0] != "ok":
             self.kill(actor, pg)
             raise LoadFailed(out[1], out[2])
-        self.workers[rk] = Worker(actor, pg, out[1])
+        self.workers[rk] = Worker(actor, pg, out[1], out[2], out[3])
         self.place(rk, out[1])
 
     def place(self, rk: tuple, where: dict) -> None:

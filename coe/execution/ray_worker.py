@@ -46,7 +46,7 @@ class GroupWorker:
     executor closes). A process that dies is restarted by Ray without its model: the next
     ``run`` loads it again.
 
-    ``load`` returns ``("ok", where, seconds)`` or ``("fail", message, where)``. ``run`` yields
+    ``load`` returns ``("ok", where, seconds, t)`` or ``("fail", message, where)``. ``run`` yields
     ``("start", where, t)``, ``("loaded", seconds, t)`` when it had to load the model (after a
     restart), then ``("out", results, tokens)`` items (``results``: ``(j, Generation)``,
     ``tokens``: ``(j, text)``, ``j`` indexing the requests given), and finally ``("end", t)``
@@ -78,7 +78,8 @@ class GroupWorker:
     def load(self) -> tuple:
         where = self.where()
         try:
-            return "ok", where, self._load()
+            seconds = self._load()
+            return "ok", where, seconds, time.time()
         except Exception as e:
             return "fail", self._load_failed(where, e), where
 
