@@ -17,7 +17,8 @@ that coe joins is left as it was configured (see the README's security note).
 
 Ray's driver installs a C++ failure-signal handler that takes SIGTERM from Python's own
 handler, prints a stack dump and aborts the process once Ray shuts down (exit 134): coe turns
-it off in its own process, so ``coe serve``'s graceful stop on SIGTERM stays its own.
+it off in its own process, and keeps its own Python SIGTERM handler across ``ray.init``, so
+SIGTERM stops ``coe serve`` and ``coe run`` as it does with the local executor.
 
 **Fitting.** A model's actor reserves its resources (``Backend.resources``) and, unless the
 yaml reserves memory itself, its ``memory_bytes`` as Ray's ``memory`` resource, for as long as
@@ -32,6 +33,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import signal
 import threading
 import time
 from contextlib import contextmanager
@@ -92,9 +94,29 @@ def _join(ray, address: str | None, **kwargs) -> None:
         ray.init(address=address, **kwargs)
 
 
+@contextmanager
+def _own_sigterm():
+    """``ray.init`` in the main thread replaces the SIGTERM handler with one exiting at once:
+    keep coe's (``coe run`` stops as on Ctrl-C: what finished is kept)."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
 def join_or_start(ray, address: str | None, *, namespace: str | None, log_to_driver: bool,
                   num_cpus: int | None, num_gpus: int | None, dashboard: bool) -> bool:
     """Connect this process to Ray (see the module doc); True when it started the instance."""
+    with _own_sigterm():
+        return _join_or_start(ray, address, namespace=namespace, log_to_driver=log_to_driver,
+                              num_cpus=num_cpus, num_gpus=num_gpus, dashboard=dashboard)
+
+
+def _join_or_start(ray, address: str | None, *, namespace: str | None, log_to_driver: bool,
+                   num_cpus: int | None, num_gpus: int | None, dashboard: bool) -> bool:
     common: dict[str, Any] = dict(namespace=namespace, logging_level=logging.ERROR,
                                   log_to_driver=log_to_driver)
     disable_failure_signal_handler(ray)

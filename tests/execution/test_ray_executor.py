@@ -322,6 +322,31 @@ def test_a_killed_driver_keeps_what_finished_and_resume_makes_the_rest(ray_clust
     assert len(out.read_text().splitlines()) == 6
 
 
+def test_sigterm_stops_a_ray_run_as_it_stops_a_local_one(ray_cluster, proxy, tmp_path):
+    """`coe run --executor ray` joins Ray in its main thread, where ray.init would put in a
+    SIGTERM handler of its own (exit 15 at once): coe keeps its own (exit 130, what finished
+    kept, one line)."""
+    import subprocess
+    import sys
+
+    cfg = serial_api_pool(tmp_path, proxy)
+    qs = tmp_path / "q.jsonl"
+    qs.write_text("".join(json.dumps({"id": q.id, "question": q.question}) + "\n"
+                          for q in arithmetic_questions(6)))
+    db = tmp_path / "cache.sqlite"
+    cmd = [sys.executable, "-m", "coe", "run", str(qs), "-c", str(cfg), "-o",
+           str(tmp_path / "answers.jsonl"), "-q", "--executor", "ray"]
+    job: list[subprocess.Popen] = []
+    signalled = proxy.on_request(3, lambda: job[0].send_signal(signal.SIGTERM),
+                                 then=Fault.hang())
+    job.append(subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ray_cluster},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    _, err = job[0].communicate(timeout=300)
+    assert signalled.is_set() and job[0].returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err and "SIGTERM received" not in err
+    assert cached_generations(db) == 2
+
+
 def test_the_weights_fingerprint_reads_two_mib_of_a_large_file_once(tmp_path, monkeypatch):
     import builtins
 
