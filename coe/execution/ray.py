@@ -272,12 +272,14 @@ class RayExecutor(Executor):
                 for t in tickets:
                     self.residency.served(t)
         except CoeError as e:
+            job.replica = None
             self.actors.free(rk)
             if isinstance(e, LoadFailed) and e.where:
                 job.span.nodes.append(e.where)
             self._fail(job, str(e), results)
             return
         except BaseException:
+            job.replica = None
             self.actors.free(rk)
             raise
         if seconds is not None:  # loaded for this group: its start is the load's
@@ -293,6 +295,7 @@ class RayExecutor(Executor):
             broken = self._stream(ray, plan, job, results, on_token, abort)
         finally:
             self.residency.done_with(rk, broken)
+            job.replica = None  # no longer this run's: an interrupt leaves it loaded
             self.actors.free(rk)
             self._ledger.forget.remote(job.call)
 
