@@ -13,8 +13,8 @@ local Ray instance of 2 CPUs started here (its start-up is timed apart from the 
 ``--repeat R`` each executor runs R times and the best wall time counts.
 
 Printed: the Ray run's per-group timeline (actor pid; queued: from the driver's submission to
-the actor's start, i.e. starting its worker process; start, load seconds and end, relative to
-the first start) and whether the groups overlapped, then a table per executor (wall time,
+its model's load starting, i.e. waiting for room and starting the actor's process; start, load
+seconds and end, relative to the first start) and whether the groups overlapped, then a table per executor (wall time,
 model loads and their seconds, generations and their summed seconds as the backends report
 them, answers identical to the local run) and the speed-up local / Ray.
 Exits 1 if any final answer or expert response text differs between the two, or if a

@@ -1,8 +1,9 @@
 """Load on ``coe serve``: concurrent clients against a real server subprocess, compared with
 ``coe run`` (the orchestrator in one batch) on the same questions.
 
-    python benchmarks/serve_load.py [--pool local|replay|both] [--clients 32]
-                                    [--per-client 2] [--replay-per-client 20] [--no-sigterm]
+    python benchmarks/serve_load.py [--pool local|replay|both] [--executor local|ray|both]
+                                    [--clients 32] [--per-client 2] [--replay-per-client 20]
+                                    [--no-sigterm]
 
 - ``local``: the default pool (experts.yaml, three llama.cpp experts on two GGUFs), templated
   questions, the response cache off on both sides so every generation is made.
@@ -16,6 +17,13 @@ failed (must be 0), and the ratio of the load's wall time to ``Orchestrator.run`
 same questions (target <= 1.2 on the local pool). Then, unless ``--no-sigterm``: every client
 sends one request at once to a fresh local server, SIGTERM goes out once all are accepted,
 and the table says how many were answered, how many got a 5xx, and the exit code.
+
+``--executor``: the server's executor (``coe serve --executor ray`` starts a private local Ray
+instance of its own, timed apart: the load starts once ``/health`` answers). With ``both`` each
+pool is served by the local executor, then by Ray, on the same machine, one row each: the
+table adds the model loads of the whole load (``loads``) and the models resident at its end
+(``resident``; with room for every model, loads = resident = the distinct weights recruited),
+and ``coe run``'s wall time (``run s``) is the local executor's for both rows.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, config: Path, log: Path, *args: str):
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         self.port = free_port()
         self.root = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-c", "from coe.apps.cli import main; main()", "serve", "-c",
@@ -62,7 +71,7 @@ class Server:
         self.log = log
         with open(log, "wb") as f:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -83,6 +92,10 @@ class Server:
                 name, value = line.rsplit(" ", 1)
                 out[name] = float(value)
         return out
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(self.root + "/health", timeout=10) as r:
+            return json.loads(r.read())
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -160,35 +173,39 @@ def replay_pool() -> Path:
 
 
 def measure(name: str, config: Path, questions: list[Question], clients: int,
-            workdir: Path) -> dict:
-    server = Server(config, workdir / f"serve-{name}.log")
+            workdir: Path, executor: str = "local", run_wall: float | None = None) -> dict:
+    server = Server(config, workdir / f"serve-{name}-{executor}.log", "--executor", executor)
     try:
         wall, results = load(server.root + "/v1", questions, clients)
         m = server.metrics()
+        resident = len(server.health()["residency"])
     finally:
         code = server.stop()
-    lat = [t for t, o in results if o == "ok"]
+    lat = [t for t, o in results if o == "ok"] or [float("nan")]
     bad = [o for _, o in results if o != "ok"]
     batches = m.get("coe_batches_total", 0) or 1
-    with Orchestrator.from_yaml(config, cache=False) as orch:
-        run = orch.run(questions)
+    if run_wall is None:
+        with Orchestrator.from_yaml(config, cache=False) as orch:
+            run_wall = orch.run(questions).wall_seconds
     return {
-        "pool": name, "requests": len(results), "clients": clients,
+        "pool": name, "executor": executor, "requests": len(results), "clients": clients,
+        "loads": int(m.get("coe_model_loads_total", 0)), "resident": resident,
         "throughput": len(results) / wall, "p50": pct(lat, 50), "p95": pct(lat, 95),
         "p99": pct(lat, 99),
         "mean_batch": m.get("coe_batch_size_sum", 0) / batches,
         "batches": int(batches),
         "loads_per_batch": m.get("coe_model_loads_total", 0) / batches,
         "weights_per_batch": m.get("coe_batch_distinct_weights_total", 0) / batches,
-        "lost_or_failed": len(bad), "wall": wall, "run_wall": run.wall_seconds,
-        "ratio": wall / run.wall_seconds if run.wall_seconds else float("nan"),
+        "lost_or_failed": len(bad), "wall": wall, "run_wall": run_wall,
+        "ratio": wall / run_wall if run_wall else float("nan"),
         "exit": code, "errors": sorted(set(bad)),
     }
 
 
-def sigterm_under_load(config: Path, clients: int, workdir: Path) -> dict:
+def sigterm_under_load(config: Path, clients: int, workdir: Path,
+                       executor: str = "local") -> dict:
     """Every client sends one request; once the server has accepted them all, SIGTERM."""
-    server = Server(config, workdir / "serve-sigterm.log")
+    server = Server(config, workdir / f"serve-sigterm-{executor}.log", "--executor", executor)
     qs = local_questions(clients + 1000)[1000:]  # not the questions of the load above
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(ask, server.root + "/v1", q) for q in qs]
@@ -215,39 +232,56 @@ def main() -> None:
     ap.add_argument("--per-client", type=int, default=2, help="questions per client, local pool")
     ap.add_argument("--replay-per-client", type=int, default=20,
                     help="questions per client, replay pool")
+    ap.add_argument("--executor", choices=["local", "ray", "both"], default="local",
+                    help="the server's executor; both: local, then Ray, one row each")
     ap.add_argument("--no-sigterm", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     workdir = Path(tempfile.mkdtemp(prefix="coe-serve-load-"))
+    executors = ["local", "ray"] if args.executor == "both" else [args.executor]
+    pools = []
+    if args.pool in ("local", "both"):
+        pools.append(("local", REPO / "experts.yaml",
+                      local_questions(args.clients * args.per_client)))
+    if args.pool in ("replay", "both"):
+        config = replay_pool()
+        qs = load_questions(config.parent / "test.jsonl").questions
+        pools.append(("replay", config, qs[:args.clients * args.replay_per_client]))
     rows = []
     try:
-        if args.pool in ("local", "both"):
-            rows.append(measure("local", REPO / "experts.yaml",
-                                local_questions(args.clients * args.per_client),
-                                args.clients, workdir))
-        if args.pool in ("replay", "both"):
-            config = replay_pool()
-            qs = load_questions(config.parent / "test.jsonl").questions
-            rows.append(measure("replay", config, qs[:args.clients * args.replay_per_client],
-                                args.clients, workdir))
-        head = (f"{'pool':<7} {'reqs':>5} {'req/s':>7} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} "
-                f"{'batch':>6} {'batches':>7} {'loads/b':>7} {'weights/b':>9} {'lost':>5} "
-                f"{'wall s':>7} {'run s':>7} {'ratio':>6}")
+        for name, config, qs in pools:
+            run_wall = None
+            for ex in executors:
+                rows.append(measure(name, config, qs, args.clients, workdir, ex, run_wall))
+                run_wall = rows[-1]["run_wall"]
+        head = (f"{'pool':<7} {'executor':<8} {'reqs':>5} {'req/s':>7} {'p50 s':>7} "
+                f"{'p95 s':>7} {'p99 s':>7} {'batch':>6} {'batches':>7} {'loads':>5} "
+                f"{'resident':>8} {'loads/b':>7} {'weights/b':>9} {'lost':>5} {'wall s':>7} "
+                f"{'run s':>7} {'ratio':>6}")
         print(head)
         for r in rows:
-            print(f"{r['pool']:<7} {r['requests']:>5} {r['throughput']:>7.2f} {r['p50']:>7.2f} "
-                  f"{r['p95']:>7.2f} {r['p99']:>7.2f} {r['mean_batch']:>6.1f} "
-                  f"{r['batches']:>7} {r['loads_per_batch']:>7.2f} "
+            print(f"{r['pool']:<7} {r['executor']:<8} {r['requests']:>5} "
+                  f"{r['throughput']:>7.2f} {r['p50']:>7.2f} {r['p95']:>7.2f} {r['p99']:>7.2f} "
+                  f"{r['mean_batch']:>6.1f} {r['batches']:>7} {r['loads']:>5} "
+                  f"{r['resident']:>8} {r['loads_per_batch']:>7.2f} "
                   f"{r['weights_per_batch']:>9.2f} {r['lost_or_failed']:>5} {r['wall']:>7.1f} "
                   f"{r['run_wall']:>7.1f} {r['ratio']:>6.2f}")
             if r["errors"]:
-                print(f"  {r['pool']}: failures {r['errors']}")
+                print(f"  {r['pool']} on {r['executor']}: failures {r['errors']}")
+        if len(executors) == 2:
+            for name, _, _ in pools:
+                a, b = (next(r for r in rows if r["pool"] == name and r["executor"] == e)
+                        for e in executors)
+                print(f"{name} pool, ray / local: throughput x{b['throughput'] / a['throughput']:.2f}, "
+                      f"p50 x{b['p50'] / a['p50']:.2f}, p99 x{b['p99'] / a['p99']:.2f}, "
+                      f"loads {b['loads']} vs {a['loads']}")
         if not args.no_sigterm:
-            s = sigterm_under_load(REPO / "experts.yaml", args.clients, workdir)
-            print(f"SIGTERM with {s['accepted_at_sigterm']} requests accepted (local pool): "
-                  f"{s['answered']} answered, {s['5xx']} 5xx, other {s['other'] or 'none'}, "
-                  f"exit code {s['exit']}")
+            for ex in executors:
+                s = sigterm_under_load(REPO / "experts.yaml", args.clients, workdir, ex)
+                print(f"SIGTERM with {s['accepted_at_sigterm']} requests accepted (local pool, "
+                      f"{ex} executor): {s['answered']} answered, {s['5xx']} 5xx, other "
+                      f"{s['other'] or 'none'}, exit code {s['exit']}")
         print(json.dumps(rows))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

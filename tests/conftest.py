@@ -112,3 +112,23 @@ def cached_generations(path: Path) -> int:
             db.close()
     except sqlite3.Error:
         return 0
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One real local Ray instance for the session, started as coe starts one (private: every
+    listener on 127.0.0.1), with the machine's two CPUs and two *logical* GPUs (for the vLLM
+    test double: Ray only counts them). Yields its address (``RAY_ADDRESS`` for a ``coe``
+    subprocess to join it)."""
+    ray = pytest.importorskip("ray")
+    from coe.execution.ray_cluster import start_private
+
+    cache = tmp_path_factory.mktemp("ray-workers-cache")
+    if ray.is_initialized():
+        ray.shutdown()
+    start_private(ray, num_cpus=2, num_gpus=2, logging_level="ERROR", log_to_driver=False,
+                  runtime_env={"env_vars": {"COE_CACHE_DIR": str(cache)}})
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

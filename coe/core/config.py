@@ -183,7 +183,8 @@ class ExecutorConfig(_Strict):
     kind: Annotated[str, AfterValidator(_registered(EXECUTORS))] = "local"
     address: str | None = Field(None, description="ray: the cluster ('auto': the one "
                                 "`ray start` began; ray://host:10001; unset: RAY_ADDRESS, "
-                                "else a running one, else a new local instance)")
+                                "else the one `ray start` began on this machine, else a new "
+                                "private local instance on 127.0.0.1; 'local': always a new one)")
     options: dict[str, Any] = Field(default_factory=dict,
                                     description="the executor's own options")
 

@@ -45,17 +45,18 @@ def build_executor(config: PoolConfig, *, cache: ResponseCache | None = None,
     weights resident at a time unless the yaml's options say otherwise. A server keeps them
     (``keep_resident``) within ``max_resident`` and ``memory_gb``: given here (the command
     line), else the yaml's ``serve:`` section, else as many as fit in half this machine's
-    memory."""
+    memory (an executor placing models in this process; on Ray, each node's own resources
+    bound what its actors hold)."""
     residency: dict = {}
+    cls = EXECUTORS.get(kind or config.executor.kind)
     if serving:
         max_resident = max_resident or config.serve.max_resident_models
         memory_gb = memory_gb or config.serve.memory_gb
-        if memory_gb is None and max_resident is None:
+        if memory_gb is None and max_resident is None and cls.placement == "process":
             memory_gb = default_memory_gb()
         residency = {"max_resident": max_resident, "memory_gb": memory_gb}
     else:
         residency = {k: v for k, v in (("max_resident", max_resident), ("memory_gb", memory_gb))
                      if v is not None}
-    cls = EXECUTORS.get(kind or config.executor.kind)
     return cls.from_config(config, cache=cache, progress=progress, fail_fast=fail_fast,
                            keep_resident=serving, **residency)

@@ -83,6 +83,9 @@ class Executor(ABC):
     placement: ClassVar[str] = "process"
     #: whether models stay loaded from one run of a session to the next
     keeps_loaded: ClassVar[bool] = False
+    #: how many runs (a server's batches) are worth making at once: 1 where they share one
+    #: process's cores (local); more where each model has a process of its own (Ray)
+    parallel_runs: int = 1
 
     def __init__(self, config: PoolConfig, cache: ResponseCache | None = None,
                  progress: bool = False, fail_fast: bool = False,
@@ -117,6 +120,10 @@ class Executor(ABC):
                 self._backends[key] = create_backend(cfg, self.config.base_dir)
                 self._new_backend(key)
             return self._backends[key]
+
+    def start(self) -> None:
+        """Get ready to run (a server calls it at start-up): the Ray executor joins its
+        cluster here, so a server that cannot reach it never reports ready."""
 
     def _new_backend(self, key: tuple) -> None:
         """Called once per load key, when its backend object is made."""

@@ -1,6 +1,6 @@
-"""The worker side of the Ray executor (``coe.execution.ray``): the actor that runs one plan
-group (``GroupWorker``) and the ledger of what each running group's actor has yielded
-(``Ledger``), which makes a restarted actor's rerun generate only what is left."""
+"""The worker side of the Ray executor (``coe.execution.ray``): the actor that holds one
+model and runs its plan groups (``GroupWorker``), and the ledger of what each running call has
+yielded (``Ledger``), which makes a restarted actor's rerun generate only what is left."""
 
 from __future__ import annotations
 
@@ -41,12 +41,16 @@ class Ledger:
 
 
 class GroupWorker:
-    """The actor of one plan group: one model, loaded once, every prompt of the group.
+    """The actor of one model (one set of weights): ``load`` once, then ``run`` any number of
+    plan groups, one at a time, until the executor kills it (the model is unloaded or the
+    executor closes). A process that dies is restarted by Ray without its model: the next
+    ``run`` loads it again.
 
-    ``run`` yields ``("start", where, t)``, ``("loaded", seconds, t)``, then
-    ``("out", results, tokens)`` items (``results``: ``(j, Generation)``, ``tokens``:
-    ``(j, text)``, ``j`` indexing the requests given), and finally ``("end", t)`` or
-    ``("fail", message)``.
+    ``load`` returns ``("ok", where, seconds, t)`` or ``("fail", message, where)``. ``run`` yields
+    ``("start", where, t)``, ``("loaded", seconds, t)`` when it had to load the model (after a
+    restart), then ``("out", results, tokens)`` items (``results``: ``(j, Generation)``,
+    ``tokens``: ``(j, text)``, ``j`` indexing the requests given), and finally ``("end", t)``
+    or ``("fail", message)``.
     """
 
     def __init__(self, config: ExpertConfig, base_dir: Path) -> None:
@@ -58,7 +62,26 @@ class GroupWorker:
         import ray
 
         return {"node": ray.util.get_node_ip_address(), "host": socket.gethostname(),
-                "pid": os.getpid()}
+                "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def _load(self) -> float:
+        t0 = time.perf_counter()
+        self.backend.load()
+        self.loaded = True
+        return time.perf_counter() - t0
+
+    @staticmethod
+    def _load_failed(where: dict, e: Exception) -> str:
+        return (f"load failed on node {where['node']} ({where['host']}): "
+                f"{e if isinstance(e, CoeError) else first_line(e)}")
+
+    def load(self) -> tuple:
+        where = self.where()
+        try:
+            seconds = self._load()
+            return "ok", where, seconds, time.time()
+        except Exception as e:
+            return "fail", self._load_failed(where, e), where
 
     def run(self, call: str, requests: list[GenRequest], ledger, stream_tokens: bool):
         import ray
@@ -75,14 +98,10 @@ class GroupWorker:
         where = self.where()
         yield emit(("start", where, time.time()))
         try:
-            if not self.loaded:
-                t0 = time.perf_counter()
-                self.backend.load()
-                self.loaded = True
-                yield emit(("loaded", time.perf_counter() - t0, time.time()))
+            if not self.loaded:  # a restarted process: load the model again
+                yield emit(("loaded", self._load(), time.time()))
         except Exception as e:
-            yield emit(("fail", f"load failed on node {where['node']} ({where['host']}): "
-                                f"{e if isinstance(e, CoeError) else first_line(e)}"))
+            yield emit(("fail", self._load_failed(where, e)))
             return
         todo = [j for j in range(len(requests)) if j not in done]
         pending: queue.Queue = queue.Queue()

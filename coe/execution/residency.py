@@ -16,8 +16,12 @@ The rules:
 - an idle model another caller is queued for (``queue``) is not unloaded before that caller has
   used it, so concurrent runs that need the same models share their loads;
 - a model that broke while in use is unloaded (``done_with(broken=True)``);
+- ``fits`` (given by an executor that places models on machines of their own, Ray): whether a
+  set of models can be loaded together at all (each node's CPUs, GPUs and memory); it bounds
+  what is loaded as ``max_resident`` and ``memory_gb`` do, and ``room_for`` asks, without
+  unloading anything, whether one more would fit now (how a busy model gets a replica);
 - ``keep_resident``: whether models stay loaded when the last session ends (a server) or are
-  released (a batch command). The executor asks ``should_release`` at that point.
+  released (a batch command).
 
 Thread-safe: one condition variable guards everything. The policy never calls ``load`` while
 holding it (a load takes seconds), so other callers keep being served meanwhile.
@@ -44,7 +48,9 @@ class Slot:
     unload: Callable[[], None]
     holds_weights: bool = True
     bytes: int = 0
-    where: str = "this process"  # a node, for /health and /metrics
+    where: str = "this process"  # for /health: this process, or a Ray node, host and pid
+    node: str = ""  # the node holding it ("": this machine), for /metrics
+    pid: int | None = None  # the process holding it, when not this one
 
 
 @dataclass(frozen=True)
@@ -55,11 +61,13 @@ class Resident:
     where: str
     bytes: int
     in_use: bool
+    node: str = ""
+    pid: int | None = None
 
 
 class Residency:
     def __init__(self, max_resident: int | None = 1, memory_gb: float | None = None,
-                 keep_resident: bool = False):
+                 keep_resident: bool = False, fits: Callable[[list], bool] | None = None):
         if max_resident is not None and max_resident < 1:
             raise ValueError("max_resident must be at least 1")
         if memory_gb is not None and memory_gb <= 0:
@@ -68,6 +76,7 @@ class Residency:
         self.memory_gb = memory_gb
         self.keep_resident = keep_resident
         self.budget = None if memory_gb is None else int(memory_gb * GB)
+        self.fits = fits
         self._slots: dict[Hashable, Slot] = {}
         self._cond = threading.Condition()
         self._resident: OrderedDict[Hashable, None] = OrderedDict()  # least recent first
@@ -88,8 +97,8 @@ class Residency:
 
     def residents(self) -> list[Resident]:
         with self._cond:
-            return [Resident(self._slots[k].label, self._slots[k].where, self._slots[k].bytes,
-                             k in self._in_use) for k in self._resident]
+            return [Resident(s.label, s.where, s.bytes, k in self._in_use, s.node, s.pid)
+                    for k in self._resident for s in (self._slots[k],)]
 
     def resident_bytes(self) -> int:
         with self._cond:
@@ -119,9 +128,16 @@ class Residency:
             return True  # alone, it is loaded even if larger than the budget
         if self.max_resident is not None and len(held) >= self.max_resident:
             return False
-        return (self.budget is None
-                or sum(self._slots[k].bytes for k in held) + self._slots[key].bytes
-                <= self.budget)
+        if (self.budget is not None
+                and sum(self._slots[k].bytes for k in held) + self._slots[key].bytes
+                > self.budget):
+            return False
+        return self.fits is None or self.fits([*held, key])
+
+    def room_for(self, key: Hashable) -> bool:
+        """Whether ``key`` (known, not loaded) could be loaded now without unloading anything."""
+        with self._cond:
+            return not self._slots[key].holds_weights or self._room(key)
 
     def acquire(self, key: Hashable) -> float | None:
         """Model ``key`` loaded and marked in use: None when it was loaded already, else the

@@ -1,11 +1,10 @@
-"""The Ray executor on a real local Ray instance, started by this module with the machine's two
-CPUs (and two *logical* GPUs, for the vLLM test double: Ray only counts them).
+"""The Ray executor on a real local Ray instance (``ray_cluster`` in tests/conftest.py: the
+machine's two CPUs and two logical GPUs, private as coe starts one), giving the answers and
+cache keys of the local executor, for ``coe run``, ``eval`` and ``serve``.
 
 Faults are driven by request counts: an expert behind the fault proxy makes one request at a
 time, and the worker process is killed when the N-th request arrives, once the driver holds
 the generations before it (read from the response cache, as a user's ``--resume`` would).
-Ray's own listeners bind every interface (Ray 2.x has no option to bind loopback only); its
-token authentication, on by default, guards them.
 """
 
 from __future__ import annotations
@@ -33,19 +32,6 @@ from tests.support.proxy import Fault
 ray = pytest.importorskip("ray")
 
 DOUBLES = Path(__file__).resolve().parents[1] / "support" / "doubles"
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("ray-workers-cache")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, runtime_env={"env_vars": {"COE_CACHE_DIR": str(cache)}})
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
 
 
 def answers(result) -> list:
@@ -334,6 +320,31 @@ def test_a_killed_driver_keeps_what_finished_and_resume_makes_the_rest(ray_clust
     assert "generations: 4, cached: 2, failed: 0" in again.stderr
     assert proxy.count == 3 + 4
     assert len(out.read_text().splitlines()) == 6
+
+
+def test_sigterm_stops_a_ray_run_as_it_stops_a_local_one(ray_cluster, proxy, tmp_path):
+    """`coe run --executor ray` joins Ray in its main thread, where ray.init would put in a
+    SIGTERM handler of its own (exit 15 at once): coe keeps its own (exit 130, what finished
+    kept, one line)."""
+    import subprocess
+    import sys
+
+    cfg = serial_api_pool(tmp_path, proxy)
+    qs = tmp_path / "q.jsonl"
+    qs.write_text("".join(json.dumps({"id": q.id, "question": q.question}) + "\n"
+                          for q in arithmetic_questions(6)))
+    db = tmp_path / "cache.sqlite"
+    cmd = [sys.executable, "-m", "coe", "run", str(qs), "-c", str(cfg), "-o",
+           str(tmp_path / "answers.jsonl"), "-q", "--executor", "ray"]
+    job: list[subprocess.Popen] = []
+    signalled = proxy.on_request(3, lambda: job[0].send_signal(signal.SIGTERM),
+                                 then=Fault.hang())
+    job.append(subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ray_cluster},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    _, err = job[0].communicate(timeout=300)
+    assert signalled.is_set() and job[0].returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err and "SIGTERM received" not in err
+    assert cached_generations(db) == 2
 
 
 def test_the_weights_fingerprint_reads_two_mib_of_a_large_file_once(tmp_path, monkeypatch):

@@ -101,3 +101,47 @@ def test_limits_are_checked():
         Residency(max_resident=0)
     with pytest.raises(ValueError):
         Residency(memory_gb=0)
+
+
+def test_what_does_not_fit_on_the_nodes_evicts_the_least_recently_used_idle_model():
+    """``fits`` (the Ray executor's nodes) bounds what is loaded as a budget does; ``room_for``
+    says whether one more fits without unloading anything (how a busy model gets a replica)."""
+    log: list = []
+    gpus = {"a": 1, "b": 1, "c": 2}
+    p = Residency(max_resident=None, fits=lambda keys: sum(gpus[k] for k in keys) <= 2)
+    slots(p, {"a": 1, "b": 1, "c": 1}, log)
+    use(p, "a")
+    assert p.room_for("b") and not p.room_for("c")
+    use(p, "b"), use(p, "a")  # b is the least recently used; c needs both GPUs
+    assert not p.room_for("c")
+    use(p, "c")
+    assert log == [("load", "a"), ("load", "b"), ("unload", "b"), ("unload", "a"),
+                   ("load", "c")]
+    assert p.loaded() == {"c"}
+
+
+def test_ray_nodes_pack_actors_where_they_run_and_the_rest_first_fit():
+    from coe.core.config import Resources
+    from coe.execution.ray_cluster import Nodes, demand
+
+    class Cluster:  # what ray.nodes() reports: two nodes of 2 GPUs and 8 GiB each
+        @staticmethod
+        def nodes():
+            return [{"NodeID": n, "Alive": True,
+                     "Resources": {"CPU": 4.0, "GPU": 2.0, "memory": 8.0 * GB}}
+                    for n in ("n1", "n2")] + [{"NodeID": "gone", "Alive": False,
+                                               "Resources": {"GPU": 8.0}}]
+
+    nodes = Nodes(Cluster)
+    one = demand(Resources(num_cpus=1, num_gpus=1), 3 * GB)
+    two = demand(Resources(num_cpus=1, num_gpus=2), 0)
+    assert one == {"CPU": 1, "GPU": 1, "memory": 3 * GB}
+    assert nodes.fits([("n1", one), ("n2", one), (None, one), (None, one)])
+    assert not nodes.fits([("n1", one), ("n2", one), (None, two)])  # 2 GPUs on no one node
+    assert nodes.fits([("n1", one), ("n1", one), (None, two)])
+    assert not nodes.fits([(None, one), (None, one), (None, one)] * 2)  # 6 x 3 GiB > 2 x 8
+    assert nodes.infeasible({"GPU": 4}, {"GPU": 4}) == (
+        "needs GPU 4 on one node, which no node of the Ray cluster has (largest: GPU 2)")
+    assert nodes.infeasible({"CPU": 1, "memory": 9 * GB}, {"CPU": 1}) == (
+        "needs CPU 1, memory 9.0 GiB on one node, which no node of the Ray cluster has "
+        "(largest: CPU 4, memory 8.0 GiB)")

@@ -86,7 +86,8 @@ def create_app(config: PoolConfig, options: ServeOptions | None = None,
         return JSONResponse({"status": "ok", "experts": len(config.experts),
                              "resident": svc.executor.resident,
                              "residency": [
-                                 {"model": r.label, "where": r.where, "bytes": r.bytes}
+                                 {"model": r.label, "where": r.where, "node": r.node or "local",
+                                  "pid": r.pid, "bytes": r.bytes, "in_use": r.in_use}
                                  for r in svc.executor.residents()],
                              "queued": svc.batcher.depth})
 
@@ -94,7 +95,7 @@ def create_app(config: PoolConfig, options: ServeOptions | None = None,
     async def metrics(request: Request) -> Response:
         svc.authorize(request)
         svc.metrics.queued.set(svc.batcher.depth)
-        svc.metrics.resident.set(len(svc.executor.residents()))
+        svc.metrics.show_residents(svc.executor.residents())
         return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")

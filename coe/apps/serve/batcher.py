@@ -7,9 +7,12 @@ its own questions (a request that asks tools of a composition is then delegated 
 and one that asks what no recruit can honour fails with ``Refused``: ``honour``), then every
 expert generation of the batch goes into one executor plan (each
 model is loaded at most once per batch, a backend gets all of the batch's prompts for it in
-one call), then every aggregator generation into one more call: ``coe.pipeline.flow.answer``. Batches run one after
-another; the models stay resident between them (the executor's ``keep_resident``), and the
-requests that arrive while a batch runs form the next one.
+one call), then every aggregator generation into one more call: ``coe.pipeline.flow.answer``.
+Up to ``parallel`` batches run at once (the executor's ``parallel_runs``: 1 on the local
+executor, whose models share one process's cores; 2 on Ray, where each model has a process of
+its own, so a batch needing other models than the running one starts at once); the models stay
+resident between them (the executor's ``keep_resident``), and the requests that arrive while
+the batches run form the next one.
 
 A job whose client went away (or whose time ran out) before its batch started is dropped from
 the batch; once started it runs to the end (its generations are cached either way).
@@ -86,15 +89,17 @@ class Batcher:
 
     def __init__(self, executor: Executor, config: PoolConfig, window: float = 0.02,
                  max_batch: int = 64, max_queue: int = 256,
-                 on_batch: Callable[[BatchReport], None] | None = None):
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError("max_batch and max_queue must be at least 1")
+                 on_batch: Callable[[BatchReport], None] | None = None, parallel: int = 1):
+        if max_batch < 1 or max_queue < 1 or parallel < 1:
+            raise ValueError("max_batch, max_queue and parallel must be at least 1")
         self.executor = executor
         self.config = config
         self.window = window
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.on_batch = on_batch
+        self.parallel = parallel  # batches running at once (the executor's parallel_runs)
+        self._running: set[asyncio.Task] = set()
         self._queue: asyncio.Queue[Job] | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -154,25 +159,38 @@ class Batcher:
         return batch
 
     async def _run_forever(self) -> None:
+        """Form a batch whenever fewer than ``parallel`` are running, and run it."""
+        slots = asyncio.Semaphore(self.parallel)
         while True:
-            batch = await self._next_batch()
+            await slots.acquire()
             try:
-                live = []
-                for job in batch:
-                    if job.cancelled or job.future.done():
-                        self._resolve(job, error=Cancelled())
-                    else:
-                        job.started = True
-                        live.append(job)
-                if live:
-                    await asyncio.to_thread(self._answer, live)
-            except Exception as e:  # never let one batch stop the service
-                log.exception("batch failed")
-                for job in batch:
-                    self._resolve(job, error=e)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
+                batch = await self._next_batch()
+            except BaseException:
+                slots.release()
+                raise
+            task = asyncio.create_task(self._run_batch(batch), name="coe-batch")
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+            task.add_done_callback(lambda _: slots.release())
+
+    async def _run_batch(self, batch: list[Job]) -> None:
+        try:
+            live = []
+            for job in batch:
+                if job.cancelled or job.future.done():
+                    self._resolve(job, error=Cancelled())
+                else:
+                    job.started = True
+                    live.append(job)
+            if live:
+                await asyncio.to_thread(self._answer, live)
+        except Exception as e:  # never let one batch stop the service
+            log.exception("batch failed")
+            for job in batch:
+                self._resolve(job, error=e)
+        finally:
+            for _ in batch:
+                self._queue.task_done()
 
     # -- one batch (in a worker thread) --------------------------------------------------
     def _resolve(self, job: Job, result: list[QuestionResult] | None = None,
@@ -260,8 +278,9 @@ class Batcher:
                     self._loop.call_soon_threadsafe(job.tokens.put_nowait, (row, piece))
 
             try:
+                streams = any(job.tokens is not None for job in jobs)  # else: no pieces
                 results = flow.answer(self.executor, self.config, parts, on_plan=on_plan,
-                                      on_token=on_token).results
+                                      on_token=on_token if streams else None).results
             except Exception as e:
                 log.warning("batch of %d failed: %s: %s", len(jobs), type(e).__name__, e)
                 for job in jobs:

@@ -46,6 +46,17 @@ class Metrics:
         self.failures = Counter("coe_expert_failures", "Failed generations, by expert",
                                 ["expert"], registry=r)
         self.resident = Gauge("coe_resident_models", "Models loaded now", registry=r)
+        self.resident_bytes = Gauge(
+            "coe_resident_model_bytes", "Memory each loaded model holds (its memory_bytes), by "
+            "model and the node holding it (local: this machine)", ["model", "node"], registry=r)
+
+    def show_residents(self, residents) -> None:
+        """The loaded models now (``Executor.residents()``): how many, and where and how large
+        each is (two loads of one label on one node add up)."""
+        self.resident.set(len(residents))
+        self.resident_bytes.clear()
+        for r in residents:
+            self.resident_bytes.labels(model=r.label, node=r.node or "local").inc(r.bytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -68,7 +68,7 @@ class Service:
         self.compositions = Compositions(config, executor)
         self.batcher = Batcher(executor, config, window=options.batch_window_ms / 1000,
                                max_batch=options.max_batch, max_queue=options.max_queue,
-                               on_batch=self._count_batch)
+                               on_batch=self._count_batch, parallel=executor.parallel_runs)
 
     def _count_batch(self, report: BatchReport) -> None:
         m, s = self.metrics, report.stats
@@ -83,8 +83,10 @@ class Service:
             m.failures.labels(expert=expert).inc(n)
 
     def startup(self) -> None:
-        """Build every composition (one that cannot be built is left out of /v1/models), and
-        route one question with the default one so its router's models are loaded."""
+        """Get the executor ready (Ray: join or start the cluster), build every composition
+        (one that cannot be built is left out of /v1/models), and route one question with the
+        default one so its router's models are loaded."""
+        self.executor.start()
         for name in self.compositions.names():
             try:
                 self.compositions.get(name)
