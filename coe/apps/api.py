@@ -34,6 +34,7 @@ from coe.execution import Executor, Plan, RunStats, build_executor
 from coe.io.cache import ResponseCache, open_cache
 from coe.io.output import ResultWriter
 from coe.pipeline import flow
+from coe.pipeline.preflight import files_read
 from coe.routing import Router, build_router
 from coe.text.answers import describe_ungraded, gold_answer, gold_problem, is_correct
 from coe.text.prompts import build_request
@@ -164,14 +165,20 @@ class Orchestrator:
                          f"(aggregator: {', '.join(n for n, _ in after.most_common())})")
         return DryRun(routes, plan, notes)
 
-    def run(self, questions: list[Question | dict], output: str | Path | None = None,
-            resume: bool = False, on_plan=None) -> RunResult:
+    def run(self, questions: list[Question | dict],
+            output: str | Path | ResultWriter | None = None, resume: bool = False,
+            on_plan=None) -> RunResult:
         """Answer ``questions`` (``Question``s or dicts of their fields, ids unique); with
-        ``output``, append each result to that JSONL file. ``on_plan(plan)`` is called once
-        the expert plan is known, before any model loads."""
+        ``output``, append each result to that JSONL file (locked while the run writes it:
+        another writer is refused), or to a ``ResultWriter`` made already (it holds the lock
+        and its ``resume``), closed when the run ends. ``on_plan(plan)`` is called once the
+        expert plan is known, before any model loads."""
         questions = unique_ids(self._accept(questions))
         t0 = time.perf_counter()
-        writer = ResultWriter(output, resume=resume, questions=questions) if output else None
+        writer = (output if isinstance(output, ResultWriter) else
+                  ResultWriter(output, resume=resume, questions=questions,
+                               inputs=files_read(self.config, self.cache is not None and self.cache))
+                  if output else None)
         results: list[QuestionResult] = []
         resumed, plan = 0, None
         with self.executor.session() as stats:

@@ -63,26 +63,34 @@ def run(
     executor: Optional[str] = ExecutorOpt,
 ):
     """Answer every question with the recruited experts and aggregate their answers."""
-    from coe.apps.api import Orchestrator
-    from coe.io.output import check_output
+    from coe.apps.api import Orchestrator, unique_ids
+    from coe.io.output import ResultWriter, check_output
+    from coe.pipeline.preflight import files_read
     from coe.pipeline.results import result_responses, truncation_warning
 
+    cfg = _config(config, executor)
+    writer = None
     if output is not None and not dry_run:  # before anything is read, loaded or generated
-        check_output(output, [("question file", questions), ("config", config)])
+        check_output(output, [("question file", questions), *files_read(cfg, cache)])
     qs = _load(questions, skip_invalid)
-    orch = Orchestrator(_config(config, executor), router=router, aggregator=aggregator, k=k,
-                        cache=cache, progress=not quiet, fail_fast=fail_fast)
-    with orch:
-        if dry_run:
-            dry = orch.dry_run(qs)
-            for r in dry.routes:
-                err(f"{r.question_id}: {', '.join(r.names)}  [{r.reason}]")
-            err(dry.plan.describe())
-            for note in dry.notes:
-                err(note)
-            return
-        result = orch.run(qs, output=output, resume=resume,
-                          on_plan=None if quiet else lambda plan: err(plan.describe()))
+    if output is not None and not dry_run:  # held until the run ends: one writer at a time
+        writer = ResultWriter(output, resume=resume, questions=unique_ids(qs))
+    try:
+        with Orchestrator(cfg, router=router, aggregator=aggregator, k=k, cache=cache,
+                          progress=not quiet, fail_fast=fail_fast) as orch:
+            if dry_run:
+                dry = orch.dry_run(qs)
+                for r in dry.routes:
+                    err(f"{r.question_id}: {', '.join(r.names)}  [{r.reason}]")
+                err(dry.plan.describe())
+                for note in dry.notes:
+                    err(note)
+                return
+            result = orch.run(qs, output=writer, resume=resume,
+                              on_plan=None if quiet else lambda plan: err(plan.describe()))
+    finally:
+        if writer is not None:
+            writer.close()
     if output is None:
         for r in result.results:
             sys.stdout.write(r.model_dump_json() + "\n")
@@ -154,10 +162,12 @@ def eval_cmd(
     oracle) on questions with gold answers; each generation is made once and shared."""
     from coe.apps.eval.job import run_eval_job
     from coe.apps.eval.report import comparison_table, strategy_table, summary_lines
+    from coe.pipeline.preflight import files_read
 
     cfg = _config(config, executor)
     _check_eval_outputs(cfg, out, record, [("question file", questions),
-                                           ("validation file", validation), ("config", config)])
+                                           ("validation file", validation),
+                                           *files_read(cfg, cache)])
     result, files, recorded = run_eval_job(
         questions, cfg, out_dir=out, validation=validation, record_dir=record, plots=plots,
         skip_invalid=skip_invalid, log=None if quiet else err, strategies=strategies,
@@ -260,9 +270,15 @@ def profile(
     """Build (or extend) model profiles: per-skill and global accuracy of every expert, and
     each aggregator candidate's aggregation accuracy, on a validation set."""
     from coe.apps.profile import build_profiles
+    from coe.io.output import check_output
     from coe.learned.profiles import Profiles
+    from coe.pipeline.preflight import PROFILES, files_read
 
     cfg = _config(config, executor)
+    # the profiles and their validation record (extending them is what this command does)
+    inputs = [("validation file", validation), *files_read(cfg, cache, produces=(PROFILES,))]
+    for path in (output, output.with_suffix(".npz")):
+        check_output(path, inputs, what="profiles")
     qs = _load(validation, skip_invalid)
     existing = Profiles.load(output) if output.exists() else None
     aggs = [a.strip() for a in aggregators.split(",") if a.strip()] if aggregators is not None else None
@@ -294,9 +310,15 @@ def train_router(
     """Train the category classifier of Composition-of-Experts routing; prints held-out
     accuracy and a confusion matrix. Use it with `router: {kind: category, model_file: ...}`."""
     from coe.core.config import EmbeddingConfig, load_config
+    from coe.io.output import check_output
     from coe.learned.classifier import train_category_router
+    from coe.pipeline.preflight import ROUTER_FILE, files_read
 
     cfg = load_config(config) if config else None
+    inputs = [("labelled questions", labeled), ("test questions", test)]
+    if cfg is not None:  # the router file is what this command makes
+        inputs += files_read(cfg, produces=(ROUTER_FILE,))  # its cache too: never destroyed
+    check_output(output, inputs, what="router file")
     emb = cfg.embeddings if cfg else EmbeddingConfig()
     qs = _load(labeled, skip_invalid)
     held = _load(test, skip_invalid) if test else None
