@@ -373,6 +373,11 @@ def serve(
                                           help="seconds a request may wait for its answer (504)"),
     max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1,
                                        help="largest request body (413)"),
+    idle_timeout: float = typer.Option(15.0, "--idle-timeout", min=0.1,
+                                       help="seconds a connection may stay open with no "
+                                       "request in progress (headers still coming included)"),
+    max_connections: int = typer.Option(512, "--max-connections", min=1,
+                                        help="connections open at once (more are closed)"),
     api_key_env: Optional[str] = typer.Option(
         None, "--api-key-env", help="require 'Authorization: Bearer <value of this variable>'"),
     log_prompts: bool = typer.Option(False, "--log-prompts", help="log each request's question"),
@@ -398,7 +403,8 @@ def serve(
         host=host, port=port, batch_window_ms=batch_window_ms, max_batch=max_batch,
         max_queue=max_queue, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
         api_key_env=api_key_env, log_prompts=log_prompts,
-        max_resident_models=max_resident_models, memory_gb=memory_gb, cache=cache))
+        max_resident_models=max_resident_models, memory_gb=memory_gb, cache=cache,
+        idle_timeout=idle_timeout, max_connections=max_connections))
 
 
 def _terminate(signum, frame):
@@ -440,16 +446,12 @@ def main() -> None:
         sys.exit(StorageError.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):  # click's form of Ctrl-C
-            err(INTERRUPTED)
-            sys.exit(130)
-        raise
+    except typer.TyperException as e:  # usage errors (typer's own click) in standalone_mode=False
+        err(f"error: {e.format_message()} (see coe --help)")
+        sys.exit(e.exit_code)
+    except typer.Abort:  # typer's form of Ctrl-C
+        err(INTERRUPTED)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
