@@ -27,7 +27,8 @@ from the yaml, and never written anywhere. The key and the credentials written i
 ``base_url`` (``user:password@``, which the client sends as Basic auth *instead of* the key,
 and the query string) are added to ``coe.core.secrets`` as soon as the expert's config is read, so
 every form of them (raw, base64, percent-encoded) is hidden from every error message (the
-*whole* text is redacted before it is cut short), every answer text and every streamed piece.
+*whole* text is redacted before it is cut short), every answer text and every streamed piece
+(a ``StreamRedactor``: a secret cut across pieces is hidden too).
 """
 
 from __future__ import annotations
@@ -263,6 +264,7 @@ class OpenAIBackend(Backend):
         else:
             stream = await client.completions.create(prompt=r.prompt, **kw)
         pieces, finish, usage, chunks = [], None, None, 0
+        hidden = secrets.stream()  # a secret split across pieces is whole before it goes out
         try:
             async for chunk in stream:
                 usage = getattr(chunk, "usage", None) or usage
@@ -271,13 +273,18 @@ class OpenAIBackend(Backend):
                     if piece:
                         pieces.append(piece)
                         chunks += 1
-                        on_token(self.redact(piece))  # a secret split across pieces: see the text
+                        safe = hidden.feed(piece)
+                        if safe:
+                            on_token(safe)
                     finish = choice.finish_reason or finish
         except (openai.APITimeoutError, _http().TimeoutException) as e:  # mid-stream: the
             raise StreamTimeout(str(e)) from e  # attempt's deadline (a stream is not retried)
         if finish is None:  # cut off: llama_cpp.server ends a stream when another request comes
             raise BadResponse(f"stream ended before the answer did (no finish_reason) after "
                               f"{chunks} pieces")
+        rest = hidden.flush()
+        if rest:
+            on_token(rest)
         done = (getattr(usage, "completion_tokens", 0) or 0) if usage else chunks
         return Generation(text=self.redact("".join(pieces)), seconds=time.perf_counter() - t0,
                           finish_reason=finish,

@@ -24,10 +24,60 @@ from coe.apps.serve.batcher import Cancelled, Job, QueueFull
 from coe.apps.serve.compositions import UnknownModel
 from coe.apps.serve.errors import ApiError, ClientGone, one_line_validation
 from coe.apps.serve.service import Service
+from coe.core import secrets
 from coe.core.secrets import redact
 from coe.core.types import QuestionResult
 
 log = logging.getLogger("coe.serve")
+
+MAX_DEPTH = 64  # nesting of a request body: a tool's JSON schema needs a handful
+MAX_SHOWN = 100  # characters of a client's string in a log line or an error message
+
+
+# -- what a request body may be ---------------------------------------------------------------
+
+def shown(text: str) -> str:
+    """A client's string as it may be logged or echoed: control characters (a newline, an
+    ANSI escape) and lone surrogates escaped, at most ``MAX_SHOWN`` characters of it."""
+    cut = text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(text):,} characters)"
+    return cut if cut.isprintable() else repr(cut)[1:-1]
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request body as a JSON object, or a 400 saying what is wrong with it: not JSON,
+    nested deeper than ``MAX_DEPTH``, a number too long to read, a string holding a lone
+    surrogate (half of a UTF-16 pair: no text can be encoded with it)."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
+    except RecursionError:
+        data = None
+    except ValueError as e:  # an integer of more than 4,300 digits
+        raise ApiError(400, f"request body is not valid JSON: {str(e).split(';')[0]}",
+                       "invalid_json") from None
+    if not isinstance(data, dict):
+        if data is None:
+            raise ApiError(400, f"request body is nested more than {MAX_DEPTH} levels deep",
+                           "invalid_json")
+        raise ApiError(400, "request body must be a JSON object", "invalid_json")
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise ApiError(400, f"request body is nested more than {MAX_DEPTH} levels deep",
+                               "invalid_json")
+            items = [*value, *value.values()] if isinstance(value, dict) else value
+            stack += [(v, depth + 1) for v in items]
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ApiError(400, f"request body holds a lone surrogate "
+                               f"({value[e.start]!r}): not valid Unicode text",
+                               "invalid_json") from None
+    return data
 
 
 # -- what a result becomes --------------------------------------------------------------------
@@ -88,7 +138,7 @@ class _Call:
             m.in_flight.dec()
             if status == 200:
                 m.latency.labels(model=known).observe(latency)
-        line = (f"{self.id} model={self.model} experts={self.experts} status={status} "
+        line = (f"{self.id} model={shown(self.model)} experts={self.experts} status={status} "
                 f"latency={latency:.3f}s")
         if self.svc.options.log_prompts and self.prompt is not None:
             line += f" prompt={self.prompt[:500]!r}"
@@ -136,13 +186,7 @@ async def complete(svc: Service, request: Request, model_cls, chat: bool) -> Res
     streaming = False
     try:
         svc.authorize(request)
-        raw = await svc.read_body(request)
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "request body must be a JSON object", "invalid_json")
+        data = parse_body(await svc.read_body(request))
         if isinstance(data.get("model"), str):
             call.model = data["model"]
         try:
@@ -150,6 +194,9 @@ async def complete(svc: Service, request: Request, model_cls, chat: bool) -> Res
         except ValidationError as e:
             raise ApiError(422, one_line_validation(e), "invalid_field") from None
         try:
+            if len(req.model) > MAX_SHOWN:  # no composition or expert has such a name
+                raise UnknownModel(f"unknown model '{shown(req.model)}' (known: "
+                                   f"{', '.join(svc.compositions.available())})")
             comp = svc.compositions.get(req.model)
         except UnknownModel as e:
             raise ApiError(404, str(e), "model_not_found") from None
@@ -166,6 +213,10 @@ async def complete(svc: Service, request: Request, model_cls, chat: bool) -> Res
             raise ApiError(429, f"too many requests waiting ({svc.options.max_queue}); "
                            f"retry after {e.retry_after}s", "queue_full",
                            {"Retry-After": str(e.retry_after)}) from None
+        # whoever stops waiting for it (a client gone, a timeout), its outcome is retrieved:
+        # a job dropped before its batch, or a failed batch, would otherwise leave asyncio an
+        # exception nobody retrieved, logged with a traceback
+        job.future.add_done_callback(_retrieve)
         call.accepted = True
         svc.metrics.in_flight.inc()
         if req.stream:
@@ -185,12 +236,17 @@ async def complete(svc: Service, request: Request, model_cls, chat: bool) -> Res
         status = 499
         return Response(status_code=499)
     except Exception as e:  # a bug or a broken router: one line to the client, logged here
-        log.warning("%s failed: %s: %s", call.id, type(e).__name__, e)
+        log.warning("%s failed: %s: %s", call.id, type(e).__name__, shown(str(e)))
         status = 500
         return ApiError(500, redact(f"{type(e).__name__}: {e}"), "internal_error").response()
     finally:
         if not streaming:
             call.finish(status)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _wait(svc: Service, request: Request, job: Job) -> QuestionResult:
@@ -222,6 +278,7 @@ async def _events(svc: Service, call: _Call, job: Job, include_usage: bool
     loop = asyncio.get_running_loop()
     deadline = loop.time() + svc.options.request_timeout
     sent = []
+    hidden = secrets.stream()  # a secret cut across pieces goes out hidden (any backend's)
     get: asyncio.Future | None = None
     try:
         first = call.chunk("")
@@ -238,18 +295,22 @@ async def _events(svc: Service, call: _Call, job: Job, include_usage: bool
             done, _ = await asyncio.wait({get, job.future}, timeout=left,
                                          return_when=asyncio.FIRST_COMPLETED)
             if get in done:
-                piece, get = get.result(), None
-                sent.append(piece)
-                yield _sse(call.chunk(piece))
+                piece, get = hidden.feed(get.result()), None
+                if piece:
+                    sent.append(piece)
+                    yield _sse(call.chunk(piece))
+        pieces = []
         if get is not None:
             if get.done():
-                sent.append(get.result())
-                yield _sse(call.chunk(sent[-1]))
+                pieces.append(get.result())
             else:
                 get.cancel()
         while not job.tokens.empty():
-            sent.append(job.tokens.get_nowait())
-            yield _sse(call.chunk(sent[-1]))
+            pieces.append(job.tokens.get_nowait())
+        for piece in [*map(hidden.feed, pieces), hidden.flush()]:
+            if piece:
+                sent.append(piece)
+                yield _sse(call.chunk(piece))
         try:
             result = job.future.result()
         except Cancelled:
@@ -278,7 +339,7 @@ async def _events(svc: Service, call: _Call, job: Job, include_usage: bool
         status = 499
         raise
     except Exception as e:
-        log.warning("%s failed: %s: %s", call.id, type(e).__name__, e)
+        log.warning("%s failed: %s: %s", call.id, type(e).__name__, shown(str(e)))
         yield _sse(ApiError(500, redact(f"{type(e).__name__}: {e}"), "internal_error").body())
     finally:
         if get is not None and not get.done():
