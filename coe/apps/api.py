@@ -56,18 +56,30 @@ class RunResult:
         return sum(1 for r in self.results if r.correct is not None)
 
     @property
+    def failed(self) -> list[str]:
+        """Questions with a gold answer on which every expert failed: left out of
+        ``accuracy`` and counted here, as ``coe eval`` counts them (no answer to grade)."""
+        return [r.id for r in self.results
+                if r.gold is not None and r.id not in self.ungraded
+                and flow.all_failed(r.responses)]
+
+    @property
     def accuracy(self) -> float | None:
         graded = [r.correct for r in self.results if r.correct is not None]
         return sum(graded) / len(graded) if graded else None
 
     def accuracy_line(self) -> str | None:
-        """``accuracy against gold: 85.7% (7 graded questions)``, then what was not graded;
-        None when no question has a gold answer."""
-        if self.accuracy is None and not self.ungraded:
+        """``accuracy against gold: 85.7% (7 graded questions)``, then the questions every
+        expert failed on and what was not graded; None when no question has a gold answer."""
+        failed = len(self.failed)
+        if self.accuracy is None and not self.ungraded and not failed:
             return None
         acc = "none graded" if self.accuracy is None else \
             f"{self.accuracy:.1%} ({self.graded} graded question{'s' * (self.graded != 1)})"
         line = f"accuracy against gold: {acc}"
+        if failed:
+            line += (f"; {failed} question{'s' * (failed != 1)} left out: every expert "
+                     f"failed (rerun with --resume once they can answer)")
         if self.ungraded:
             n = len(self.ungraded)
             line += (f"; {n} question{'s' * (n != 1)} could not be graded "
@@ -213,7 +225,8 @@ class Orchestrator:
             responses=resp, final_answer=final.answer, aggregator=final.aggregator,
             confidence=round(final.confidence, 4), votes=final.votes,
             aggregator_response=final.response, note=final.note,
-            correct=is_correct(final.answer, q), choices=q.choices)
+            correct=None if flow.all_failed(resp) else is_correct(final.answer, q),
+            choices=q.choices)
 
     def close(self) -> None:
         if self._closed:

@@ -122,3 +122,29 @@ def test_failed_run_keeps_the_previous_answers_file(replay_pool, tmp_path):
     proc = coe("run", qs, "-c", bad, "-o", out, "--fail-fast")
     assert proc.returncode != 0
     assert out.read_text() == '{"id": "old"}\n'
+
+
+def test_questions_every_expert_failed_on_are_left_out_of_the_accuracy(tmp_path):
+    """As ``coe eval`` counts them: not wrong answers, failed ones (the output says
+    ``correct: null``), named in the accuracy line."""
+    import yaml
+
+    from tests.conftest import write_jsonl
+
+    qs = write_jsonl(tmp_path / "q.jsonl", [
+        {"id": f"q{i}", "question": f"Question {i}?", "choices": ["a", "b"], "answer": "A"}
+        for i in range(6)])
+    # the recording misses q4 and q5: the only expert fails on them
+    write_jsonl(tmp_path / "partial.jsonl", [{"id": f"q{i}", "text": "The answer is (A)."}
+                                             for i in range(4)])
+    cfg = tmp_path / "pool.yaml"
+    cfg.write_text(yaml.safe_dump({"experts": [{"name": "partial", "backend": "replay",
+                                                "model": "partial.jsonl"}],
+                                   "router": {"kind": "all"}}))
+    out = tmp_path / "answers.jsonl"
+    proc = coe("run", qs, "-c", cfg, "-q", "-o", out)
+    assert proc.returncode == 4, proc.stderr  # an expert failed
+    assert ("accuracy against gold: 100.0% (4 graded questions); 2 questions left out: every "
+            "expert failed") in proc.stderr, proc.stderr
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert [rows[f"q{i}"]["correct"] for i in range(6)] == [True] * 4 + [None] * 2
