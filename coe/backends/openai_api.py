@@ -143,6 +143,20 @@ def _bounded_client_class():
     return BoundedClient
 
 
+def split_query(url: str) -> tuple[str, dict[str, str]]:
+    """``base_url`` without its query string, and that query as parameters. The client joins
+    each endpoint's path to the base URL as text, so ``https://h/openai/deployments/d?api-version=1``
+    would become ``...d?api-version=1/chat/completions``: the query goes in ``default_query``
+    instead (Azure OpenAI's ``api-version``), sent with every request."""
+    from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+    u = urlsplit(url)
+    if not u.query:
+        return url, {}
+    return (urlunsplit((u.scheme, u.netloc, u.path, "", u.fragment)),
+            dict(parse_qsl(u.query, keep_blank_values=True)))
+
+
 class OpenAIExpert(ExpertConfig):
     backend: Literal["openai"]
     base_url: str = Field(min_length=1)
@@ -370,9 +384,11 @@ class OpenAIBackend(Backend):
 
         http_client = _bounded_client_class()(attempt_timeout=self.config.timeout,
                                               timeout=self.config.timeout)
-        async with openai.AsyncOpenAI(base_url=self.config.base_url, api_key=self._key,
+        base_url, query = split_query(self.config.base_url)
+        async with openai.AsyncOpenAI(base_url=base_url, api_key=self._key,
                                       timeout=self.config.timeout,
                                       max_retries=self.config.max_retries,
+                                      default_query=query or None,
                                       http_client=http_client) as client:
 
             async def worker(i: int, r: GenRequest) -> None:
