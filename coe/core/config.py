@@ -152,8 +152,13 @@ class RouterConfig(_Strict):
     # cascade (knn router)
     budget: float | None = Field(
         None, ge=1.0, description="cascade: ask the strongest recruits first, one more per round, "
-        "until the answer selector is confident; its threshold is calibrated on the profiles' "
-        "validation record so that the average number of experts asked is at most this")
+        "until the answer selector is confident; no question asks more than this many experts "
+        "(budget_mode: cap), or the average over questions is at most this (budget_mode: mean)")
+    budget_mode: Literal["cap", "mean"] = Field(
+        "cap", description="cap: at most `budget` experts for every question, the stopping "
+        "threshold the most accurate one on the profiles' validation record; mean: the "
+        "threshold whose average number of experts asked there is at most `budget`, a question "
+        "asking up to k")
     options: dict[str, Any] = Field(default_factory=dict, description="a plugin router's own options")
 
     @model_validator(mode="before")

@@ -194,7 +194,7 @@ def test_each_mmlu_pro_model_is_graded_on_its_own_version_of_a_question(tmp_path
     summary = build_pool(src, tmp_path / "pool", log=notes.append)
     assert summary["strength"]["beta"] == round(
         (sum(bool(RIGHT["beta"](int(t))) for t in train) + (not RIGHT["beta"](i))) / 6, 4)
-    assert any("beta.json states 1 questions otherwise" in n and "1 with another gold" in n
+    assert any("beta.json states 1 question otherwise" in n and "1 with another gold" in n
                for n in notes)
     assert lines(tmp_path / "pool" / "train.jsonl")[0]["answer"] == gold(i)  # the first file's
 
