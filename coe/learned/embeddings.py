@@ -236,7 +236,8 @@ class StaticEncoder:
         what = "rebuilding a damaged" if path.exists() else "distilling a"
         low, high = DISTIL_SECONDS
         _notice(f"coe: {what} static embedding model from {self.source_ref}, once: it takes "
-                f"about {low}-{high} s on 2 cores ({os.cpu_count()} here), less on more -> {path}")
+                f"about {low}-{high} s on 2 cores, longer when they are busy, less on more "
+                f"({os.cpu_count()} here) -> {path}")
         t0 = time.perf_counter()
         try:
             distil_static(self.source, path)
