@@ -172,3 +172,11 @@ def test_help_is_whole_at_80_columns():
                 assert " ".join(param.help.split()) in flat, (name, param.name)
             for opt in param.opts:
                 assert opt in flat, (name, opt)
+
+
+def test_a_usage_error_is_one_line_not_a_traceback():
+    """typer vendors its own click: its usage errors used to escape ``main`` as tracebacks."""
+    for args, words in ((("run", "q.jsonl", "-k", "0"), "Invalid value for '-k'"),
+                        (("serve", "--port", "0"), "Invalid value for '--port'"),
+                        (("nope",), "No such command 'nope'")):
+        one_line_error(coe(*args), 2, words, "(see coe --help)")
