@@ -57,7 +57,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def _shared_models(tmp_path_factory) -> Path:
     """One ``models`` folder for the whole session: the static embedding model is distilled
-    (~15 s) by the first test that embeds anything, and found there by every later one."""
+    (a minute or two on 2 shared cores) by the first test that embeds anything, and found there by every later one."""
     return tmp_path_factory.mktemp("coe-models")
 
 

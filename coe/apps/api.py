@@ -34,6 +34,7 @@ from coe.execution import Executor, Plan, RunStats, build_executor
 from coe.io.cache import ResponseCache, open_cache
 from coe.io.output import ResultWriter
 from coe.pipeline import flow
+from coe.pipeline.preflight import files_read
 from coe.routing import Router, build_router
 from coe.text.answers import describe_ungraded, gold_answer, gold_problem, is_correct
 from coe.text.prompts import build_request
@@ -55,18 +56,30 @@ class RunResult:
         return sum(1 for r in self.results if r.correct is not None)
 
     @property
+    def failed(self) -> list[str]:
+        """Questions with a gold answer on which every expert failed: left out of
+        ``accuracy`` and counted here, as ``coe eval`` counts them (no answer to grade)."""
+        return [r.id for r in self.results
+                if r.gold is not None and r.id not in self.ungraded
+                and flow.all_failed(r.responses)]
+
+    @property
     def accuracy(self) -> float | None:
         graded = [r.correct for r in self.results if r.correct is not None]
         return sum(graded) / len(graded) if graded else None
 
     def accuracy_line(self) -> str | None:
-        """``accuracy against gold: 85.7% (7 graded questions)``, then what was not graded;
-        None when no question has a gold answer."""
-        if self.accuracy is None and not self.ungraded:
+        """``accuracy against gold: 85.7% (7 graded questions)``, then the questions every
+        expert failed on and what was not graded; None when no question has a gold answer."""
+        failed = len(self.failed)
+        if self.accuracy is None and not self.ungraded and not failed:
             return None
         acc = "none graded" if self.accuracy is None else \
             f"{self.accuracy:.1%} ({self.graded} graded question{'s' * (self.graded != 1)})"
         line = f"accuracy against gold: {acc}"
+        if failed:
+            line += (f"; {failed} question{'s' * (failed != 1)} left out: every expert "
+                     f"failed (rerun with --resume once they can answer)")
         if self.ungraded:
             n = len(self.ungraded)
             line += (f"; {n} question{'s' * (n != 1)} could not be graded "
@@ -164,14 +177,20 @@ class Orchestrator:
                          f"(aggregator: {', '.join(n for n, _ in after.most_common())})")
         return DryRun(routes, plan, notes)
 
-    def run(self, questions: list[Question | dict], output: str | Path | None = None,
-            resume: bool = False, on_plan=None) -> RunResult:
+    def run(self, questions: list[Question | dict],
+            output: str | Path | ResultWriter | None = None, resume: bool = False,
+            on_plan=None) -> RunResult:
         """Answer ``questions`` (``Question``s or dicts of their fields, ids unique); with
-        ``output``, append each result to that JSONL file. ``on_plan(plan)`` is called once
-        the expert plan is known, before any model loads."""
+        ``output``, append each result to that JSONL file (locked while the run writes it:
+        another writer is refused), or to a ``ResultWriter`` made already (it holds the lock
+        and its ``resume``), closed when the run ends. ``on_plan(plan)`` is called once the
+        expert plan is known, before any model loads."""
         questions = unique_ids(self._accept(questions))
         t0 = time.perf_counter()
-        writer = ResultWriter(output, resume=resume, questions=questions) if output else None
+        writer = (output if isinstance(output, ResultWriter) else
+                  ResultWriter(output, resume=resume, questions=questions,
+                               inputs=files_read(self.config, self.cache is not None and self.cache))
+                  if output else None)
         results: list[QuestionResult] = []
         resumed, plan = 0, None
         with self.executor.session() as stats:
@@ -206,7 +225,8 @@ class Orchestrator:
             responses=resp, final_answer=final.answer, aggregator=final.aggregator,
             confidence=round(final.confidence, 4), votes=final.votes,
             aggregator_response=final.response, note=final.note,
-            correct=is_correct(final.answer, q), choices=q.choices)
+            correct=None if flow.all_failed(resp) else is_correct(final.answer, q),
+            choices=q.choices)
 
     def close(self) -> None:
         if self._closed:

@@ -13,11 +13,17 @@ from typing import Optional
 
 import typer
 
-from coe.core.errors import CoeError, ConfigError, StorageError
+from coe.core import progress
+from coe.core.errors import CoeError, StorageError
 from coe.core.registry import AGGREGATORS, EXECUTORS, ROUTERS
 from coe.core.secrets import redact
+from coe.core.wording import counted
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# click's plain help: rich's panels cut option help to fit 80 columns ("'single:*,best-si…")
+# when stdout is not a terminal; plain help wraps every word instead, as wide as the terminal
+# (at most 120 columns, 80 when it is not one)
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"max_content_width": 120},
                   help="Composition of Experts: route questions to a team of LLMs and aggregate.")
 
 ConfigOpt = typer.Option(Path("experts.yaml"), "--config", "-c", help="experts yaml")
@@ -46,7 +52,7 @@ def _load(questions: Path, skip_invalid: bool):
     return report.questions
 
 
-@app.command()
+@app.command(short_help="Answer questions with a team of experts.")
 def run(
     questions: Path = typer.Argument(..., help="questions: .jsonl, .json or .csv; - for stdin"),
     config: Path = ConfigOpt,
@@ -63,31 +69,40 @@ def run(
     executor: Optional[str] = ExecutorOpt,
 ):
     """Answer every question with the recruited experts and aggregate their answers."""
-    from coe.apps.api import Orchestrator
-    from coe.io.output import check_output
+    from coe.apps.api import Orchestrator, unique_ids
+    from coe.io.output import ResultWriter, check_output
+    from coe.pipeline.preflight import files_read
     from coe.pipeline.results import result_responses, truncation_warning
 
+    progress.enable(not quiet)
+    cfg = _config(config, executor)
+    writer = None
     if output is not None and not dry_run:  # before anything is read, loaded or generated
-        check_output(output, [("question file", questions), ("config", config)])
+        check_output(output, [("question file", questions), *files_read(cfg, cache)])
     qs = _load(questions, skip_invalid)
-    orch = Orchestrator(_config(config, executor), router=router, aggregator=aggregator, k=k,
-                        cache=cache, progress=not quiet, fail_fast=fail_fast)
-    with orch:
-        if dry_run:
-            dry = orch.dry_run(qs)
-            for r in dry.routes:
-                err(f"{r.question_id}: {', '.join(r.names)}  [{r.reason}]")
-            err(dry.plan.describe())
-            for note in dry.notes:
-                err(note)
-            return
-        result = orch.run(qs, output=output, resume=resume,
-                          on_plan=None if quiet else lambda plan: err(plan.describe()))
+    if output is not None and not dry_run:  # held until the run ends: one writer at a time
+        writer = ResultWriter(output, resume=resume, questions=unique_ids(qs))
+    try:
+        with Orchestrator(cfg, router=router, aggregator=aggregator, k=k, cache=cache,
+                          progress=not quiet, fail_fast=fail_fast) as orch:
+            if dry_run:
+                dry = orch.dry_run(qs)
+                for r in dry.routes:
+                    err(f"{r.question_id}: {', '.join(r.names)}  [{r.reason}]")
+                err(dry.plan.describe())
+                for note in dry.notes:
+                    err(note)
+                return
+            result = orch.run(qs, output=writer, resume=resume,
+                              on_plan=None if quiet else lambda plan: err(plan.describe()))
+    finally:
+        if writer is not None:
+            writer.close()
     if output is None:
         for r in result.results:
             sys.stdout.write(r.model_dump_json() + "\n")
     s = result.stats
-    err(f"{len(result.results)} questions answered"
+    err(f"{counted(len(result.results), 'question')} answered"
         + (f" ({result.resumed} already in {output})" if result.resumed else "")
         + f" in {result.wall_seconds:.1f}s; model loads: {s.loads} "
         f"(naive per-question order: {s.naive_loads}); generations: {s.generations}, "
@@ -120,10 +135,10 @@ def experts(config: Path = ConfigOpt,
         typer.echo(f"category {c}: {', '.join(names) or '(none: default experts)'}")
     if check:
         check_pool(cfg)
-        typer.echo(f"{config}: {len(cfg.experts)} experts OK")
+        typer.echo(f"{config}: {counted(len(cfg.experts), 'expert')} OK")
 
 
-@app.command("eval")
+@app.command("eval", short_help="Compare strategies on questions with gold answers.")
 def eval_cmd(
     questions: Path = typer.Argument(..., help="questions with gold answers: .jsonl, .json, .csv"),
     config: Path = ConfigOpt,
@@ -137,8 +152,11 @@ def eval_cmd(
                                        "best-single; the rest is the test set"),
     seed: int = typer.Option(0, "--seed", help="seed of the validation split and random-k"),
     random_k: int = typer.Option(3, "--random-k", min=1, help="experts of the random baseline"),
-    budgets: str = typer.Option("2,3", "--budgets", help="cascades to evaluate (knn+learned~B): "
-                                "average experts per question, comma-separated ('' for none)"),
+    k: Optional[int] = typer.Option(None, "-k", min=1, help="the routers recruit at most k "
+                                    "experts (default: yaml router.k; all+... stays the pool)"),
+    budgets: str = typer.Option("2,3", "--budgets", help="cascades to evaluate, comma-separated "
+                                "('' for none): B (knn+learned~B) asks at most B experts for any "
+                                "question; mean:B (knn+learned~meanB) B on average"),
     aggregator_expert: Optional[str] = typer.Option(None, "--aggregator-expert",
                                                     help="expert of the llm strategies"),
     out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="report directory"),
@@ -152,16 +170,21 @@ def eval_cmd(
 ):
     """Compare strategies (single experts, best single, routers x aggregators, random-k,
     oracle) on questions with gold answers; each generation is made once and shared."""
-    from coe.apps.eval.job import run_eval_job
+    from coe.apps.eval.job import check_eval_outputs, parse_budgets, run_eval_job
     from coe.apps.eval.report import comparison_table, strategy_table, summary_lines
+    from coe.pipeline.preflight import files_read
 
+    progress.enable(not quiet)
     cfg = _config(config, executor)
-    _check_eval_outputs(cfg, out, record, [("question file", questions),
-                                           ("validation file", validation), ("config", config)])
+    if k is not None:  # as coe run -k: the yaml's router.k, so recommended.yaml keeps it
+        cfg = cfg.model_copy(update={"router": cfg.router.model_copy(update={"k": k})})
+    check_eval_outputs(cfg, out, record, [("question file", questions),
+                                           ("validation file", validation),
+                                           *files_read(cfg, cache)])
     result, files, recorded = run_eval_job(
         questions, cfg, out_dir=out, validation=validation, record_dir=record, plots=plots,
         skip_invalid=skip_invalid, log=None if quiet else err, strategies=strategies,
-        val_fraction=val_fraction, seed=seed, random_k=random_k, budgets=_budgets(budgets),
+        val_fraction=val_fraction, seed=seed, random_k=random_k, budgets=parse_budgets(budgets),
         aggregator_expert=aggregator_expert, cache=cache, resume=resume, progress=not quiet)
     typer.echo(strategy_table(result))
     table = comparison_table(result)
@@ -173,42 +196,14 @@ def eval_cmd(
     err(f"report: {', '.join(str(f) for f in files)}")
     if recorded:
         err(f"recorded replay pool: {recorded['dir']}/experts.yaml "
-            f"({sum(recorded['records'].values())} records)")
+            f"({counted(sum(recorded['records'].values()), 'record')})")
     for name, msg in result.stats.failures.items():
         err(f"expert {name!r} failed: {msg}")
     if result.stats.failures:  # like `coe run`; the report is written
         raise typer.Exit(4)
 
 
-EVAL_REPORT_FILES = ("report.md", "report.json", "outcomes.jsonl", "recommended.yaml",
-                     "accuracy.png", "categories.png", "usage.png",
-                     "cost.png")  # what coe.apps.eval.report writes
-
-
-def _budgets(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(b) for b in text.split(",") if b.strip())
-    except ValueError:
-        raise ConfigError(f"--budgets: {text!r} is not a comma-separated list of numbers") from None
-    if any(not b >= 1 for b in values):
-        raise ConfigError(f"--budgets: {text!r}: a cascade asks at least 1 expert per question")
-    return values
-
-
-def _check_eval_outputs(cfg, out: Path, record: Optional[Path], inputs: list) -> None:
-    """Before any model loads: the files ``coe eval`` will write can be written and none of
-    them is one of its inputs."""
-    from coe.io.output import check_output
-
-    for name in EVAL_REPORT_FILES:
-        check_output(out / name, inputs, what="report")
-    if record is not None:
-        check_output(record / "experts.yaml", inputs, what="recorded replay pool")
-        for e in cfg.experts:
-            check_output(record / "replay" / f"{e.name}.jsonl", inputs, what="recorded replay file")
-
-
-@app.command()
+@app.command(short_help="Build a replay pool from recorded outputs.")
 def pool(
     source: Path = typer.Argument(..., help="folder of recorded outputs: MMLU-Pro .zip/.json "
                                   "files, or questions.jsonl + outputs/<model>.jsonl"),
@@ -236,15 +231,15 @@ def pool(
                          experts=experts, params=parse_params(params), fmt=fmt,
                          log=None if quiet else err)
     typer.echo(f"{'expert':<28} {'train acc':>9} {'params':>7}")
-    for name, s in sorted(summary["strength"].items(), key=lambda kv: -kv[1]):
-        b = summary["params"][name]
+    for name, s in sorted(summary["accuracy"].items(), key=lambda kv: -kv[1]):
+        b = summary["params"][name]  # the unrounded accuracy, rounded once, here
         typer.echo(f"{name:<28} {s:>9.1%} {(f'{b:g}B' if b is not None else '-'):>7}")
-    err(f"{out / 'experts.yaml'}: {len(summary['strength'])} replay experts, "
-        f"{summary['questions']:,} {summary['format']} questions "
+    err(f"{out / 'experts.yaml'}: {counted(len(summary['strength']), 'replay expert')}, "
+        f"{counted(summary['questions'], summary['format'] + ' question')} "
         f"(train {summary['train']:,}, test {summary['test']:,})")
 
 
-@app.command()
+@app.command(short_help="Build or extend model profiles on validation questions.")
 def profile(
     validation: Path = typer.Argument(..., help="questions with gold answers"),
     config: Path = ConfigOpt,
@@ -260,9 +255,16 @@ def profile(
     """Build (or extend) model profiles: per-skill and global accuracy of every expert, and
     each aggregator candidate's aggregation accuracy, on a validation set."""
     from coe.apps.profile import build_profiles
+    from coe.io.output import check_output
     from coe.learned.profiles import Profiles
+    from coe.pipeline.preflight import PROFILES, files_read
 
+    progress.enable(not quiet)
     cfg = _config(config, executor)
+    # the profiles and their validation record (extending them is what this command does)
+    inputs = [("validation file", validation), *files_read(cfg, cache, produces=(PROFILES,))]
+    for path in (output, output.with_suffix(".npz")):
+        check_output(path, inputs, what="profiles")
     qs = _load(validation, skip_invalid)
     existing = Profiles.load(output) if output.exists() else None
     aggs = [a.strip() for a in aggregators.split(",") if a.strip()] if aggregators is not None else None
@@ -276,10 +278,11 @@ def profile(
         typer.echo(f"{name:<28} {p.accuracy:>8.1%} {p.total:>6}  {', '.join(best)}")
     for name, a in prof.aggregators.items():
         typer.echo(f"aggregator {name:<17} {a.accuracy:>8.1%} {a.total:>6}")
-    typer.echo(f"{output}: {len(prof.questions)} questions, skills from {prof.skill_source}")
+    typer.echo(f"{output}: {counted(len(prof.questions), 'question')}, skills from "
+               f"{prof.skill_source}")
 
 
-@app.command("train-router")
+@app.command("train-router", short_help="Train the category classifier of CoE routing.")
 def train_router(
     labeled: Path = typer.Argument(..., help="questions with a 'category' field"),
     output: Path = typer.Option(Path("router.joblib"), "--output", "-o", help="router file"),
@@ -290,13 +293,21 @@ def train_router(
     config: Optional[Path] = typer.Option(None, "--config", "-c",
                                           help="experts yaml: its embedding model, category check"),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="report bad lines and go on"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ):
     """Train the category classifier of Composition-of-Experts routing; prints held-out
     accuracy and a confusion matrix. Use it with `router: {kind: category, model_file: ...}`."""
     from coe.core.config import EmbeddingConfig, load_config
+    from coe.io.output import check_output
     from coe.learned.classifier import train_category_router
+    from coe.pipeline.preflight import ROUTER_FILE, files_read
 
+    progress.enable(not quiet)
     cfg = load_config(config) if config else None
+    inputs = [("labelled questions", labeled), ("test questions", test)]
+    if cfg is not None:  # the router file is what this command makes
+        inputs += files_read(cfg, produces=(ROUTER_FILE,))  # its cache too: never destroyed
+    check_output(output, inputs, what="router file")
     emb = cfg.embeddings if cfg else EmbeddingConfig()
     qs = _load(labeled, skip_invalid)
     held = _load(test, skip_invalid) if test else None
@@ -309,7 +320,7 @@ def train_router(
     typer.echo(f"{output}: {estimator} over {len(clf.labels)} categories")
 
 
-@app.command()
+@app.command(short_help="Show each question's route, generating nothing.")
 def route(
     questions: Path = typer.Argument(..., help="questions: .jsonl, .json or .csv"),
     config: Path = ConfigOpt,
@@ -334,10 +345,10 @@ def route(
             experts = ", ".join(f"{e.name} {e.weight:.2f}" for e in r.experts)
             conf = f"{r.confidence:.2f}" if r.confidence is not None else "-"
             typer.echo(f"{r.question_id}\t{experts}\tconfidence {conf}\t{r.reason}")
-    err(f"{len(routes)} routes; model loads for routing: {loads}")
+    err(f"{counted(len(routes), 'route')}; model loads for routing: {loads}")
 
 
-@app.command()
+@app.command(short_help="Serve the pool as an OpenAI-compatible API.")
 def serve(
     config: Path = ConfigOpt,
     host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
@@ -351,6 +362,11 @@ def serve(
                                           help="seconds a request may wait for its answer (504)"),
     max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1,
                                        help="largest request body (413)"),
+    idle_timeout: float = typer.Option(15.0, "--idle-timeout", min=0.1,
+                                       help="seconds a connection may stay open with no "
+                                       "request in progress (headers still coming included)"),
+    max_connections: int = typer.Option(512, "--max-connections", min=1,
+                                        help="connections open at once (more are closed)"),
     api_key_env: Optional[str] = typer.Option(
         None, "--api-key-env", help="require 'Authorization: Bearer <value of this variable>'"),
     log_prompts: bool = typer.Option(False, "--log-prompts", help="log each request's question"),
@@ -376,7 +392,8 @@ def serve(
         host=host, port=port, batch_window_ms=batch_window_ms, max_batch=max_batch,
         max_queue=max_queue, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
         api_key_env=api_key_env, log_prompts=log_prompts,
-        max_resident_models=max_resident_models, memory_gb=memory_gb, cache=cache))
+        max_resident_models=max_resident_models, memory_gb=memory_gb, cache=cache,
+        idle_timeout=idle_timeout, max_connections=max_connections))
 
 
 def _terminate(signum, frame):
@@ -418,16 +435,12 @@ def main() -> None:
         sys.exit(StorageError.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):  # click's form of Ctrl-C
-            err(INTERRUPTED)
-            sys.exit(130)
-        raise
+    except typer.TyperException as e:  # usage errors (typer's own click) in standalone_mode=False
+        err(f"error: {e.format_message()} (see coe --help)")
+        sys.exit(e.exit_code)
+    except typer.Abort:  # typer's form of Ctrl-C
+        err(INTERRUPTED)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

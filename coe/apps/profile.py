@@ -12,6 +12,7 @@ from coe.aggregation.llm import LLMAggregator
 from coe.aggregation.vote import VoteAggregator
 from coe.core.errors import ConfigError
 from coe.core.registry import BACKENDS
+from coe.core.wording import counted
 from coe.execution import build_executor
 from coe.io.cache import open_cache
 from coe.learned.embeddings import shared_embedder, static_tag
@@ -61,7 +62,8 @@ def _profile(config, graded, existing, skills, candidates, executor, log) -> Pro
                               f"not {inferrer.source}")
         seen = set(prof.questions)
         todo = [q for q in graded if q.id not in seen]
-        log(f"{len(todo)} new questions to profile ({len(graded) - len(todo)} already in the profiles)")
+        log(f"{counted(len(todo), 'new question')} to profile "
+            f"({len(graded) - len(todo):,} already in the profiles)")
         if not todo:
             return prof
         done = flow.answer(executor, config, [flow.Part(everyone, todo)])
@@ -73,10 +75,10 @@ def _profile(config, graded, existing, skills, candidates, executor, log) -> Pro
         prof.attach_record(record)
         prof.selector = fit_selector(record, Neighbourhood(record, config,
                                                            config.router.neighbours))
-        log(f"validation record: {len(record)} questions; answer selector "
+        log(f"validation record: {counted(len(record), 'question')}; answer selector "
             + ("fitted" if prof.selector else "not fitted (no right or no wrong answer to learn from)"))
-    log(f"profiled {len(todo)} questions: {stats.generations} generations, "
-        f"{stats.cache_hits} cached, {stats.loads} model loads")
+    log(f"profiled {counted(len(todo), 'question')}: {counted(stats.generations, 'generation')}, "
+        f"{stats.cache_hits:,} cached, {counted(stats.loads, 'model load')}")
     return prof
 
 

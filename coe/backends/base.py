@@ -18,6 +18,7 @@ Each backend class declares:
   keys share one backend instance and one load);
 - ``check(config, base_dir)``: what can be verified without loading anything (the model file
   exists, the API key variable is set), for ``coe experts --check`` and the pre-flight;
+  ``reads(config, base_dir)``: the local files it reads, which no command may write over;
 - ``resources()``: what a distributed executor reserves for the process running the model (the
   yaml's ``resources`` over ``default_resources()``), and ``gang_size()``: how many GPUs
   must be reserved together, on one node (vLLM's tensor parallelism);
@@ -37,6 +38,7 @@ import concurrent.futures
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Coroutine
 
 from coe.core.config import GB, ExpertConfig, Resources
@@ -181,6 +183,12 @@ class Backend(ABC):
     @classmethod
     def check(cls, config, base_dir) -> None:
         """Raise a ``CoeError`` for what would make ``load`` fail, without loading."""
+
+    @classmethod
+    def reads(cls, config, base_dir) -> list[Path]:
+        """The local files an expert with these options reads (its weights, its record), so
+        that no command writes over them; found without loading or opening anything."""
+        return []
 
     @property
     def label(self) -> str:

@@ -29,7 +29,7 @@ from coe.backends.llamacpp_logprobs import echoed, plain
 from coe.core.config import ExpertConfig, Resources
 from coe.core.errors import ConfigError, ExpertError
 from coe.core.types import MAX_TOKENS
-from coe.io.model_ref import file_fingerprint, resolve_model_file
+from coe.io.model_ref import file_fingerprint, local_file, resolve_model_file
 
 #: ggml's GGML_MAX_N_THREADS: llama.cpp cannot use more threads than this. A fixed cap, not
 #: this machine's cores: a yaml is also run on other machines (a Ray cluster's nodes).
@@ -252,6 +252,11 @@ class LlamaCppBackend(Backend):
         if isinstance(trained, int) and 0 < trained < config.n_ctx:
             raise ConfigError(f"field 'n_ctx': {config.n_ctx} exceeds the model's trained "
                               f"context of {trained} tokens ({path.name})")
+
+    @classmethod
+    def reads(cls, config, base_dir) -> list:
+        path = local_file(config.model, base_dir or ".")
+        return [path] if path is not None else []
 
     def __init__(self, config, base_dir=None):
         super().__init__(config, base_dir)

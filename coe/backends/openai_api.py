@@ -27,7 +27,8 @@ from the yaml, and never written anywhere. The key and the credentials written i
 ``base_url`` (``user:password@``, which the client sends as Basic auth *instead of* the key,
 and the query string) are added to ``coe.core.secrets`` as soon as the expert's config is read, so
 every form of them (raw, base64, percent-encoded) is hidden from every error message (the
-*whole* text is redacted before it is cut short), every answer text and every streamed piece.
+*whole* text is redacted before it is cut short), every answer text and every streamed piece
+(a ``StreamRedactor``: a secret cut across pieces is hidden too).
 """
 
 from __future__ import annotations
@@ -140,6 +141,20 @@ def _bounded_client_class():
             return response
 
     return BoundedClient
+
+
+def split_query(url: str) -> tuple[str, dict[str, str]]:
+    """``base_url`` without its query string, and that query as parameters. The client joins
+    each endpoint's path to the base URL as text, so ``https://h/openai/deployments/d?api-version=1``
+    would become ``...d?api-version=1/chat/completions``: the query goes in ``default_query``
+    instead (Azure OpenAI's ``api-version``), sent with every request."""
+    from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+    u = urlsplit(url)
+    if not u.query:
+        return url, {}
+    return (urlunsplit((u.scheme, u.netloc, u.path, "", u.fragment)),
+            dict(parse_qsl(u.query, keep_blank_values=True)))
 
 
 class OpenAIExpert(ExpertConfig):
@@ -263,6 +278,7 @@ class OpenAIBackend(Backend):
         else:
             stream = await client.completions.create(prompt=r.prompt, **kw)
         pieces, finish, usage, chunks = [], None, None, 0
+        hidden = secrets.stream()  # a secret split across pieces is whole before it goes out
         try:
             async for chunk in stream:
                 usage = getattr(chunk, "usage", None) or usage
@@ -271,13 +287,18 @@ class OpenAIBackend(Backend):
                     if piece:
                         pieces.append(piece)
                         chunks += 1
-                        on_token(self.redact(piece))  # a secret split across pieces: see the text
+                        safe = hidden.feed(piece)
+                        if safe:
+                            on_token(safe)
                     finish = choice.finish_reason or finish
         except (openai.APITimeoutError, _http().TimeoutException) as e:  # mid-stream: the
             raise StreamTimeout(str(e)) from e  # attempt's deadline (a stream is not retried)
         if finish is None:  # cut off: llama_cpp.server ends a stream when another request comes
             raise BadResponse(f"stream ended before the answer did (no finish_reason) after "
                               f"{chunks} pieces")
+        rest = hidden.flush()
+        if rest:
+            on_token(rest)
         done = (getattr(usage, "completion_tokens", 0) or 0) if usage else chunks
         return Generation(text=self.redact("".join(pieces)), seconds=time.perf_counter() - t0,
                           finish_reason=finish,
@@ -363,9 +384,11 @@ class OpenAIBackend(Backend):
 
         http_client = _bounded_client_class()(attempt_timeout=self.config.timeout,
                                               timeout=self.config.timeout)
-        async with openai.AsyncOpenAI(base_url=self.config.base_url, api_key=self._key,
+        base_url, query = split_query(self.config.base_url)
+        async with openai.AsyncOpenAI(base_url=base_url, api_key=self._key,
                                       timeout=self.config.timeout,
                                       max_retries=self.config.max_retries,
+                                      default_query=query or None,
                                       http_client=http_client) as client:
 
             async def worker(i: int, r: GenRequest) -> None:

@@ -25,7 +25,7 @@ from typing import Literal
 from coe.backends.base import Backend, Capabilities, Generation, GenRequest, OnResult
 from coe.core.config import ExpertConfig
 from coe.core.errors import ExpertError
-from coe.io.model_ref import file_fingerprint, resolve_model_file
+from coe.io.model_ref import file_fingerprint, local_file, resolve_model_file
 
 TRUNCATED_BY = (None, "max_tokens", "context")
 _decode = json.JSONDecoder().decode  # json.loads without its per-call checks
@@ -46,6 +46,11 @@ class ReplayBackend(Backend):
     @classmethod
     def check(cls, config, base_dir) -> None:
         resolve_model_file(config.model, base_dir or ".", suffix=".jsonl")
+
+    @classmethod
+    def reads(cls, config, base_dir) -> list:
+        path = local_file(config.model, base_dir or ".")
+        return [path] if path is not None else []
 
     def __init__(self, config, base_dir=None):
         super().__init__(config, base_dir)

@@ -8,11 +8,12 @@ single-line ``ConfigError`` naming the file, the expert and the field.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -25,9 +26,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from coe.core.errors import ConfigError
+from coe.core.errors import ConfigError, file_kind
 from coe.core.registry import AGGREGATORS, BACKENDS, EXECUTORS, ROUTERS
 from coe.core.types import Sampling
+from coe.core.yamlfile import read_yaml
 
 __all__ = ["AggregatorConfig", "CategoryConfig", "DEFAULT_CATEGORY", "EmbeddingConfig", "GB",
            "ExecutorConfig", "ExpertConfig", "PoolConfig", "Price", "Resources", "RouterConfig",
@@ -150,8 +152,13 @@ class RouterConfig(_Strict):
     # cascade (knn router)
     budget: float | None = Field(
         None, ge=1.0, description="cascade: ask the strongest recruits first, one more per round, "
-        "until the answer selector is confident; its threshold is calibrated on the profiles' "
-        "validation record so that the average number of experts asked is at most this")
+        "until the answer selector is confident; no question asks more than this many experts "
+        "(budget_mode: cap), or the average over questions is at most this (budget_mode: mean)")
+    budget_mode: Literal["cap", "mean"] = Field(
+        "cap", description="cap: at most `budget` experts for every question, the stopping "
+        "threshold the most accurate one on the profiles' validation record; mean: the "
+        "threshold whose average number of experts asked there is at most `budget`, a question "
+        "asking up to k")
     options: dict[str, Any] = Field(default_factory=dict, description="a plugin router's own options")
 
     @model_validator(mode="before")
@@ -340,16 +347,21 @@ def parse_config(raw: Any, source: str = "<memory>", base_dir: Path | str = ".")
 
 
 def load_config(path: str | os.PathLike) -> PoolConfig:
+    """The experts yaml at ``path`` (read with the one bounded loader, ``coe.core.yamlfile``);
+    a path that is not a regular file says what it is (a FIFO is never opened: it would wait
+    for a writer)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: experts file not found")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as e:
-        line = e.problem_mark.line + 1 if e.problem_mark else "?"
-        raise ConfigError(f"{p}:{line}: invalid YAML: {e.problem}") from None
-    except RecursionError:  # PyYAML composes and constructs nodes recursively
-        raise ConfigError(f"{p}: yaml nested too deeply") from None
-    except (yaml.YAMLError, ValueError) as e:  # ValueError: undecodable bytes, a bad date
-        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: experts file not found") from None
+    except OSError as e:
+        what = "symlink loop" if e.errno == errno.ELOOP else (e.strerror or str(e))
+        raise ConfigError(f"{p}: cannot read the experts file: {what}") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{p}: is {file_kind(mode)}, not an experts yaml file")
+    try:
+        raw = read_yaml(p)
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the experts file: {e.strerror or e}") from None
     return parse_config(raw, source=str(p), base_dir=p.parent)

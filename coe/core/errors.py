@@ -43,6 +43,18 @@ class StorageError(CoeError):
     exit_code = 5
 
 
+def file_kind(mode: int) -> str:
+    """What a ``stat`` mode says a path is, as an error names it: "a directory", "a FIFO"..."""
+    import stat
+
+    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
 def describe_os_error(e: BaseException) -> str:
     """``No space left on device`` for an ``OSError``, the message of anything else (a
     SQLite error), without the path (the caller names it) or a traceback."""

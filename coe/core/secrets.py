@@ -14,7 +14,9 @@ replaces each of its forms by ``***``:
 
 Strings shorter than ``MIN_SECRET`` are placeholders (``EMPTY``), not secrets. Redact the
 *whole* text before cutting it short: a secret cut in half is no longer its own
-form. Library log records (``OPENAI_LOG=debug``) and uncaught tracebacks are redacted too,
+form. A text that goes out in pieces (a streamed answer) goes through a ``StreamRedactor``:
+it holds back the last ``longest form - 1`` characters of what it has seen, so a secret split
+across pieces is whole, and hidden, before any of it is let out. Library log records (``OPENAI_LOG=debug``) and uncaught tracebacks are redacted too,
 once the first secret is known (a log-record factory and ``sys.excepthook``).
 """
 
@@ -81,6 +83,7 @@ class Secrets:
         self._lock = threading.Lock()
         self._secrets: set[str] = set()
         self._pattern: re.Pattern | None = None
+        self.longest = 0  # characters of the longest form looked for
 
     def add(self, *secrets: str | None) -> None:
         new = {s for s in secrets if s and len(s) >= MIN_SECRET} - self._secrets
@@ -90,6 +93,7 @@ class Secrets:
             self._secrets |= new
             every = set().union(*(forms(s) for s in self._secrets))
             alternatives = sorted(every, key=lambda f: (-len(f), f))
+            self.longest = len(alternatives[0])  # first: a stream's window is never short
             self._pattern = re.compile("|".join(map(re.escape, alternatives)))
 
     def add_url(self, url: str) -> None:
@@ -104,6 +108,47 @@ class Secrets:
     def __bool__(self) -> bool:
         return bool(self._secrets)
 
+    def stream(self) -> "StreamRedactor":
+        return StreamRedactor(self)
+
+
+class StreamRedactor:
+    """Redaction of a text that arrives in pieces: ``feed(piece)`` returns what may go out
+    now, ``flush()`` the rest once the text has ended. What comes out, joined, is exactly
+    ``redact`` of the whole text, and no prefix of it holds a form of a secret, however the
+    text was cut.
+
+    A form is at most ``longest`` characters, so one that is not yet complete starts within
+    the last ``longest - 1`` characters seen: those are held back. A match that starts before
+    that tail is complete already (it would otherwise be longer than ``longest``), so
+    everything up to its end goes out, masked. With no secret known, nothing is held."""
+
+    def __init__(self, secrets: Secrets) -> None:
+        self._secrets = secrets
+        self._held = ""
+
+    def feed(self, piece: str) -> str:
+        text = self._held + piece
+        pattern, window = self._secrets._pattern, self._secrets.longest - 1
+        if pattern is None:
+            self._held = ""
+            return text
+        cut = max(0, len(text) - window)
+        out, pos = [], 0
+        for m in pattern.finditer(text):
+            if m.start() >= cut:
+                break
+            out += [text[pos:m.start()], MASK]
+            pos = m.end()
+            cut = max(cut, pos)
+        out.append(text[pos:cut])
+        self._held = text[cut:]
+        return "".join(out)
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return self._secrets.redact(held)
+
 
 SECRETS = Secrets()  # this process's
 _hooks = threading.Lock()
@@ -113,6 +158,11 @@ _hooked = False
 def redact(text: str) -> str:
     """``text`` with every form of every secret this process knows hidden."""
     return SECRETS.redact(text)
+
+
+def stream() -> StreamRedactor:
+    """A ``StreamRedactor`` over every secret this process knows (now and later)."""
+    return SECRETS.stream()
 
 
 def add(*secrets: str | None) -> None:

@@ -123,14 +123,22 @@ class ResponseCache:
         self._store.close()
 
 
+def cache_path(config: PoolConfig, cache: bool | str | Path | ResponseCache) -> Path | None:
+    """The file of the response cache ``cache`` names (None for none)."""
+    if cache is False:
+        return None
+    if cache is True:
+        return config.resolve_path(config.cache) if config.cache else default_cache_path()
+    if isinstance(cache, (str, Path)):
+        return Path(cache)
+    return cache.path
+
+
 def open_cache(config: PoolConfig, cache: bool | str | Path | ResponseCache) -> ResponseCache | None:
     """The response cache ``cache`` names: True for the yaml's (or the default) file, a path,
     an open cache, or False for none."""
     if cache is False:
         return None
-    if cache is True:
-        return ResponseCache(config.resolve_path(config.cache) if config.cache
-                             else default_cache_path())
-    if isinstance(cache, (str, Path)):
-        return ResponseCache(cache)
-    return cache
+    if isinstance(cache, ResponseCache):
+        return cache
+    return ResponseCache(cache_path(config, cache))

@@ -102,6 +102,16 @@ def resolve_model_file(ref: str, base_dir: Path | str = ".", suffix: str = ".ggu
     return p
 
 
+def local_file(ref: str, base_dir: Path | str = ".") -> Path | None:
+    """The local path a model reference names (relative to ``base_dir``), None for a
+    ``package:`` reference (located in site-packages, never an output of ``coe``) or an empty
+    one; nothing is resolved, opened or assembled."""
+    if not ref or ref.startswith(PREFIX):
+        return None
+    p = Path(ref).expanduser()
+    return p if p.is_absolute() else Path(base_dir) / p
+
+
 _FINGERPRINTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> fingerprint, this process
 
 

@@ -5,7 +5,9 @@ text or choices changed), and answers only the rest.
 
 What can be checked before any work is, when the writer is made (``check_output``): that the
 file can be created or appended to, is not a directory, and is not one of the run's inputs
-(the question file, the config). A write that fails later (a full disk) is a ``StorageError``
+(the question file, the config, every file the pool reads). The writer then holds the file's
+lock (``coe.io.lock``) until it is closed, its ``--resume`` rewrite included: a second run
+writing the same file at the same time is refused in one line naming the first. A write that fails later (a full disk) is a ``StorageError``
 naming the file; the file keeps its whole lines, never half of one.
 """
 
@@ -22,6 +24,7 @@ from typing import Iterable
 
 from coe.core.errors import StorageError, describe_os_error
 from coe.core.types import Question, QuestionResult
+from coe.io.lock import OutputLock
 
 
 def _file_id(path: str | Path) -> tuple[int, int] | None:
@@ -119,15 +122,22 @@ class ResultWriter:
     """Without ``resume`` an existing file is replaced only when the first result is ready, so
     a run that fails before answering anything leaves the previous answers in place. With
     ``questions``, ``resume`` keeps only the answers to those questions as they are asked now
-    (``changed`` counts the answers dropped because their question changed)."""
+    (``changed`` counts the answers dropped because their question changed). The file is
+    locked from here to ``close`` (another writer: a ``StorageError`` naming it)."""
 
     def __init__(self, path: str | Path, resume: bool = False,
-                 questions: list[Question] | None = None):
+                 questions: list[Question] | None = None,
+                 inputs: Iterable[tuple[str, str | Path | None]] = ()):
         self.path = Path(path)
-        check_output(self.path)
+        check_output(self.path, inputs)
+        self._lock = OutputLock(self.path)
         self.resume = resume
-        self.done, self.changed = (_keep_for_resume(self.path, questions) if resume
-                                   else (set(), 0))
+        try:
+            self.done, self.changed = (_keep_for_resume(self.path, questions) if resume
+                                       else (set(), 0))
+        except BaseException:
+            self._lock.release()
+            raise
         self.written = 0
         self._f = None
         self._broken = False  # a write failed: the file is left with its whole lines
@@ -165,6 +175,7 @@ class ResultWriter:
 
     def close(self) -> None:
         if self._f is None:
+            self._lock.release()
             return
         f, self._f = self._f, None
         try:
@@ -175,6 +186,7 @@ class ResultWriter:
                 raise self._fail(e) from None
         finally:
             f.close()
+            self._lock.release()
 
     def __enter__(self):
         return self

@@ -159,7 +159,7 @@ def _load_jsonl(c: _Collector, f) -> None:
 
 def _load_json_array(c: _Collector, f) -> None:
     try:
-        data = json.loads(f.read().decode("utf-8"))
+        data = json.loads(f.read().decode("utf-8-sig"))  # a BOM is no part of the JSON
     except UnicodeDecodeError as e:
         raise InputError(f"{c.path}: not valid UTF-8 (byte {e.start + 1})") from None
     except json.JSONDecodeError as e:

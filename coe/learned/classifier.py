@@ -23,6 +23,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 
+from coe.core import progress
 from coe.core.errors import ConfigError
 from coe.learned.embeddings import DEFAULT_MODEL, shared_embedder, static_tag
 from coe.learned.neighbours import text_hash
@@ -96,12 +97,18 @@ class LearnedCategoryClassifier:
         x, y = self.embed(texts), np.asarray(categories)
         hashes = text_hash(list(texts))
         fold = (hashes % FOLDS).astype(np.int64)
-        with one_thread():
+        cross = all(len(set(y[fold != f])) > 1 for f in range(FOLDS))
+        with one_thread(), progress.bar(total=1 + FOLDS * cross, desc="training the router",
+                                        unit="fit", when=len(y) >= 2000) as bar:
             self.estimator.fit(x, y)
+            bar.update()
             self.folds = None
-            if all(len(set(y[fold != f])) > 1 for f in range(FOLDS)):
-                self.folds = (hashes, fold, [clone(self.estimator).fit(x[fold != f], y[fold != f])
-                                             for f in range(FOLDS)])
+            if cross:
+                fitted = []
+                for f in range(FOLDS):
+                    fitted.append(clone(self.estimator).fit(x[fold != f], y[fold != f]))
+                    bar.update()
+                self.folds = (hashes, fold, fitted)
         return self
 
     def _proba(self, texts: list[str]) -> np.ndarray:

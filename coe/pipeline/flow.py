@@ -172,7 +172,8 @@ def answer(executor: Executor, config: PoolConfig, parts: list[Part],
 def results_of(requests: list[Request], routes: RouteTable, table: ResponseTable,
                rows: np.ndarray, finals: list[FinalAnswer]) -> list[QuestionResult]:
     """One ``QuestionResult`` per request: its route (with who failed), its recruits' responses
-    in route order, the final answer and whether it is right."""
+    in route order, the final answer and whether it is right (None, not graded, when every
+    recruit failed: no answer was given to grade, as ``coe eval`` counts it)."""
     out = []
     for q, route_, i, final in zip(requests, routes[:], rows.tolist(), finals):
         recruits = [j for j in routes.experts[len(out)].tolist() if j != NONE]
@@ -183,8 +184,14 @@ def results_of(requests: list[Request], routes: RouteTable, table: ResponseTable
             route=route_, responses=responses, final_answer=final.answer,
             aggregator=final.aggregator, confidence=round(final.confidence, 4),
             votes=final.votes, aggregator_response=final.response, note=final.note,
-            correct=is_correct(final.answer, q), choices=q.choices))
+            correct=None if all_failed(responses) else is_correct(final.answer, q),
+            choices=q.choices))
     return out
+
+
+def all_failed(responses) -> bool:
+    """Whether every expert asked failed (a question no one answered)."""
+    return bool(responses) and all(r.error is not None for r in responses)
 
 
 def plan(executor: Executor, config: PoolConfig, parts: list[Part]) -> tuple[list[RouteTable],

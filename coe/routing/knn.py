@@ -11,9 +11,11 @@ A question the record holds (same id and text) is not its own neighbour, so rout
 validation questions again gives out-of-sample routes (``cross_fitted``).
 
 With ``budget`` the router's recruits are asked as a cascade (``coe.routing.cascade``): the k
-strongest in order, one more per round, until the answer selector is confident enough.
-Without ``k`` in the yaml, the cascade's depth is chosen on the validation record too: the
-k (from the budget up to the pool's size) whose calibrated cascade is most accurate there.
+strongest in order, one more per round, until the answer selector is confident enough. As a
+cap (``budget_mode: cap``, the default) the cascade asks at most ``floor(budget)`` recruits
+(fewer when ``k`` is smaller). As a mean (``budget_mode: mean``) it asks up to ``k``; without
+``k`` in the yaml, the depth is chosen on the validation record too: the k (from the budget up
+to the pool's size) whose calibrated cascade is most accurate there.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from coe.core.errors import ConfigError
 from coe.core.types import Question
 from coe.learned.profiles import Profiles
 from coe.routing.base import Recruit, Route, Router
-from coe.routing.cascade import Cascade
+from coe.routing.cascade import Cascade, cap_depth
 
 
 class KnnRouter(Router):
@@ -34,9 +36,10 @@ class KnnRouter(Router):
     cross_fitted = True
 
     def __init__(self, config, profiles: Profiles, k: int | None = 3, neighbours: int = 200,
-                 budget: float | None = None):
+                 budget: float | None = None, budget_mode: str = "cap"):
         """``k``: recruits per question (3 when None), or with ``budget`` the cascade's most
-        experts (None: the depth whose cascade is most accurate on the validation record)."""
+        experts (None: the cap's, or for a mean the depth whose cascade is most accurate on
+        the validation record)."""
         profiles.check_pool(config)
         self.config = config
         self.profiles = profiles
@@ -58,11 +61,17 @@ class KnnRouter(Router):
                 raise ConfigError("the profiles' answer selector and validation record disagree "
                                   "(rebuild the profiles with coe profile)")
             order = self.order(self.hood.local_of_record()[:, self.columns])
-            if k is not None:
-                self.cascade = Cascade.calibrate(selector, order[:, :self.k], self.columns, budget)
+            if budget_mode == "cap":
+                depth = min(k or len(self.experts), cap_depth(budget), len(self.experts))
+                self.cascade = Cascade.calibrate(selector, order[:, :depth], self.columns,
+                                                 budget, "cap")
+                self.k = self.cascade.max_experts
+            elif k is not None:
+                self.cascade = Cascade.calibrate(selector, order[:, :self.k], self.columns,
+                                                 budget, "mean")
             else:  # the cascade's depth, chosen on the validation record too
                 n = len(self.experts)
-                tried = [Cascade.calibrate(selector, order[:, :m], self.columns, budget)
+                tried = [Cascade.calibrate(selector, order[:, :m], self.columns, budget, "mean")
                          for m in range(min(max(2, math.ceil(budget)), n), n + 1)]
                 self.cascade = max(tried, key=lambda c: (c.validation_accuracy, -c.max_experts))
                 self.k = self.cascade.max_experts
@@ -75,7 +84,8 @@ class KnnRouter(Router):
                               "(build them with coe profile)")
         path = config.resolve_path(rc.profiles)
         k = k or rc.k or (None if rc.budget is not None else 3)
-        return cls(config, Profiles.load(path), k=k, neighbours=rc.neighbours, budget=rc.budget)
+        return cls(config, Profiles.load(path), k=k, neighbours=rc.neighbours, budget=rc.budget,
+                   budget_mode=rc.budget_mode)
 
     def local(self, questions: list[Question]) -> np.ndarray:
         """Local accuracy of every pool expert (questions x pool experts)."""

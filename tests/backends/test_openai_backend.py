@@ -175,3 +175,36 @@ def test_a_stream_cut_short_is_that_generation_s_error(proxy, tmp_path):
     assert gens[1].error is None and gens[1].text and gens[1].finish_reason
     assert cut.error.startswith(f"connection to {proxy.base_url} failed after 0 retries: "
                                 "RemoteProtocolError: peer closed connection")
+
+
+@pytest.mark.server
+def test_a_base_url_with_a_query_string_keeps_its_path_and_hides_its_secrets(tmp_path):
+    """Azure OpenAI's ``.../deployments/NAME?api-version=...``: each request goes to the
+    endpoint's path under the base URL, with the query string sent as parameters; a secret in
+    it (a signature) is in nothing coe writes."""
+    from tests.support.openai_server import free_port
+    from tests.support.proxy import FaultProxy
+
+    endpoint = FaultProxy(f"http://127.0.0.1:{free_port()}")  # no upstream: answers injected
+    endpoint.always = Fault.status(200, body=json.dumps({
+        "id": "c", "object": "text_completion", "created": 0, "model": "m",
+        "choices": [{"index": 0, "text": "The answer is 7.", "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}}))
+    sig = "sig-" + "0123456789abcdef" * 2
+    base = endpoint.base_url.replace("/v1", "/openai/deployments/smol")
+    pool = write_pool(tmp_path, [openai_expert("azure", f"{base}?api-version=2024-02-01&sig={sig}",
+                                               max_retries=0)])
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"id": "q1", "question": "What is 3 + 4?",
+                                     "answer": "7"}) + "\n")
+    try:
+        run = run_cli("run", questions, "-c", pool, "-o", tmp_path / "out.jsonl")
+    finally:
+        endpoint.close()
+    assert run.returncode == 0, run.stderr
+    (request,) = endpoint.requests
+    assert request.path == f"/openai/deployments/smol/completions?api-version=2024-02-01&sig={sig}"
+    row = json.loads((tmp_path / "out.jsonl").read_text())
+    assert row["correct"] is True
+    for text in (run.stdout, run.stderr, (tmp_path / "out.jsonl").read_text()):
+        assert sig not in text

@@ -75,3 +75,15 @@ def test_yaml_syntax_error_names_line(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="experts file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_config_path_that_is_not_a_file_says_what_it_is(tmp_path):
+    """A FIFO is never opened (it would wait for a writer), a device never read."""
+    import os
+
+    os.mkfifo(tmp_path / "pool.fifo")
+    for path, kind in ((tmp_path / "pool.fifo", "a FIFO (named pipe)"),
+                       ("/dev/null", "a character device"), (tmp_path, "a directory")):
+        with pytest.raises(ConfigError) as e:
+            load_config(path)
+        assert str(e.value) == f"{path}: is {kind}, not an experts yaml file"

@@ -171,3 +171,38 @@ def test_every_form_of_every_secret_is_redacted():
     assert secrets.redact("ghp_0123456789abcdef bob") == "*** bob"
     secrets.add("EMPTY")  # a placeholder key (vLLM's convention) is no secret: answers stay
     assert secrets.redact("EMPTY") == "EMPTY"
+
+
+def test_a_secret_split_across_streamed_pieces_never_goes_out():
+    """A streamed answer cut anywhere (one, two or many cuts, inside any form of a secret):
+    no piece let out holds any part of a form that later turns out whole, and the pieces
+    joined are the redacted whole text."""
+    from coe.core.secrets import Secrets
+
+    s = planted()
+    secrets = Secrets()
+    secrets.add(s["key"])
+    secrets.add_url(f"http://{s['user']}:{quote(s['password'], safe='')}@h:1/v1")
+    secret_forms = forms(s)
+    text = (f"Sure. The key is {s['key']}, encoded {secret_forms['key base64']}; the login is "
+            f"{secret_forms['user:password']} ({secret_forms['basic auth']}). Done.")
+    whole = secrets.redact(text)
+    assert not leaks(whole, secret_forms)
+
+    def streamed(cuts: list[int]) -> list[str]:
+        hidden = secrets.stream()
+        bounds = [0, *cuts, len(text)]
+        out = [hidden.feed(text[a:b]) for a, b in zip(bounds, bounds[1:])]
+        return [*out, hidden.flush()]
+
+    for i in range(1, len(text)):
+        for cuts in ([i], [i, min(i + 7, len(text) - 1)]):
+            out = streamed(sorted(set(cuts)))
+            assert "".join(out) == whole, cuts
+            for k in range(len(out)):  # what a client has seen after each piece
+                assert not leaks("".join(out[:k + 1]), secret_forms), (cuts, k)
+    one_by_one = streamed(list(range(1, len(text))))  # a piece per character
+    assert "".join(one_by_one) == whole
+    assert secrets.stream().feed("x") == ""  # held: it may begin a secret
+    assert Secrets().stream().feed("no secret known: nothing held") == \
+        "no secret known: nothing held"

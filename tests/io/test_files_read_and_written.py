@@ -94,6 +94,47 @@ def test_eval_refuses_to_write_a_report_over_its_input(replay_pool, tmp_path):
                    f"{rec / 'experts.yaml'}: the recorded replay pool would overwrite the config")
 
 
+def test_no_command_writes_over_a_file_the_pool_reads(replay_pool, tmp_path):
+    """Every command that writes checks its output against every file it reads, the pool's
+    included: a replay expert's recording, the response cache, the router file, the profiles
+    and their validation record (through a symlink or a hard link too); ``coe train-router
+    X -o X`` is refused. Each refusal comes before any work, and the file is kept."""
+    cfg, qs = replay_pool
+    cache = tmp_path / "cache.sqlite"
+    pool = yaml.safe_load(cfg.read_text())
+    pool.update(cache=str(cache), router={"kind": "all", "model_file": "router.joblib",
+                                          "profiles": "profiles.json"})
+    cfg.write_text(yaml.safe_dump(pool))
+    recording = tmp_path / "alpha.jsonl"
+    (tmp_path / "router.joblib").write_bytes(b"a trained router")
+    (tmp_path / "profiles.json").write_text("{}")
+    (tmp_path / "profiles.npz").write_bytes(b"a validation record")
+    sqlite3.connect(cache).close()
+    os.link(cache, tmp_path / "hard-link.jsonl")
+    (tmp_path / "sym-link.jsonl").symlink_to(recording)
+    before = {p: p.read_bytes() for p in (recording, cache, tmp_path / "router.joblib",
+                                          tmp_path / "profiles.npz", qs)}
+    for out, what in ((recording, f"the recording of expert 'alpha' ({recording})"),
+                      (tmp_path / "sym-link.jsonl", "the recording of expert 'alpha'"),
+                      (tmp_path / "hard-link.jsonl", f"the response cache ({cache})"),
+                      (tmp_path / "router.joblib", "the router file"),
+                      (tmp_path / "profiles.npz", "the validation record of the profiles")):
+        one_line_error(coe("run", qs, "-c", cfg, "-q", "-o", out), STORAGE,
+                       f"{out}: the answers file would overwrite {what}")
+    (tmp_path / "rec" / "replay").mkdir(parents=True)
+    os.link(recording, tmp_path / "rec" / "replay" / "alpha.jsonl")
+    one_line_error(coe("eval", qs, "-c", cfg, "-q", "--no-plots", "-o", tmp_path / "report",
+                       "--record", tmp_path / "rec"), STORAGE,
+                   "the recorded replay file would overwrite the recording of expert 'alpha'")
+    one_line_error(coe("train-router", qs, "-o", qs), STORAGE,
+                   f"{qs}: the router file would overwrite the labelled questions ({qs})")
+    one_line_error(coe("train-router", qs, "-c", cfg, "-o", cache), STORAGE,
+                   f"{cache}: the router file would overwrite the response cache")
+    one_line_error(coe("profile", qs, "-c", cfg, "-q", "-o", recording), STORAGE,
+                   f"{recording}: the profiles would overwrite the recording of expert 'alpha'")
+    assert {p: p.read_bytes() for p in before} == before
+
+
 # -- defect 5: caches and outputs that cannot be written, a disk that fills ---------------
 
 @pytest.mark.parametrize("where", ["cache dir is a file", "cache dir is /dev/null",
@@ -191,11 +232,10 @@ def test_other_files_that_cannot_be_written_are_one_line(replay_pool, tmp_path):
     naming the file, exit 5, not a traceback."""
     cfg, qs = replay_pool
     (tmp_path / "a-file").write_text("x")
-    proc = coe("profile", qs, "-c", cfg, "-q", "-o", tmp_path / "a-file" / "p.json")
-    assert proc.returncode == STORAGE and "Traceback" not in proc.stderr, proc.stderr
-    # the validation record beside the profiles is written first
-    assert proc.stderr.splitlines()[-1] == \
-        f"error: {tmp_path / 'a-file' / 'p.npz'}: Not a directory"
+    # found before any work, the validation record beside the profiles too
+    one_line_error(coe("profile", qs, "-c", cfg, "-q", "-o", tmp_path / "a-file" / "p.json"),
+                   STORAGE, f"{tmp_path / 'a-file' / 'p.json'}: cannot write the profiles: "
+                   "Not a directory")
 
 
 # -- defect 7: --resume and questions asked differently since -------------------------------

@@ -30,6 +30,18 @@ def test_gsm8k_and_mmlu_pro_field_names(tmp_path):
     assert m.id == "70" and m.choices == ["a", "b", "c"] and m.meta == {"src": "x"}
 
 
+def test_a_utf8_bom_is_accepted_in_every_format(tmp_path):
+    """Windows editors write one (Notepad, Excel's "CSV UTF-8"): it is no part of the data."""
+    records = [{"id": "a", "question": "Café?", "answer": "yes"}]
+    bom = b"\xef\xbb\xbf"
+    files = {"q.json": json.dumps(records).encode(), "q.jsonl": json.dumps(records[0]).encode(),
+             "q.csv": "id,question,answer\na,Café?,yes\n".encode()}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(bom + data)
+        (q,) = load_questions(tmp_path / name).questions
+        assert (q.id, q.question, q.answer) == ("a", "Café?", "yes"), name
+
+
 def test_csv_with_header_and_headerless_mmlu(tmp_path):
     p = tmp_path / "q.csv"
     p.write_text("id,question,A,B,C,answer\n1,Red?,yes,no,maybe,A\n2,Blue?,x,y,,B\n")

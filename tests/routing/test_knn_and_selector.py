@@ -203,14 +203,16 @@ def test_validation_questions_are_scored_by_the_fold_model_that_did_not_see_them
 
 
 def test_cascade_meets_its_budget_and_asks_recruits_strongest_first(pool, tmp_path):
+    """A budget asked for as a mean (``budget_mode: mean``): the average on validation is at
+    most the budget, a question may ask up to k."""
     from coe.routing import build_router
 
     cfg = load_config(pool / "pool.yaml")
-    cfg.router.k, cfg.router.budget = 4, 1.6
+    cfg.router.k, cfg.router.budget, cfg.router.budget_mode = 4, 1.6, "mean"
     router = build_router("knn", cfg)
     c = router.cascade
     assert c.validation_experts <= 1.6 + 1e-9 and c.max_experts == 4
-    run = _run(pool, tmp_path, router={"k": 4, "budget": 1.6})
+    run = _run(pool, tmp_path, router={"k": 4, "budget": 1.6, "budget_mode": "mean"})
     asked = [len(r.responses) for r in run.results]
     assert 1.0 < np.mean(asked) < 2.5 and min(asked) == 1 and max(asked) > 1
     assert run.stats.generations == sum(asked)
@@ -219,8 +221,33 @@ def test_cascade_meets_its_budget_and_asks_recruits_strongest_first(pool, tmp_pa
         assert [x.expert for x in r.responses] == f.names[:len(r.responses)]
         assert r.route.names == f.names[:len(r.responses)]
         assert r.route.reason.endswith(f"cascade: asked {len(r.responses)} of 4")
-    everyone = _run(pool, tmp_path, router={"k": 4, "budget": 4.0})
+    everyone = _run(pool, tmp_path, router={"k": 4, "budget": 4.0, "budget_mode": "mean"})
     assert all(len(r.responses) == 4 for r in everyone.results)
+
+
+def test_a_budget_is_a_cap_on_every_question_unless_a_mean_is_asked_for(pool, tmp_path):
+    """``budget: 2`` (cap, the default): no question asks more than 2 experts, whatever k;
+    the threshold is the most accurate on validation. As a mean the same budget lets some
+    questions ask 3 or 4 (what a mean allows, and what the cap is for)."""
+    from coe.routing import build_router
+    from coe.routing.cascade import _accuracy
+
+    capped = _run(pool, tmp_path, router={"k": 4, "budget": 2.0})
+    assert max(len(r.responses) for r in capped.results) <= 2
+    mean = _run(pool, tmp_path, router={"k": 4, "budget": 2.0, "budget_mode": "mean"})
+    assert max(len(r.responses) for r in mean.results) > 2
+    cfg = load_config(pool / "pool.yaml")
+    cfg.router.k, cfg.router.budget = 4, 2.5
+    c = build_router("knn", cfg).cascade
+    assert (c.mode, c.max_experts) == ("cap", 2) and c.validation_max <= 2
+    assert "at most 2 per question" in c.describe()
+    assert f"{c.validation_max} at most" in c.describe()
+    # the accuracy at each threshold, against a direct count
+    running = np.array([[0.2, 0.7], [0.9, 0.9], [0.1, 0.3]])
+    right = np.array([[0, 1, 1], [1, 0, 0], [0, 0, 1]], bool)
+    grid = np.array([0.05, 0.2, 0.5, 0.95, np.inf])
+    expected = [np.mean([right[i, (running[i] < t).sum()] for i in range(3)]) for t in grid]
+    assert np.allclose(_accuracy(running, right, grid), expected)
 
 
 def test_coe_eval_runs_knn_learned_and_cascades_and_their_yaml_answers_alike(pool, tmp_path):
@@ -232,24 +259,37 @@ def test_coe_eval_runs_knn_learned_and_cascades_and_their_yaml_answers_alike(poo
 
     cfg = load_config(pool / "pool.yaml")
     test, val = _load(pool / "test.jsonl"), _load(pool / "val.jsonl")
-    opts = EvalOptions(validation=val, cache=False, budgets=(1.5,),
+    opts = EvalOptions(validation=val, cache=False, budgets=("mean:1.5", 2),
                        strategies="best-single,knn+vote,knn+learned,all+vote,all+learned,knn+learned~*")
     job = EvaluationJob(cfg, test, opts)
     r = job.run()
     acc = {s.name: s.overall.value for s in r.scores}
     assert acc["all+learned"] > acc["all+vote"] + 0.1 and acc["knn+learned"] > acc["best-single"]
-    cascade = r.score("knn+learned~1.5")
-    assert 1.0 < cascade.avg_experts < 2.2 and job.cascades["knn+learned~1.5"].validation_experts <= 1.5
+    cascade = r.score("knn+learned~mean1.5")
+    assert 1.0 < cascade.avg_experts < 2.2
+    assert job.cascades["knn+learned~mean1.5"].validation_experts <= 1.5
+    capped = r.score("knn+learned~2")
+    assert 1 <= capped.max_generations <= 2  # a cap: no question asks a third
+    # every table shows the mean and the most generations one question took
+    from coe.apps.eval.report import comparison_table, strategy_table
+
+    for table in (strategy_table(r), comparison_table(r)):
+        assert "generations/q (max)" in table
+        assert any(row.startswith("| knn+learned~mean1.5 |") and
+                   f" ({cascade.max_generations}) |" in row for row in table.splitlines())
     # generations on the test set: the cascade's asked experts and the other strategies', no more
-    asked = r.outcomes["knn+learned~1.5"].routes.mask()
+    asked = r.outcomes["knn+learned~mean1.5"].routes.mask()
+    asked |= r.outcomes["knn+learned~2"].routes.mask()
     others = np.zeros_like(asked)
     for name in ("best-single", "knn+vote", "knn+learned", "all+vote", "all+learned"):
         others |= r.outcomes[name].routes.mask()
     assert (r.responses.has == (asked | others)).all()
-    assert r.val_score("knn+learned~1.5").overall.n == len(val)
-    spec = next(s for s in r.specs if s.name == "knn+learned~1.5")
+    assert r.val_score("knn+learned~mean1.5").overall.n == len(val)
+    spec = next(s for s in r.specs if s.name == "knn+learned~mean1.5")
     raw = recommended_pool(job.config, spec, k=job.router_k[spec.name], strength=job.strength)
-    assert raw["router"]["budget"] == 1.5 and raw["router"]["k"] == job.cascades[spec.name].max_experts
+    assert raw["router"]["budget"] == 1.5 and raw["router"]["budget_mode"] == "mean"
+    assert raw["router"]["k"] == job.cascades[spec.name].max_experts
+    asked = r.outcomes[spec.name].routes.mask()
     path = tmp_path / "cascade.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     with Orchestrator.from_yaml(path, cache=False) as orch:
@@ -264,3 +304,24 @@ def test_coe_eval_runs_knn_learned_and_cascades_and_their_yaml_answers_alike(poo
                          EvalOptions(validation=val, cache=False, strategies="best-single,all+*"))
     skipped = bare.run().skipped
     assert "learned aggregator is not trained: no profiles" in skipped["all+learned"]
+
+
+def test_a_cascade_without_a_selector_is_skipped_naming_the_selector_not_the_router(pool):
+    """The profiles route (knn+vote runs) but hold no answer selector, which a cascade needs
+    to decide when to stop: the skip says so, not that the knn router is unavailable."""
+    from coe.apps.eval.runner import EvalOptions, EvaluationJob
+
+    data = json.loads((pool / "profiles.json").read_text())
+    data["selector"] = None
+    (pool / "no-selector.json").write_text(json.dumps(data))
+    raw = yaml.safe_load((pool / "pool.yaml").read_text())
+    raw["router"]["profiles"] = "no-selector.json"
+    (pool / "no-selector.yaml").write_text(yaml.safe_dump(raw))
+    job = EvaluationJob(load_config(pool / "no-selector.yaml"), _load(pool / "test.jsonl"),
+                        EvalOptions(validation=_load(pool / "val.jsonl"), cache=False,
+                                    budgets=(2,), strategies="knn+vote,knn+learned~2"))
+    r = job.run()
+    assert [s.name for s in r.scores] == ["knn+vote"]
+    why = r.skipped["knn+learned~2"]
+    assert why.startswith("the knn router's cascade cannot run (the knn router itself can): ")
+    assert "no answer selector" in why and "knn router unavailable" not in why

@@ -55,11 +55,13 @@ class Fault:
     retry_after: str | None = None
     body: str = ""
     until: tuple[str, int] | None = None  # hold: ("arrived" | "ended", POST number)
+    content_type: str = "application/json"  # status: of the body sent
 
     @classmethod
-    def status(cls, code: int, retry_after: float | str | None = None, body: str = "") -> "Fault":
+    def status(cls, code: int, retry_after: float | str | None = None, body: str = "",
+               content_type: str = "application/json") -> "Fault":
         ra = None if retry_after is None else str(retry_after)
-        return cls("status", code=code, retry_after=ra, body=body)
+        return cls("status", code=code, retry_after=ra, body=body, content_type=content_type)
 
     @classmethod
     def hang(cls) -> "Fault":
@@ -218,7 +220,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
             body = fault.body or json.dumps({"error": {"message": f"injected {fault.code}",
                                                        "type": "injected"}})
-            return self._send(rec, fault.code, body.encode(), "application/json", headers)
+            return self._send(rec, fault.code, body.encode(), fault.content_type, headers)
         if kind == "hang":
             return self._hang()
         if kind == "hold":

@@ -9,8 +9,34 @@ from typing import Callable
 from coe.apps.eval.record import write_replay
 from coe.apps.eval.report import write_report
 from coe.apps.eval.runner import EvalOptions, EvalResult, evaluate
+from coe.apps.eval.strategies import parse_budget
 from coe.core.config import PoolConfig, load_config
+from coe.core.errors import ConfigError
+from coe.io.output import check_output
 from coe.io.questions import load_questions
+
+REPORT_FILES = ("report.md", "report.json", "outcomes.jsonl", "recommended.yaml",
+                "accuracy.png", "categories.png", "usage.png",
+                "cost.png")  # what coe.apps.eval.report writes
+
+
+def parse_budgets(text: str) -> tuple[tuple[float, str], ...]:
+    """``--budgets``: comma-separated ``parse_budget`` forms ("2,3,mean:3")."""
+    try:
+        return tuple(parse_budget(b) for b in text.split(",") if b.strip())
+    except ValueError as e:
+        raise ConfigError(f"--budgets: {e}") from None
+
+
+def check_eval_outputs(cfg: PoolConfig, out: Path, record: Path | None, inputs: list) -> None:
+    """Before any model loads: the files ``coe eval`` will write can be written and none of
+    them is one of its inputs (``(what, path)`` pairs)."""
+    for name in REPORT_FILES:
+        check_output(out / name, inputs, what="report")
+    if record is not None:
+        check_output(record / "experts.yaml", inputs, what="recorded replay pool")
+        for e in cfg.experts:
+            check_output(record / "replay" / f"{e.name}.jsonl", inputs, what="recorded replay file")
 
 
 def run_eval_job(questions: str | Path, config: str | Path | PoolConfig, *,

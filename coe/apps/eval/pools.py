@@ -51,6 +51,7 @@ from coe.apps.eval.recorded import (
     read_generic_questions,
 )
 from coe.core.types import Generation, Question
+from coe.core.wording import counted
 from coe.io.output import check_output
 from coe.text.answers import answer_of, gold_answer, gold_problem, grade
 
@@ -225,13 +226,13 @@ def build_pool(source: str | Path, out_dir: str | Path, seed: int = 0,
             _check_ids(rec, ids, reference)
             right[name], other, other_gold = _grade(rec, questions, qs, golds, ids, str(rec.path))
             if other and log:
-                log(f"note: {rec.path.name} states {other} questions otherwise than "
+                log(f"note: {rec.path.name} states {counted(other, 'question')} otherwise than "
                     f"{reference} ({other_gold} with another gold answer): {rec.model} is "
                     f"graded on its own versions; train/test.jsonl keep the first file's")
             _write_jsonl(tmp[name], rec.replay)
             rec.forget()
             if log:
-                log(f"read {rec.path.name}: {len(ids):,} answers of {rec.model}")
+                log(f"read {rec.path.name}: {counted(len(ids), 'answer')} of {rec.model}")
         for name in names:
             os.replace(tmp[name], out / "replay" / f"{name}.jsonl")
     finally:
@@ -251,7 +252,8 @@ def build_pool(source: str | Path, out_dir: str | Path, seed: int = 0,
     def acc(cols: np.ndarray) -> list[float]:
         return (grid[:, cols].sum(axis=1) / len(cols)).tolist() if len(cols) else [0.0] * len(names)
 
-    strength = dict(zip(names, (round(a, 4) for a in acc(tr))))
+    accuracy = dict(zip(names, acc(tr)))
+    strength = {n: round(a, 4) for n, a in accuracy.items()}  # the yaml's, four places
     by_cat: dict[str, list[int]] = {}
     for i in train:
         cat = questions[i].get("category")
@@ -275,7 +277,7 @@ def build_pool(source: str | Path, out_dir: str | Path, seed: int = 0,
     }
     (out / "experts.yaml").write_text(yaml.safe_dump(pool, sort_keys=False), encoding="utf-8")
     return {"format": kind, "questions": len(ids), "train": len(train), "test": len(test),
-            "strength": strength, "params": sizes}
+            "strength": strength, "accuracy": accuracy, "params": sizes}
 
 
 def ensure_pool(source: str | Path, out_dir: str | Path) -> Path:

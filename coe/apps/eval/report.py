@@ -30,6 +30,7 @@ from coe.apps.eval.recommend import generations_per_question
 from coe.apps.eval.result import EvalResult
 from coe.apps.eval.scoring import NO_CATEGORY, StrategyScore
 from coe.core.types import ExpertResponse
+from coe.core.wording import counted
 from coe.pipeline.responses import ResponseTable
 from coe.pipeline.results import truncation_warning
 from coe.text.answers import describe_ungraded
@@ -87,15 +88,23 @@ def _num(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _generations(s: StrategyScore | None) -> str:
+    """Generations per question: the mean and, in brackets, the most one question took."""
+    if s is None:
+        return "-"
+    return f"{generations_per_question(s):.2f} ({s.max_generations})"
+
+
 def strategy_table(result: EvalResult) -> str:
-    head = ("| strategy | accuracy % | 95% CI | n | failed | experts/q | active params/q (B) | "
-            "tokens/q | cost/q ($) | gen s | recruit oracle % | truncated |")
-    rows = [head, "|" + "---|" * 12]
+    head = ("| strategy | accuracy % | 95% CI | n | failed | experts/q | generations/q (max) | "
+            "active params/q (B) | tokens/q | cost/q ($) | gen s | recruit oracle % | "
+            "truncated |")
+    rows = [head, "|" + "---|" * 13]
     for s in result.scores:
         rows.append(
             f"| {s.name} | {_pct(s.overall.value)} | {_ci(s)} | {s.overall.n} | "
             f"{s.failed_questions} | "
-            f"{s.avg_experts:.2f} | {_num(s.avg_active_params, '.2f')} | "
+            f"{s.avg_experts:.2f} | {_generations(s)} | {_num(s.avg_active_params, '.2f')} | "
             f"{s.avg_tokens:.0f} | {s.avg_cost:.6f} | {s.gen_seconds + s.route_seconds:.1f} | "
             f"{_pct(s.recruit_oracle.value)} | {truncated_questions(result, s.name)} |")
     return "\n".join(rows)
@@ -132,7 +141,7 @@ def comparison_table(result: EvalResult) -> str:
     ref = next(s.name for s in result.specs if s.kind == "best-single")
     val = {s.name: s for s in result.val_scores}
     rec = result.recommendation.strategy if result.recommendation else None
-    head = ("| strategy | generations/q | validation acc % | Δ validation [95% CI] | p (Holm) | "
+    head = ("| strategy | generations/q (max) | validation acc % | Δ validation [95% CI] | p (Holm) | "
             "test acc % | Δ test [95% CI] | p (Holm) | vs best-single |")
     rows = [head, "|" + "---|" * 9]
     for s in result.scores:
@@ -143,7 +152,7 @@ def comparison_table(result: EvalResult) -> str:
             (" †" if s.name in result.in_sample else "")
         verdict = "reference" if s.name == ref else _verdicts(result, s.name)
         rows.append(
-            f"| {s.name}{mark} | {_num(v and generations_per_question(v), '.2f')} | "
+            f"| {s.name}{mark} | {_generations(v)} | "
             f"{_pct(v.overall.value if v else None)} | {_delta(cv)} | {_p(cv)} | "
             f"{_pct(s.overall.value)} | {_delta(ct)} | {_p(ct)} | {verdict} |")
     return "\n".join(rows)
@@ -185,7 +194,7 @@ def recommendation_lines(result: EvalResult) -> list[str]:
     t = result.score(rec.strategy)
 
     def figures(score, where: str) -> str:
-        line = (f"{_pct(score.overall.value)}% on {score.overall.n} {where} questions "
+        line = (f"{_pct(score.overall.value)}% on {counted(score.overall.n, where + ' question')} "
                 f"(95% CI {_ci(score)})")
         c = result.comparisons[where].get(rec.strategy)
         if c is not None:
@@ -221,7 +230,8 @@ def category_table(result: EvalResult) -> str:
 
 
 def summary_lines(result: EvalResult) -> list[str]:
-    out = [f"{len(result.questions)} test questions, {len(result.scores)} strategies, "
+    out = [f"{counted(len(result.questions), 'test question')}, "
+           f"{counted(len(result.scores), 'strategy', 'strategies')}, "
            f"{result.wall_seconds:.1f}s wall; accuracy CI: {CI_METHOD}",
            result.counts_line()]
     for p in result.phases:
@@ -242,9 +252,10 @@ def summary_lines(result: EvalResult) -> list[str]:
                    f"other {result.graded_questions}")
     hit = sum(1 for s in result.scores if s.failed_questions)
     if hit:
-        out.append(f"{result.stats.failed_generations} generations failed (experts: "
+        out.append(f"{counted(result.stats.failed_generations, 'generation')} failed (experts: "
                    f"{', '.join(sorted(result.stats.failures))}); the questions they touched are "
-                   f"left out of the accuracy of {hit} strategies (column failed); with the "
+                   f"left out of the accuracy of {counted(hit, 'strategy', 'strategies')} "
+                   f"(column failed); with the "
                    "response cache a rerun makes only the missing generations")
     src = set(result.strength_source.values())
     if src:

@@ -65,7 +65,14 @@ from coe.apps.eval.compare import Comparison
 from coe.apps.eval.recommend import Recommendation
 from coe.apps.eval.result import EvalOptions, EvalResult, QuestionSet
 from coe.apps.eval.scoring import Accuracy, OutcomeTable
-from coe.apps.eval.strategies import StrategySpec, all_specs, overlap, select, split_validation
+from coe.apps.eval.strategies import (
+    StrategySpec,
+    all_specs,
+    overlap,
+    overlap_notes,
+    select,
+    split_validation,
+)
 from coe.apps.eval.strategy_routes import route_strategies
 from coe.apps.eval.verdict import compare_all, recommend_one, score
 from coe.core.config import PoolConfig
@@ -241,12 +248,7 @@ class EvaluationJob:
         if not self.validation:
             return
         self.overlap = overlap(self.validation, self.questions)
-        if self.overlap["questions"]:
-            o = self.overlap
-            note = (f"warning: the validation questions ({self.val_source}) overlap the test "
-                    f"set: {o['questions']} of the {len(self.questions)} test questions "
-                    f"(same id: {o['same_id']}, same text: {o['same_text']}); best-single and "
-                    "the recommendation are chosen partly on the test questions")
+        for note in overlap_notes(self.overlap, self.val_source, len(self.questions)):
             self.notes.insert(0, note)
             _log(self.opts, note)
 

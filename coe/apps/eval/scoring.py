@@ -92,6 +92,8 @@ class StrategyScore:
     recruit_oracle: Accuracy = field(default_factory=Accuracy)
     questions: int = 0
     generations: int = 0
+    #: the most generations (experts' and aggregator's, failed ones included) one question took
+    max_generations: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     gen_seconds: float = 0.0
@@ -131,7 +133,10 @@ class StrategyScore:
             **self.overall.to_json(),
             "per_category": {c: a.to_json() for c, a in sorted(self.per_category.items())},
             "recruit_oracle": self.recruit_oracle.to_json(),
-            "generations": self.generations, "prompt_tokens": self.prompt_tokens,
+            "generations": self.generations,
+            "generations_per_question": (self.per_question(self.generations + self.failed)),
+            "max_generations_per_question": self.max_generations,
+            "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "avg_tokens": self.avg_tokens,
             "gen_seconds": round(self.gen_seconds, 4),
             "route_seconds": round(self.route_seconds, 4),
@@ -301,6 +306,7 @@ def score_strategy(name: str, description: str, outcomes: OutcomeTable,
     ok = ~failed
     s.failed = int(failed.sum())
     s.generations = int(ok.sum())
+    s.max_generations = int(np.bincount(rows, minlength=len(o)).max()) if len(o) else 0
     s.prompt_tokens = int(pt[ok].sum())
     s.completion_tokens = int(ct[ok].sum())
     s.gen_seconds = _total(secs[ok])

@@ -9,9 +9,10 @@ Names (``--strategies`` takes a comma-separated list of names or shell patterns)
                        plugins); ``all+vote`` is the all-experts vote;
 - ``<router>@1``       the router's first expert only (CoE's one-expert route);
 - ``knn+learned~<b>`` a cascade (``coe.routing.cascade``): the knn router's recruits asked in rounds
-                       until the answer selector is confident, at most ``b`` experts per
-                       question on average on the validation record (``--budgets``, and the
-                       yaml's ``router.budget``);
+                       until the answer selector is confident, at most ``b`` experts for any
+                       question (``--budgets``, and the yaml's ``router.budget``);
+- ``knn+learned~mean<b>`` the same with ``b`` experts per question *on average* on the
+                       validation record (``--budgets mean:<b>``, ``router.budget_mode: mean``);
 - ``random<k>+vote``   k experts drawn at random per question (seeded), voting;
 - ``oracle``           right when any expert of the pool is right: the upper bound.
 """
@@ -28,6 +29,7 @@ from coe.core.config import DEFAULT_CATEGORY, PoolConfig
 from coe.core.errors import ConfigError
 from coe.core.registry import AGGREGATORS, ROUTERS
 from coe.core.types import Question, Route
+from coe.core.wording import counted
 from coe.pipeline.routes import RouteTable
 
 DESCRIBE_AGGREGATOR = {"vote": "majority vote (ties: router weight, then strength)",
@@ -53,13 +55,34 @@ class StrategySpec:
     aggregator: str | None = None  # vote | llm | single; None for the oracle
     k: int | None = None
     expert: str | None = None  # for single
-    budget: float | None = None  # a cascade's average experts per question (router.budget)
+    budget: float | None = None  # a cascade's experts per question (router.budget)
+    budget_mode: str | None = None  # cap | mean (router.budget_mode)
+
+
+def parse_budget(value) -> tuple[float, str]:
+    """A cascade budget as ``--budgets`` and ``EvalOptions.budgets`` give it: a number (a
+    cap: at most that many experts for any question), ``"mean:B"`` (B on average), or a
+    ``(B, mode)`` pair; a ``ValueError`` otherwise."""
+    if isinstance(value, tuple):
+        number, mode = value
+    elif isinstance(value, str):
+        mode, _, number = value.strip().rpartition(":")
+        mode = mode.strip() or "cap"
+    else:
+        number, mode = value, "cap"
+    if mode not in ("cap", "mean"):
+        raise ValueError(f"{value!r}: a budget is a number (a cap) or mean:NUMBER")
+    number = float(number)
+    if not number >= 1:
+        raise ValueError(f"{value!r}: a cascade asks at least 1 expert per question")
+    return number, mode
 
 
 def all_specs(config: PoolConfig, random_k: int = 3,
-              budgets: list[float] | tuple[float, ...] = ()) -> list[StrategySpec]:
+              budgets: list | tuple = ()) -> list[StrategySpec]:
     """Every strategy the pool could support, before availability checks; ``budgets``: the
-    cascades to try (the yaml's ``router.budget`` is added when its router is knn)."""
+    cascades to try (``parse_budget``'s forms; the yaml's ``router.budget`` is added when its
+    router is knn)."""
     specs = [StrategySpec(f"single:{e.name}", "single", f"{e.name} alone",
                           aggregator="single", expert=e.name) for e in config.experts]
     specs.append(StrategySpec("best-single", "best-single",
@@ -75,15 +98,16 @@ def all_specs(config: PoolConfig, random_k: int = 3,
             specs.append(StrategySpec(f"{router}@1", "router",
                                       f"{router} router's first expert only",
                                       router=router, aggregator="vote", k=1))
-    budgets = list(budgets)
+    budgets = [parse_budget(b) for b in budgets]
     if config.router.kind == "knn" and config.router.budget is not None:
-        budgets.append(config.router.budget)
-    for b in sorted(set(budgets)):
+        budgets.append((config.router.budget, config.router.budget_mode))
+    for b, mode in sorted(set(budgets), key=lambda bm: (bm[1] == "mean", bm[0])):
+        bound = (f"at most {b:g} experts for any question" if mode == "cap" else
+                 f"at most {b:g} experts/question on average on validation")
         specs.append(StrategySpec(
-            f"knn+learned~{b:g}", "router",
+            f"knn+learned~{'mean' if mode == 'mean' else ''}{b:g}", "router",
             f"knn router's recruits asked in rounds until the answer selector is confident: "
-            f"at most {b:g} experts/question on average on validation",
-            router="knn", aggregator="learned", budget=b))
+            f"{bound}", router="knn", aggregator="learned", budget=b, budget_mode=mode))
     k = max(1, min(random_k, len(config.experts)))
     specs.append(StrategySpec(f"random{k}+vote", "random",
                               f"{k} experts drawn at random per question (seeded), voting; "
@@ -153,11 +177,42 @@ def _question_key(q: Question) -> tuple[str, tuple[str, ...]]:
 
 def overlap(validation: list[Question], test: list[Question]) -> dict:
     """The test questions also in ``validation``, by id or by text (and choices): counts and
-    the test ids, in the test's order."""
+    the test ids, in the test's order.
+
+    A data set may hold one question twice under two ids (MMLU-Pro repeats 159 of its
+    12,032): a split then puts some such pairs on both sides. When the data repeats texts
+    within a side too, a test question whose text a validation question repeats *under
+    another id* is counted as a ``duplicate`` of the data, not as overlap of the split;
+    without such repeats (a validation file copied from the test with new ids) it is
+    overlap."""
     val_ids = {q.id for q in validation}
     val_text = {_question_key(q) for q in validation}
     same_id = [q.id for q in test if q.id in val_ids]
     same_text = [q.id for q in test if _question_key(q) in val_text]
-    both = set(same_id) | set(same_text)
+    repeats = sum(len(side) - len({_question_key(q) for q in side}) for side in (validation, test))
+    other_id = [i for i in same_text if i not in val_ids]
+    duplicates = other_id if repeats else []
+    both = (set(same_id) | set(same_text)) - set(duplicates)
     return {"questions": len(both), "same_id": len(same_id), "same_text": len(same_text),
-            "ids": [q.id for q in test if q.id in both]}
+            "ids": [q.id for q in test if q.id in both], "duplicates": len(duplicates),
+            "repeated_within": repeats}
+
+
+def overlap_notes(o: dict, val_source: str, n_test: int) -> list[str]:
+    """What ``overlap`` found, as the report's lines: the data's duplicates (a note), the
+    split's overlap (a warning, last so that it is inserted first)."""
+    notes = []
+    if o["duplicates"]:
+        n = o["duplicates"]
+        notes.append(
+            f"note: {counted(n, 'test question')} {'repeats' if n == 1 else 'repeat'} the text "
+            f"and choices of a validation question under another id: duplicates in the data, "
+            f"which repeats {counted(o['repeated_within'], 'question')} within the validation "
+            f"and test sets themselves too (MMLU-Pro does); scored as questions of their own, "
+            f"not counted as overlap")
+    if o["questions"]:
+        notes.append(f"warning: the validation questions ({val_source}) overlap the test set: "
+                     f"{o['questions']} of the {n_test} test questions (same id: {o['same_id']}, "
+                     f"same text: {o['same_text']}); best-single and the recommendation are "
+                     "chosen partly on the test questions")
+    return notes

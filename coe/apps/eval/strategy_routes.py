@@ -35,9 +35,9 @@ def route_strategies(job) -> None:
         k = s.k or (None if s.router == "all" else job.config.router.k)
         if s.budget is not None and s.k is None and job.config.router.budget is None:
             k = None  # a cascade the yaml does not set: its depth is chosen on validation
-        key = (s.router, k, s.budget)
+        key = (s.router, k, s.budget, s.budget_mode)
         if key not in routed:
-            routed[key] = _route_with(job, s.router, k, s.budget)
+            routed[key] = _route_with(job, s.router, k, s.budget, s.budget_mode)
         tables, why, in_sample = routed[key]
         why = (why or _replayed_aggregator(job, s, [t for t, _ in tables.values()])
                or _untrained_aggregator(job, s))
@@ -63,8 +63,8 @@ def _fixed_routes(job, s: StrategySpec, qs: QuestionSet) -> RouteTable:
     return RouteTable.fixed(qs.ids, job.names, job.names, "every expert (oracle)")
 
 
-def _route_with(job, kind: str, k: int | None,
-                budget: float | None = None) -> tuple[dict | None, str, str]:
+def _route_with(job, kind: str, k: int | None, budget: float | None = None,
+                budget_mode: str | None = None) -> tuple[dict | None, str, str]:
     """({question set: (routes, seconds)}, why the router is unavailable ("" if it is
     not), why its validation routes may be in-sample ("" if they may not)). With
     ``budget``, the router cascades: its routes are every recruit a question may ask,
@@ -74,19 +74,35 @@ def _route_with(job, kind: str, k: int | None,
     config = job.config
     if budget is not None:
         config = config.model_copy(update={"router": config.router.model_copy(
-            update={"budget": budget, "k": k})})
+            update={"budget": budget, "budget_mode": budget_mode or "cap", "k": k})})
     try:
         router = build_router(kind, config, job.executor, k)
         if budget is not None:
             if router.cascade is None:
                 raise ConfigError(f"the {kind} router does not cascade")
-            job.cascade_of[(kind, k, budget)] = router.cascade
+            job.cascade_of[(kind, k, budget, budget_mode)] = router.cascade
         tables = {qs.name: _route_set(job, router, qs) for qs in job.sets}
     except Exception as e:  # an unavailable or unfit router: skip, say why
-        return None, f"{kind} router unavailable: {type(e).__name__}: {e}", ""
+        return None, _unavailable(job, kind, k, budget, e), ""
     in_sample = ("" if job.val is None
                  else _trained_on(job, kind, k, router, tables["validation"][0]))
     return tables, "", in_sample
+
+
+def _unavailable(job, kind: str, k: int | None, budget: float | None, e: Exception) -> str:
+    """Why a router strategy cannot run, naming what failed: a cascade whose router routes
+    well enough without its budget lacks what the cascade itself needs (the answer selector
+    that decides when to stop), not the router."""
+    why = f"{type(e).__name__}: {e}"
+    if budget is not None:
+        try:
+            build_router(kind, job.config.model_copy(update={"router": job.config.router.model_copy(
+                update={"budget": None})}), job.executor, k)
+        except Exception:
+            pass
+        else:
+            return f"the {kind} router's cascade cannot run (the {kind} router itself can): {why}"
+    return f"{kind} router unavailable: {why}"
 
 
 def _route_set(job, router: Router, qs: QuestionSet) -> tuple[RouteTable, float]:

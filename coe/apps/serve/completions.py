@@ -12,7 +12,6 @@ gets its status; one found after the first piece is an ``error`` event.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -23,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from coe.apps.serve.batcher import Cancelled, Job, QueueFull
+from coe.apps.serve.bodies import MAX_SHOWN, parse_body, shown
 from coe.apps.serve.compositions import UnknownModel
 from coe.apps.serve.errors import ApiError, ClientGone, invalid
 from coe.apps.serve.honour import Refused, check_composition, check_pass_through
@@ -37,12 +37,14 @@ from coe.apps.serve.shape import (
     tool_calls,
     usage,
 )
+from coe.core import secrets
 from coe.core.secrets import redact
 from coe.core.types import Question, QuestionResult
 
 log = logging.getLogger("coe.serve")
 
 __all__ = ["answer_text", "complete"]
+
 
 
 class _Call:
@@ -69,7 +71,7 @@ class _Call:
             m.in_flight.dec()
             if status == 200:
                 m.latency.labels(model=known).observe(latency)
-        line = (f"{self.id} model={self.model} experts={self.experts} status={status} "
+        line = (f"{self.id} model={shown(self.model)} experts={self.experts} status={status} "
                 f"latency={latency:.3f}s")
         if self.svc.options.log_prompts and self.prompt is not None:
             line += f" prompt={self.prompt[:500]!r}"
@@ -139,13 +141,7 @@ async def complete(svc: Service, request: Request, model_cls, chat: bool) -> Res
     streaming = False
     try:
         svc.authorize(request)
-        raw = await svc.read_body(request)
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "request body must be a JSON object", "invalid_json")
+        data = parse_body(await svc.read_body(request))
         if isinstance(data.get("model"), str):
             call.model = data["model"]
         try:
@@ -153,6 +149,9 @@ async def complete(svc: Service, request: Request, model_cls, chat: bool) -> Res
         except ValidationError as e:
             raise invalid(e) from None
         try:
+            if len(req.model) > MAX_SHOWN:  # no composition or expert has such a name
+                raise UnknownModel(f"unknown model '{shown(req.model)}' (known: "
+                                   f"{', '.join(svc.compositions.available())})")
             comp = svc.compositions.get(req.model)
         except UnknownModel as e:
             raise ApiError(404, str(e), "model_not_found", param="model") from None
@@ -168,6 +167,10 @@ async def complete(svc: Service, request: Request, model_cls, chat: bool) -> Res
             raise ApiError(429, f"too many requests waiting ({svc.options.max_queue}); "
                            f"retry after {e.retry_after}s", "queue_full",
                            {"Retry-After": str(e.retry_after)}) from None
+        # whoever stops waiting for it (a client gone, a timeout), its outcome is retrieved:
+        # a job dropped before its batch, or a failed batch, would otherwise leave asyncio an
+        # exception nobody retrieved, logged with a traceback
+        job.future.add_done_callback(_retrieve)
         call.accepted = True
         svc.metrics.in_flight.inc()
         if req.stream:
@@ -193,7 +196,7 @@ async def complete(svc: Service, request: Request, model_cls, chat: bool) -> Res
         status = 400
         return ApiError(400, e.message, "unsupported_parameter", param=e.param).response()
     except Exception as e:  # a bug or a broken router: one line to the client, logged here
-        log.warning("%s failed: %s: %s", call.id, type(e).__name__, e)
+        log.warning("%s failed: %s: %s", call.id, type(e).__name__, shown(str(e)))
         status = 500
         return ApiError(500, redact(f"{type(e).__name__}: {e}"), "internal_error").response()
     finally:
@@ -208,6 +211,11 @@ def _listed(job: Job, got) -> list[QuestionResult]:
 def _timeout(svc: Service) -> ApiError:
     return ApiError(504, f"no answer within the request timeout "
                     f"({svc.options.request_timeout:g}s)", "timeout")
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _wait(svc: Service, request: Request, job: Job):
@@ -265,10 +273,14 @@ async def _events(svc: Service, call: _Call, job: Job, include_usage: bool,
     deadline = loop.time() + svc.options.request_timeout
     rows = len(job.questions)
     sent: dict[int, list[str]] = {}
+    hidden: dict = {}  # per row: a secret cut across pieces goes out hidden
     get: asyncio.Future | None = None
 
     def piece(item: tuple) -> bytes:
         row, text = item
+        text = hidden.setdefault(row, secrets.stream()).feed(text)
+        if not text:
+            return b""
         sent.setdefault(row, []).append(text)
         return _sse(call.chunk(row, text))
 
@@ -298,6 +310,11 @@ async def _events(svc: Service, call: _Call, job: Job, include_usage: bool,
                 get.cancel()
         while not job.tokens.empty():
             yield piece(job.tokens.get_nowait())
+        for row, redactor in hidden.items():
+            rest = redactor.flush()
+            if rest:
+                sent.setdefault(row, []).append(rest)
+                yield _sse(call.chunk(row, rest))
         try:
             results = _listed(job, job.future.result())
         except Cancelled:
@@ -334,7 +351,7 @@ async def _events(svc: Service, call: _Call, job: Job, include_usage: bool,
         status = 499
         raise
     except Exception as e:
-        log.warning("%s failed: %s: %s", call.id, type(e).__name__, e)
+        log.warning("%s failed: %s: %s", call.id, type(e).__name__, shown(str(e)))
         yield _sse(ApiError(500, redact(f"{type(e).__name__}: {e}"), "internal_error").body())
     finally:
         if get is not None and not get.done():

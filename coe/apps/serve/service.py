@@ -39,6 +39,8 @@ class ServeOptions:
     max_resident_models: int | None = None  # default: the yaml's serve section
     memory_gb: float | None = None
     cache: bool | str | Path = True
+    idle_timeout: float = 15.0  # seconds a connection may stay open with no request in progress
+    max_connections: int = 512  # connections open at once (more: closed at once)
 
 
 class Service:

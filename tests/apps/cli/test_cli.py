@@ -60,7 +60,7 @@ def test_run_replay_to_stdout_and_resume(replay_pool, tmp_path):
     out.write_bytes(data[: len(data) - 40])
     proc = coe("run", qs, "-c", cfg, "-q", "-o", out, "--resume")
     assert proc.returncode == 0, proc.stderr
-    assert "1 questions answered (5 already in" in proc.stderr
+    assert "1 question answered (5 already in" in proc.stderr
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [f"r{i}" for i in range(6)]
 
 
@@ -107,7 +107,7 @@ def test_resume_reanswers_questions_an_expert_failed_on(replay_pool, tmp_path):
     gamma.write_text("\n".join(lines) + "\n")  # the record is back
     again = coe("run", qs, "-c", cfg, "-q", "-o", out, "--resume")
     assert again.returncode == 0, again.stderr
-    assert "1 questions answered (5 already in" in again.stderr
+    assert "1 question answered (5 already in" in again.stderr
     rows = {json.loads(x)["id"]: json.loads(x) for x in out.read_text().splitlines()}
     assert len(rows) == 6 and rows["r3"]["route"]["failed"] == {}
     assert pool["router"] == {"kind": "all"}
@@ -122,3 +122,61 @@ def test_failed_run_keeps_the_previous_answers_file(replay_pool, tmp_path):
     proc = coe("run", qs, "-c", bad, "-o", out, "--fail-fast")
     assert proc.returncode != 0
     assert out.read_text() == '{"id": "old"}\n'
+
+
+def test_questions_every_expert_failed_on_are_left_out_of_the_accuracy(tmp_path):
+    """As ``coe eval`` counts them: not wrong answers, failed ones (the output says
+    ``correct: null``), named in the accuracy line."""
+    import yaml
+
+    from tests.conftest import write_jsonl
+
+    qs = write_jsonl(tmp_path / "q.jsonl", [
+        {"id": f"q{i}", "question": f"Question {i}?", "choices": ["a", "b"], "answer": "A"}
+        for i in range(6)])
+    # the recording misses q4 and q5: the only expert fails on them
+    write_jsonl(tmp_path / "partial.jsonl", [{"id": f"q{i}", "text": "The answer is (A)."}
+                                             for i in range(4)])
+    cfg = tmp_path / "pool.yaml"
+    cfg.write_text(yaml.safe_dump({"experts": [{"name": "partial", "backend": "replay",
+                                                "model": "partial.jsonl"}],
+                                   "router": {"kind": "all"}}))
+    out = tmp_path / "answers.jsonl"
+    proc = coe("run", qs, "-c", cfg, "-q", "-o", out)
+    assert proc.returncode == 4, proc.stderr  # an expert failed
+    assert ("accuracy against gold: 100.0% (4 graded questions); 2 questions left out: every "
+            "expert failed") in proc.stderr, proc.stderr
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert [rows[f"q{i}"]["correct"] for i in range(6)] == [True] * 4 + [None] * 2
+
+
+def test_help_is_whole_at_80_columns():
+    """Every option's help and every command's summary, word for word, in an 80-column
+    terminal (rich's panels used to cut them: "'single:*,best-si…", "--aggregator-expe…")."""
+    import typer
+    from typer.testing import CliRunner
+
+    from coe.apps.cli import app
+
+    command = typer.main.get_command(app)
+    runner = CliRunner()
+    top = runner.invoke(app, ["--help"], terminal_width=80)
+    listed = top.output.split("Commands:")[1]
+    assert top.exit_code == 0 and "…" not in listed and "..." not in listed
+    for name, cmd in command.commands.items():
+        shown = runner.invoke(app, [name, "--help"], terminal_width=80).output
+        flat = " ".join(shown.split())
+        assert "…" not in shown and max(map(len, shown.splitlines())) <= 80, name
+        for param in cmd.params:
+            if param.help:
+                assert " ".join(param.help.split()) in flat, (name, param.name)
+            for opt in param.opts:
+                assert opt in flat, (name, opt)
+
+
+def test_a_usage_error_is_one_line_not_a_traceback():
+    """typer vendors its own click: its usage errors used to escape ``main`` as tracebacks."""
+    for args, words in ((("run", "q.jsonl", "-k", "0"), "Invalid value for '-k'"),
+                        (("serve", "--port", "0"), "Invalid value for '--port'"),
+                        (("nope",), "No such command 'nope'")):
+        one_line_error(coe(*args), 2, words, "(see coe --help)")

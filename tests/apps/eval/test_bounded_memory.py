@@ -318,6 +318,7 @@ def _score_by_definition(name, outcomes, config) -> StrategyScore:
             s.unanswered += 1
         seen: set[str] = set()
         gens = [(r, False) for r in o.used] + ([(o.aggregator, True)] if o.aggregator else [])
+        s.max_generations = max(s.max_generations, len(gens))  # failed ones included
         for r, is_aggregator in gens:
             if r.error is not None:
                 s.failed += 1

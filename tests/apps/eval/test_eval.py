@@ -432,3 +432,22 @@ def test_a_recorded_pool_keeps_its_embedding_model(tmp_path, model, want):
                         "embeddings": {"model": model}}, base_dir=tmp_path)
     raw = replay_pool(cfg, {"a"})
     assert raw["embeddings"]["model"] == want.format(base=tmp_path.resolve())
+
+
+def test_eval_k_caps_the_routers_recruits_as_run_k_does(tmp_path):
+    """``coe eval -k 1``: the routers recruit one expert (the yaml's router.k, so the
+    recommended yaml keeps it); ``all+vote`` stays the whole pool."""
+    from tests.support.cli import coe
+
+    cfg, test, val = make_pool(tmp_path)
+    runs = {}
+    for k in ((), ("-k", "1")):
+        out = tmp_path / f"rep{len(k)}"
+        p = coe("eval", test, "-c", cfg, "--validation", val, "-o", out, "-q", "--no-plots",
+                "-s", "category+vote,all+vote", *k)
+        assert p.returncode == 0, p.stderr
+        runs[k] = {s["name"]: s for s in json.loads((out / "report.json").read_text())["strategies"]}
+    assert runs[()]["category+vote"]["avg_experts"] == 2.0
+    assert runs[("-k", "1")]["category+vote"]["avg_experts"] == 1.0
+    assert runs[("-k", "1")]["category+vote"]["max_generations_per_question"] == 1
+    assert runs[("-k", "1")]["all+vote"]["avg_experts"] == 4.0

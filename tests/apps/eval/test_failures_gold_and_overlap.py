@@ -179,7 +179,7 @@ def test_validation_equal_to_the_test_file_is_warned_about(tmp_path):
     data = json.loads((out / "report.json").read_text())
     assert data["validation"]["overlap"] == {
         "questions": 8, "same_id": 8, "same_text": 8,
-        "ids": [f"q{i}" for i in range(8)]}
+        "ids": [f"q{i}" for i in range(8)], "duplicates": 0, "repeated_within": 0}
     assert warning[0] in (out / "report.md").read_text()
 
 
@@ -191,11 +191,31 @@ def test_validation_overlap_by_text_or_by_id(tmp_path):
     val = write_jsonl(tmp_path / "val_overlap.jsonl", rows)
     r = job(cfg, test, val, strategies="best-single")
     assert r.validation_overlap == {"questions": 2, "same_id": 1, "same_text": 1,
-                                    "ids": ["q3", "q5"]}
+                                    "ids": ["q3", "q5"], "duplicates": 0, "repeated_within": 0}
     assert any(n.startswith("warning: the validation questions") for n in r.notes)
     clean = job(cfg, test, make_pool(tmp_path)[2], strategies="best-single")
     assert clean.validation_overlap["questions"] == 0
     assert not any(n.startswith("warning:") for n in clean.notes)
+
+
+def test_duplicates_in_the_data_are_reported_as_duplicates_not_overlap(tmp_path):
+    """MMLU-Pro holds 159 questions twice under two ids: a seeded split puts some pairs on
+    both sides. When the data repeats questions within a side too, a test question whose
+    text and choices a validation question repeats under another id is a duplicate of the
+    data (a note, counted apart), not overlap of the split (no warning)."""
+    cfg, test, val = make_pool(tmp_path)
+    tests = [json.loads(x) for x in test.read_text().splitlines()]
+    tests[1]["question"] = tests[0]["question"]  # the test set repeats q0 as q1
+    test = write_jsonl(tmp_path / "test_dup.jsonl", tests)
+    rows = [json.loads(x) for x in val.read_text().splitlines()]
+    rows[0]["question"], rows[0]["choices"] = tests[3]["question"], tests[3]["choices"]
+    val = write_jsonl(tmp_path / "val_dup.jsonl", rows)  # v0 repeats q3 under its own id
+    r = job(cfg, test, val, strategies="best-single")
+    assert r.validation_overlap == {"questions": 0, "same_id": 0, "same_text": 1, "ids": [],
+                                    "duplicates": 1, "repeated_within": 1}
+    assert not any(n.startswith("warning:") for n in r.notes)
+    assert any(n.startswith("note: 1 test question repeats") and "duplicates in the data" in n
+               for n in r.notes), r.notes
 
 
 def test_validation_overlap_not_checked_without_best_single(tmp_path):

@@ -194,7 +194,7 @@ def test_each_mmlu_pro_model_is_graded_on_its_own_version_of_a_question(tmp_path
     summary = build_pool(src, tmp_path / "pool", log=notes.append)
     assert summary["strength"]["beta"] == round(
         (sum(bool(RIGHT["beta"](int(t))) for t in train) + (not RIGHT["beta"](i))) / 6, 4)
-    assert any("beta.json states 1 questions otherwise" in n and "1 with another gold" in n
+    assert any("beta.json states 1 question otherwise" in n and "1 with another gold" in n
                for n in notes)
     assert lines(tmp_path / "pool" / "train.jsonl")[0]["answer"] == gold(i)  # the first file's
 
@@ -286,3 +286,24 @@ def test_cli_pool_then_eval(tmp_path):
         assert scores[f"single:{m}"]["correct"] == sum(bool(RIGHT[m](int(i))) for i in test)
         assert scores[f"single:{m}"]["n"] == 6
     assert scores["all+vote"]["n"] == 6 and "best-single" in scores
+
+
+def test_the_pool_table_rounds_each_accuracy_once(tmp_path):
+    """14 right of 17 is 82.35...%: 82.4 %, not 82.3 % (the yaml's four-place 0.8235 shown
+    again as a percentage)."""
+    from tests.support.cli import coe
+
+    src = tmp_path / "mine"
+    (src / "outputs").mkdir(parents=True)
+    ids = [f"q{i}" for i in range(34)]
+    train, _ = split_ids(ids, 0)
+    assert len(train) == 17
+    write_jsonl(src / "questions.jsonl", [{"id": i, "question": f"Pick B ({i})",
+                                           "choices": ["a", "b"], "answer": "B"} for i in ids])
+    wrong_on = set(train[:3])
+    write_jsonl(src / "outputs" / "m1.jsonl", [
+        {"id": i, "text": "...", "answer": "A" if i in wrong_on else "B"} for i in ids])
+    p = coe("pool", src, "-o", tmp_path / "pool", "-q")
+    assert p.returncode == 0, p.stderr
+    row = next(line for line in p.stdout.splitlines() if line.startswith("m1 "))
+    assert row.split()[1] == "82.4%", p.stdout

@@ -232,7 +232,7 @@ def test_recommended_yaml_runs_with_coe_run_from_elsewhere(tmp_path):
             "-s", STRATEGIES, "--random-k", "2")
     assert p.returncode == 0, p.stderr
     assert "recommended (chosen on validation): category@1" in p.stderr
-    assert "| category@1 (recommended) | 1.00 | 100.0 | +41.7 [" in p.stdout
+    assert "| category@1 (recommended) | 1.00 (1) | 100.0 | +41.7 [" in p.stdout
     md = (out / "report.md").read_text()
     assert "## Recommendation" in md and "## Paired comparison with best-single" in md
     rec = out / "recommended.yaml"
