@@ -6,6 +6,12 @@ goes to the answer backed by the expert the router weighted highest for this que
 rank in the category, its skill score), then by the *strongest* expert (profile or yaml
 ``strength``), then by the answer itself, never by list or hash order. Confidence is the
 fraction of answering experts that agree with the winner.
+
+Free text (``coe.text.answers.free_text``: declared, or an open request answered without a
+final-answer line) is voted on by meaning: the answers are embedded with the routing encoder
+and clustered (``coe.aggregation.consensus``, at the yaml's ``aggregator.threshold``); the
+cluster with the largest total route weight wins, and the final answer is the *whole text* of
+its most central member. ``clusters`` names who agreed with whom.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ from __future__ import annotations
 from collections import Counter
 
 from coe.aggregation.base import Aggregator
+from coe.aggregation.consensus import DEFAULT_THRESHOLD, consensus
 from coe.core.types import ExpertResponse, FinalAnswer, Generation, Question, Route
+from coe.learned.embeddings import DEFAULT_MODEL, shared_embedder
+from coe.text.answers import free_text
 
 
 def vote(responses: list[ExpertResponse], strength: dict[str, float] | None = None,
@@ -37,22 +46,58 @@ def vote(responses: list[ExpertResponse], strength: dict[str, float] | None = No
     return winner, top / len(answered), dict(counts)
 
 
+class TextConsensus:
+    """The consensus of free-text answers, embedded by the pool's routing encoder (loaded on
+    first use: a pool that never sees free text never loads it)."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, threshold: float | None = None,
+                 batch_size: int = 64, base_dir: str = "."):
+        self.model, self.batch_size, self.base_dir = model, batch_size, base_dir
+        self.threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+
+    @classmethod
+    def from_config(cls, config) -> "TextConsensus":
+        return cls(config.embeddings.model, config.aggregator.threshold,
+                   config.embeddings.batch_size, str(config.base_dir))
+
+    def final(self, name: str, responses: list[ExpertResponse],
+              weights: dict[str, float]) -> FinalAnswer:
+        # (an evaluation may have dropped the texts: a free-text answer is the whole text)
+        said = [r for r in responses if r.error is None and (r.text or r.answer or "").strip()]
+        if not said:
+            return FinalAnswer(answer=None, aggregator=name, note="free text: no expert answered")
+        vectors = shared_embedder(self.model, self.batch_size, self.base_dir).encode(
+            [r.text or r.answer for r in said])
+        c = consensus(vectors, [weights.get(r.expert, 1.0) for r in said], self.threshold)
+        clusters = [[said[i].expert for i in members] for members in c.clusters]
+        return FinalAnswer(answer=(said[c.winner].text or said[c.winner].answer).strip(),
+                           aggregator=name,
+                           confidence=round(c.agreement, 4), clusters=clusters,
+                           note=f"free text: {said[c.winner].expert}'s answer, the most central "
+                                f"of {len(clusters[0])} of {len(said)} that agree")
+
+
 class VoteAggregator(Aggregator):
     name = "vote"
 
-    def __init__(self, strength: dict[str, float] | None = None):
+    def __init__(self, strength: dict[str, float] | None = None,
+                 text: TextConsensus | None = None):
         self.strength = strength or {}
+        self.text = text or TextConsensus()
 
     @classmethod
     def from_config(cls, config, *, strength=None, expert=None) -> "VoteAggregator":
-        return cls(strength)
+        return cls(strength, TextConsensus.from_config(config))
 
     def aggregate(self, questions: list[Question], routes: list[Route],
                   responses: list[list[ExpertResponse]],
                   generations: list[Generation] | None = None) -> list[FinalAnswer]:
         out = []
-        for route, resp in zip(routes, responses):
+        for q, route, resp in zip(questions, routes, responses):
             weights = {r.name: r.weight for r in route.experts}
+            if free_text(q, [r.text for r in resp if r.error is None]):
+                out.append(self.text.final(self.name, resp, weights))
+                continue
             answer, conf, votes = vote(resp, self.strength, weights)
             out.append(FinalAnswer(answer=answer, aggregator=self.name, confidence=conf,
                                    votes=votes))

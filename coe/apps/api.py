@@ -224,7 +224,7 @@ class Orchestrator:
             id=q.id, question=q.question, category=q.category, gold=gold_answer(q), route=route,
             responses=resp, final_answer=final.answer, aggregator=final.aggregator,
             confidence=round(final.confidence, 4), votes=final.votes,
-            aggregator_response=final.response, note=final.note,
+            aggregator_response=final.response, note=final.note, clusters=final.clusters,
             correct=None if flow.all_failed(resp) else is_correct(final.answer, q),
             choices=q.choices)
 

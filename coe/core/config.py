@@ -178,6 +178,15 @@ class AggregatorConfig(_Strict):
     expert: str | None = None
     profiles: str | None = Field(None, description="learned: the profiles holding the answer "
                                  "selector (coe profile; default: router.profiles)")
+    mode: Literal["answer", "select", "fuse"] | None = Field(
+        None, description="llm: 'answer' writes the final answer from the responses, 'select' "
+        "picks one response by its number (candidates in a seeded random order), 'fuse' writes "
+        "one whole answer from them (Mixture-of-Agents); default: fuse for free text, else "
+        "answer")
+    threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, description="vote on free text: the cosine similarity at which "
+        "two answers say the same thing (coe pool chooses it on a judged pool's training "
+        "half; default 0.8)")
     options: dict[str, Any] = Field(default_factory=dict,
                                     description="a plugin aggregator's own options")
 

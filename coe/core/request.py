@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 LETTERS = string.ascii_uppercase
 
-AnswerKind = Literal["mc", "number", "text"]
+AnswerKind = Literal["mc", "number", "text", "free"]
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 #: the most tokens one generation may ask for (and the longest llama.cpp context): the
@@ -312,7 +312,9 @@ class Request(BaseModel):
     # -- reading it ------------------------------------------------------------------------
     @property
     def answer_kind(self) -> AnswerKind:
-        """Multiple choice when there are choices; a number when the gold answer is one."""
+        """The declared kind (``free``: open-ended text, answered and compared whole), else
+        multiple choice when there are choices, a number when the gold answer is one, else
+        a short text answer."""
         if self.kind:
             return self.kind
         if self.choices:
@@ -320,6 +322,15 @@ class Request(BaseModel):
         if self.answer is not None and parse_number(self.answer) is not None:
             return "number"
         return "text"
+
+    @property
+    def open(self) -> bool:
+        """Asked as a chat is: no declared kind, no choices, no gold answer, no JSON format.
+        Its prompt asks for no final-answer line, and when most answers carry none the
+        aggregators treat them as free text (``coe.text.answers.free_text``)."""
+        return (self.kind is None and not self.choices
+                and (self.answer is None or not self.answer.strip())
+                and (self.response_format is None or not self.response_format.wants_json))
 
     @property
     def single_turn(self) -> bool:

@@ -171,6 +171,8 @@ class FinalAnswer(BaseModel):
     votes: dict[str, int] = Field(default_factory=dict)
     response: ExpertResponse | None = None  # the llm aggregator's own generation
     note: str = ""
+    #: free text: the experts whose answers say the same thing, the winning cluster first
+    clusters: list[list[str]] = Field(default_factory=list)
 
 
 class QuestionResult(BaseModel):
@@ -190,4 +192,6 @@ class QuestionResult(BaseModel):
     aggregator_response: ExpertResponse | None = None
     correct: bool | None = None
     note: str = ""
+    #: free text: the experts whose answers say the same thing, the winning cluster first
+    clusters: list[list[str]] = Field(default_factory=list)
 

@@ -184,6 +184,7 @@ def results_of(requests: list[Request], routes: RouteTable, table: ResponseTable
             route=route_, responses=responses, final_answer=final.answer,
             aggregator=final.aggregator, confidence=round(final.confidence, 4),
             votes=final.votes, aggregator_response=final.response, note=final.note,
+            clusters=final.clusters,
             correct=None if all_failed(responses) else is_correct(final.answer, q),
             choices=q.choices))
     return out

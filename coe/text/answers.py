@@ -6,6 +6,10 @@ Voting compares normalised answers; evaluation compares them with the gold answe
 - text: lower-case, articles and punctuation removed, white space folded
 - JSON (a request with a JSON ``response_format``): the canonical JSON, when it parses and
   validates against the request's schema
+- free text (``kind: free``, or an open request whose answers carry no final-answer line:
+  ``free_text``): the whole response, stripped; it is compared by meaning
+  (``coe.aggregation.consensus``), never normalised, and not graded by matching a gold answer
+  (a judge or recorded judgements grade it)
 
 Gold answers go through the same normalisation (``gold_answer``); a multiple-choice gold may
 also be the text of a choice. One that names no answer of its question is not graded, and
@@ -47,6 +51,8 @@ def normalize(answer: str | None, kind: AnswerKind, n_choices: int = len(LETTERS
     a = answer.strip()
     if not a:
         return None
+    if kind == "free":
+        return a
     if kind == "mc":
         m = re.fullmatch(r"\(?([A-Za-z])[\).:]?", a)
         if m and m.group(1).upper() in LETTERS[:n_choices]:
@@ -145,14 +151,38 @@ def extract_answer(text: str | None, question: Question) -> str | None:
     fmt = question.response_format
     if fmt is not None and fmt.wants_json:
         return json_answer(text, fmt)
-    text = _NEXT_QUESTION.split(text, 1)[0]  # a base model may go on to invent the next question
     kind = question.answer_kind
+    if kind == "free":
+        return text.strip()
+    text = _NEXT_QUESTION.split(text, 1)[0]  # a base model may go on to invent the next question
     if kind == "mc":
         raw = _extract_mc(text, question.choices or list(LETTERS))
         return normalize(raw, "mc", len(question.choices or LETTERS))
     if kind == "number":
         return normalize(_extract_number(text), "number")
     return normalize(_extract_text(text), "text")
+
+
+#: a final-answer line (or mark) that the short-answer extraction reads
+_MARKED = re.compile(r"answer(?: is)?\s*:|####|\\boxed\{", re.IGNORECASE)
+
+
+def marked(text: str) -> bool:
+    """Whether a response carries an explicit final answer ("Answer: ...", "#### 12",
+    "\\boxed{7}")."""
+    return bool(_MARKED.search(text))
+
+
+def free_text(question: Question, texts: list[str]) -> bool:
+    """Whether a question's answers are free text: declared (``kind: free``), or an open
+    request (``Question.open``: asked as a chat, nothing to grade against) whose answers
+    mostly carry no explicit final answer to extract."""
+    if question.kind == "free":
+        return True
+    if not question.open:
+        return False
+    said = [t for t in texts if t and t.strip()]
+    return bool(said) and 2 * sum(marked(t) for t in said) < len(said)
 
 
 def _choice_key(text: str) -> str:
@@ -201,7 +231,7 @@ def gold_answer(question: Question) -> str | None:
     may be the letter or the text of a choice (mapped to its letter; a letter wins over a
     choice whose text is that letter). None when there is no gold answer or it cannot be
     graded (``gold_problem`` says why)."""
-    if question.answer is None or not question.answer.strip():
+    if question.answer is None or not question.answer.strip() or question.answer_kind == "free":
         return None
     return _grade_gold(question)[0]
 
@@ -209,7 +239,7 @@ def gold_answer(question: Question) -> str | None:
 def gold_problem(question: Question) -> str | None:
     """Why the question's gold answer cannot be graded (one line naming the answer), or None
     when it can be or there is none."""
-    if question.answer is None or not question.answer.strip():
+    if question.answer is None or not question.answer.strip() or question.answer_kind == "free":
         return None
     return _grade_gold(question)[1]
 

@@ -7,7 +7,8 @@ Three kinds of prompt:
   persona and the request's system turns make the system message; earlier turns go as they
   are; the last user turn is the question, with its choices listed and the line the answer
   extraction reads asked for ("Finish with a line 'Answer: X'"), unless the request wants JSON
-  (``response_format``) or may call tools, where that line would contradict it.
+  (``response_format``) or may call tools, where that line would contradict it, or is open
+  (a chat turn with nothing to grade) or free text (``answer_line``).
 - ``proxy_request``: a pass-through (``model: <expert>`` in ``coe serve``): the caller's
   messages verbatim, the expert's own yaml ``system_prompt`` first if it has one, every
   generation option forwarded.
@@ -56,8 +57,13 @@ def _system(q: Request, system_prompt: str | None) -> str | None:
 
 def answer_line(q: Request) -> str | None:
     """The instruction that asks for a final line the extraction reads; None when the request
-    wants JSON or may call tools (the line would contradict what it asks)."""
+    wants JSON or may call tools (the line would contradict what it asks), when its answer is
+    free text (``kind: free``), and for an open request (``Request.open``: a chat turn with
+    nothing to grade, sent as the user wrote it; a "write a poem" must not be told to end
+    with a short answer)."""
     if (q.response_format is not None and q.response_format.wants_json) or q.tools:
+        return None
+    if q.answer_kind == "free" or q.open:
         return None
     return _INSTRUCTION[q.answer_kind]
 

@@ -3,7 +3,8 @@ usage, the ``coe`` field, and the errors a result is (every expert failed: 502, 
 every failure was a timeout; JSON asked for and none given: 502).
 
 Each choice holds the response behind its final answer: the llm aggregator's response, else
-the response of the highest-weighted expert that gave the final answer (a pass-through: its
+the response of the highest-weighted expert that gave the final answer (for free text: whose
+whole text it is) (a pass-through: its
 expert's, as the backend returned it: text, tool calls, finish reason, logprobs), else the
 first expert that answered. A request that asked for JSON gets that response's text when it
 is JSON as it stands, else the canonical JSON of the final answer.
@@ -30,8 +31,11 @@ def pick(result: QuestionResult) -> ExpertResponse | None:
     weight = {r.name: r.weight for r in result.route.experts}
     ok = [r for r in result.responses if r.error is None]
     ok.sort(key=lambda r: -weight.get(r.expert, 0.0))  # stable: route order among equals
-    return next((r for r in ok if result.final_answer is not None
-                 and r.answer == result.final_answer), None) or (ok[0] if ok else None)
+    final = result.final_answer
+    # free text: the final answer is the whole text of the response it came from
+    return next((r for r in ok if final is not None
+                 and (r.answer == final or r.text.strip() == final)), None) \
+        or (ok[0] if ok else None)
 
 
 def _wants_json(q: Question) -> bool:
