@@ -337,8 +337,16 @@ def test_sigterm_stops_a_ray_run_as_it_stops_a_local_one(ray_cluster, proxy, tmp
     cmd = [sys.executable, "-m", "coe", "run", str(qs), "-c", str(cfg), "-o",
            str(tmp_path / "answers.jsonl"), "-q", "--executor", "ray"]
     job: list[subprocess.Popen] = []
-    signalled = proxy.on_request(3, lambda: job[0].send_signal(signal.SIGTERM),
-                                 then=Fault.hang())
+
+    def terminate() -> None:
+        """Once the two generations before this request are in the driver's cache (the
+        second may still be on its way from the actor when the third is asked), SIGTERM."""
+        deadline = time.monotonic() + 60
+        while cached_generations(db) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        job[0].send_signal(signal.SIGTERM)
+
+    signalled = proxy.on_request(3, terminate, then=Fault.hang())
     job.append(subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ray_cluster},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     _, err = job[0].communicate(timeout=300)
@@ -399,9 +407,15 @@ def test_coe_eval_reports_the_same_on_either_executor(ray_cluster, replay_pool, 
 
 
 @pytest.mark.parametrize("kind", ["local", "ray"])
-def test_tokens_stream_from_the_actor_to_the_driver(ray_cluster, openai_server, tmp_path, kind):
+def test_tokens_stream_from_the_actor_to_the_driver(ray_cluster, openai_server, tmp_path, kind,
+                                                   monkeypatch):
     """A streaming backend's pieces reach ``on_token`` through the actor (a server streams the
     llm aggregator's answer this way)."""
+    from coe.core import secrets
+
+    # No secret known to this process: an earlier test's API key would make the stream
+    # redactor hold back the last len(key) - 1 characters, the whole of a short answer.
+    monkeypatch.setattr(secrets, "SECRETS", secrets.Secrets())
     cfg = load_config(write_pool(tmp_path, [openai_expert("smol", openai_server.base_url,
                                                           prompt_format="chat", max_concurrency=1,
                                                           sampling={"max_tokens": 16})]))
