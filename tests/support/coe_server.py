@@ -13,7 +13,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+
+import yaml
 
 from tests.support.openai_server import ServerProcess, free_port
 
@@ -91,3 +94,19 @@ class CoeServer(ServerProcess):
 
     def log(self, n: int = 40) -> str:
         return self.log_tail(n)
+
+
+@contextmanager
+def serving(folder: Path, pool: dict, shared_models: Path):
+    """``coe serve`` over ``pool`` (written to ``folder/pool.yaml``), its cache in ``folder``
+    with the session's distilled encoder linked in; stopped (exit 0 checked) at the end."""
+    folder = Path(folder)
+    (folder / "pool.yaml").write_text(yaml.safe_dump(pool))
+    (folder / "cache").mkdir()
+    (folder / "cache" / "models").symlink_to(shared_models, target_is_directory=True)
+    s = CoeServer(folder / "pool.yaml", folder,
+                  env={"COE_CACHE_DIR": str(folder / "cache")}).start()
+    try:
+        yield s
+    finally:
+        assert s.stop() == 0, s.log()

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import write_jsonl
-from tests.support.coe_server import CoeServer
+from tests.support.coe_server import CoeServer, serving
 
 pytestmark = [pytest.mark.client, pytest.mark.server, pytest.mark.slow]
 
@@ -45,14 +45,8 @@ def server(tmp_path_factory, _shared_models):
         {"name": "memo", "backend": "replay", "model": "memo.jsonl"},
         {"name": "gpt-4o-mini", **SMOL}],  # a name llama-index knows
         "router": {"kind": "all"}, "aggregator": {"kind": "vote"}, "cache": "cache.sqlite"}
-    (d / "pool.yaml").write_text(yaml.safe_dump(pool))
-    (d / "cache").mkdir()
-    (d / "cache" / "models").symlink_to(_shared_models, target_is_directory=True)
-    s = CoeServer(d / "pool.yaml", d, env={"COE_CACHE_DIR": str(d / "cache")}).start()
-    try:
+    with serving(d, pool, _shared_models) as s:
         yield s
-    finally:
-        assert s.stop() == 0, s.log()
 
 
 def client(server, **kw) -> openai.OpenAI:

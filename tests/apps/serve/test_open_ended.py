@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import openai
 import pytest
-import yaml
 
-from tests.support.coe_server import CoeServer
+from tests.support.coe_server import serving
 
 pytestmark = [pytest.mark.client, pytest.mark.server, pytest.mark.slow]
 
@@ -28,14 +27,8 @@ def server(tmp_path_factory, _shared_models):
          "prompt_format": "completion", "n_ctx": 1024, "n_threads": 1,
          "sampling": {"max_tokens": 48, "temperature": 0.0, "stop": ["\n\n"]}}],
         "router": {"kind": "all"}, "aggregator": {"kind": "vote"}, "cache": "cache.sqlite"}
-    (d / "pool.yaml").write_text(yaml.safe_dump(pool))
-    (d / "cache").mkdir()
-    (d / "cache" / "models").symlink_to(_shared_models, target_is_directory=True)
-    s = CoeServer(d / "pool.yaml", d, env={"COE_CACHE_DIR": str(d / "cache")}).start()
-    try:
+    with serving(d, pool, _shared_models) as s:
         yield s
-    finally:
-        assert s.stop() == 0, s.log()
 
 
 def ask(server, model: str):
