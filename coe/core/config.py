@@ -178,6 +178,10 @@ class AggregatorConfig(_Strict):
     expert: str | None = None
     profiles: str | None = Field(None, description="learned: the profiles holding the answer "
                                  "selector (coe profile; default: router.profiles)")
+    threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, description="vote on free text: the cosine similarity at which "
+        "two answers say the same thing (coe pool chooses it on a judged pool's training "
+        "half; default 0.8)")
     options: dict[str, Any] = Field(default_factory=dict,
                                     description="a plugin aggregator's own options")
 

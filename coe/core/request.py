@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 LETTERS = string.ascii_uppercase
 
-AnswerKind = Literal["mc", "number", "text"]
+AnswerKind = Literal["mc", "number", "text", "free"]
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 #: the most tokens one generation may ask for (and the longest llama.cpp context): the
