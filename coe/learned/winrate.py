@@ -154,3 +154,13 @@ def _glm(y: np.ndarray, x: np.ndarray) -> np.ndarray:
             x.T @ r + 1e-3 * np.concatenate([[0.0], w[1:]])
 
     return minimize(loss, np.zeros(x.shape[1]), jac=True, method="L-BFGS-B").x
+
+
+def adjusted_answers(d: Difficulty, p_win: np.ndarray, delta: np.ndarray,
+                     gamma: np.ndarray) -> np.ndarray:
+    """Every answer's length-adjusted score under the joint fit (instructions x models):
+    ``p - mu(delta) + mu(0)``: what a length-neutral selector learns from."""
+    t = np.tanh(np.asarray(delta, float) / d.scale)
+    base = d.a[None, :] + np.asarray(gamma, float)[:, None]
+    return np.clip(np.asarray(p_win, float) - expit(base + d.b[None, :] * t) + expit(base),
+                   0.0, 1.0)
