@@ -119,7 +119,7 @@ class LcFit:
     win_rate: float  # percent, raw
     lc_win_rate: float  # percent, length term at zero
     coef: tuple[float, float, float]  # theta, phi, psi
-    adjusted: np.ndarray  # per instruction, in [0, 1]: p - mu(delta) + mu(0); mean = LC/100
+    adjusted: np.ndarray  # per instruction: p - mu(delta) + mu(0); mean = LC/100 (unclipped)
 
 
 def length_controlled(p_win: np.ndarray, delta: np.ndarray, gamma: np.ndarray) -> LcFit:
@@ -132,7 +132,7 @@ def length_controlled(p_win: np.ndarray, delta: np.ndarray, gamma: np.ndarray) -
     coef = _glm(y, x)
     mu = expit(x @ coef)
     mu0 = expit(coef[0] + coef[2] * g)
-    adjusted = np.clip(y - mu + mu0, 0.0, 1.0)
+    adjusted = y - mu + mu0
     return LcFit(win_rate(y), float(100 * mu0.mean()), tuple(float(c) for c in coef), adjusted)
 
 
