@@ -100,6 +100,7 @@ class JudgedEvaluation:
         self.raw_comparisons: dict[str, dict[str, Comparison]] = {}
         self.recommendation: Recommendation | None = None
         self.notes: list[str] = []
+        self.router_local: dict[str, np.ndarray] = {}  # set -> experts' local win rates
 
     @property
     def sets(self) -> dict[str, JudgedSet]:
@@ -147,6 +148,7 @@ class JudgedEvaluation:
                   {w: self.data.vote(s, every[w], strength[w], self.threshold)
                    for w, s in sets.items()}, e)
         routes, local = self._knn_routes()
+        self.router_local = local
         self._add("knn@1", "vote", "the knn router's first expert",
                   {w: routes[w][0][:, 0] for w in sets}, 1)
         for k in KS:

@@ -16,7 +16,9 @@ from coe.apps.eval.pools import build_pool, split_ids
 from coe.apps.eval.recorded import PoolSourceError
 from coe.core.config import load_config
 
-SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "alpaca-eval"
+#: the shared data beside the repo (or beside a folder above it: a git worktree)
+SHARED = next((up / "shared" / "data" / "alpaca-eval" for up in Path(__file__).resolve().parents[3:]
+               if (up / "shared" / "data" / "alpaca-eval").is_dir()), Path("/nonexistent"))
 TOPICS = ["a poem about the sea", "sorting a list in python", "the french revolution",
           "a recipe for bread", "how vaccines work", "a cover letter", "prime numbers",
           "the rules of chess"]
