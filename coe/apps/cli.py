@@ -178,8 +178,8 @@ def eval_cmd(
     cfg = _config(config, executor)
     if k is not None:  # as coe run -k: the yaml's router.k, so recommended.yaml keeps it
         cfg = cfg.model_copy(update={"router": cfg.router.model_copy(update={"k": k})})
-    if run_judged_eval(questions, cfg, validation=validation, out_dir=out, seed=seed,
-                       plots=plots, log=None if quiet else err, echo=typer.echo):
+    if run_judged_eval(questions, cfg, validation=validation, out_dir=out, seed=seed, plots=plots,
+                       strategies=strategies, log=None if quiet else err, echo=typer.echo):
         return  # a pairwise-judged pool (coe.apps.eval.judged): its table and report printed
     check_eval_outputs(cfg, out, record, [("question file", questions),
                                            ("validation file", validation),

@@ -67,11 +67,13 @@ def run_eval_job(questions: str | Path, config: str | Path | PoolConfig, *,
 
 def run_judged_eval(questions: str | Path, cfg: PoolConfig, *, validation: str | Path | None,
                     out_dir: str | Path, seed: int = 0, plots: bool = True,
+                    strategies: str | list[str] | None = None,
                     log: Callable[[str], None] | None = None,
                     echo: Callable[[str], None] | None = None):
     """``coe eval`` on a pairwise-judged pool (``coe.apps.eval.judged``) when every test
     question is ``kind: free``; None otherwise (the ordinary evaluation then runs). The
-    training half is ``--validation``, else the pool's ``train.jsonl``. ``echo`` prints the
+    training half is ``--validation``, else the pool's ``train.jsonl``; ``strategies``: names or
+    patterns to keep (best-single always is: the reference). ``echo`` prints the
     test table, ``log`` the report's files."""
     from coe.apps.eval.judged import JudgedEvaluation
     from coe.apps.eval.judged_report import FILES, table, write_judged_report
@@ -88,7 +90,8 @@ def run_judged_eval(questions: str | Path, cfg: PoolConfig, *, validation: str |
                                             ("validation file", val_path)], what="report")
     if log:
         log(f"pairwise-judged pool: {len(test)} test instructions; choosing on {val_path}")
-    ev = JudgedEvaluation(cfg, load_questions(val_path).questions, test, seed=seed, log=log).run()
+    ev = JudgedEvaluation(cfg, load_questions(val_path).questions, test, seed=seed, log=log,
+                          strategies=strategies).run()
     files = write_judged_report(ev, out_dir, cfg.source, plots=plots)
     if echo:
         echo(table(ev, "test"))

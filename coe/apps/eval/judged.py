@@ -33,7 +33,7 @@ from scipy.stats import bootstrap
 from coe.apps.eval.compare import CONFIDENCE, Comparison, compare_scores, holm
 from coe.apps.eval.judged_data import JudgedData, JudgedSet
 from coe.apps.eval.recommend import Recommendation
-from coe.apps.eval.strategies import random_table
+from coe.apps.eval.strategies import random_table, select
 from coe.core.config import PoolConfig
 from coe.learned import free_selector
 from coe.learned.winrate import LcFit, adjusted_answers
@@ -88,8 +88,10 @@ def _mean_ci(x: np.ndarray, seed: int) -> tuple[float, float]:
 class JudgedEvaluation:
     """Every judged strategy on both halves (see the module); ``run`` returns itself."""
 
-    def __init__(self, config: PoolConfig, train, test, seed: int = 0, log=None):
+    def __init__(self, config: PoolConfig, train, test, seed: int = 0, log=None,
+                 strategies: str | list[str] | None = None):
         self.config, self.seed, self.log = config, seed, log
+        self.patterns = strategies  # --strategies: the ones reported (best-single always)
         self.data = JudgedData.load(config, train, test)
         self.names = self.data.names
         self.threshold = (config.aggregator.threshold if config.aggregator.threshold is not None
@@ -162,6 +164,9 @@ class JudgedEvaluation:
                   {w: np.argmax(s.chars, axis=1) for w, s in sets.items()}, e)
         self._add("oracle", "oracle", "the answer the judge preferred most (bound)",
                   {w: np.argmax(s.p, axis=1) for w, s in sets.items()}, e)
+        if self.patterns:
+            keep = {s.name for s in select(self.strategies, self.patterns)} | {"best-single"}
+            self.strategies = [s for s in self.strategies if s.name in keep]
         self.compare()
         self.recommend()
         return self

@@ -170,3 +170,15 @@ def test_the_coe_pool_and_coe_eval_commands_take_a_judged_folder(tmp_path):
     assert done.exit_code == 0, done.output
     assert "| best-single |" in done.output and "LC WR %" in done.output
     assert json.loads((out / "report.json").read_text())["kind"] == "pairwise-judged"
+
+
+def test_strategies_pick_what_a_judged_evaluation_reports_with_best_single_kept(tmp_path):
+    src = judged_folder(tmp_path / "src")
+    build_pool(src, tmp_path / "pool")
+    cfg = load_config(tmp_path / "pool" / "experts.yaml")
+    ev, _ = run_judged_eval(tmp_path / "pool" / "test.jsonl", cfg, validation=None,
+                            out_dir=tmp_path / "eval", plots=False, strategies="knn*,oracle")
+    names = [s.name for s in ev.strategies]
+    assert "best-single" in names and "oracle" in names and "longest" not in names
+    assert all(n in ("best-single", "oracle") or n.startswith("knn") for n in names)
+    assert set(ev.comparisons["test"]) == set(names) - {"best-single"}
