@@ -92,23 +92,34 @@ def markdown(ev: JudgedEvaluation, source: str | None = None) -> str:
     return "\n".join(parts) + "\n"
 
 
-def plot_winrate_length(ev: JudgedEvaluation, path: Path) -> Path:
-    """WR and LC WR against mean answer length, one point per strategy (test half)."""
-    fig, ax = _pyplot().subplots(figsize=(9, 6))
-    for s in ev.strategies:
+def _points(ax, strategies, label_all: bool) -> None:
+    for s in strategies:
         sc = s.scores["test"]
         x = float(sc.chars.mean())
         ax.plot([x, x], [sc.fit.lc_win_rate, sc.fit.win_rate], color="#cccccc", lw=1)
         ax.scatter(x, sc.fit.win_rate, color="#1f77b4", s=18)
         ax.scatter(x, sc.fit.lc_win_rate, color="#d62728", s=18, marker="s")
-        ax.annotate(s.name.replace("single:", ""), (x, sc.fit.win_rate), fontsize=6,
-                    xytext=(3, 2), textcoords="offset points")
-    ax.scatter([], [], color="#1f77b4", s=18, label="win rate")
-    ax.scatter([], [], color="#d62728", s=18, marker="s", label="LC win rate")
-    ax.set_xlabel("mean answer length (characters)")
-    ax.set_ylabel("% (test half)")
-    ax.set_title("Win rate against answer length")
-    ax.legend()
+        if label_all:
+            ax.annotate(s.name.replace("single:", ""), (x, sc.fit.win_rate), fontsize=6,
+                        xytext=(3, 2), textcoords="offset points")
+
+
+def plot_winrate_length(ev: JudgedEvaluation, path: Path) -> Path:
+    """WR and LC WR against mean answer length, one point per strategy (test half): every
+    strategy, and the ones within 10 points of best-single's LC, labelled."""
+    fig, (whole, top) = _pyplot().subplots(1, 2, figsize=(14, 6))
+    _points(whole, ev.strategies, label_all=False)
+    ref = ev.strategy("best-single").scores["test"].fit.lc_win_rate
+    near = [s for s in ev.strategies if s.name != "oracle"
+            and max(s.scores["test"].fit.lc_win_rate, s.scores["test"].fit.win_rate) >= ref - 10]
+    _points(top, near, label_all=True)
+    whole.scatter([], [], color="#1f77b4", s=18, label="win rate")
+    whole.scatter([], [], color="#d62728", s=18, marker="s", label="LC win rate")
+    whole.legend()
+    for ax, title in ((whole, "every strategy"), (top, "within 10 points of best-single's LC")):
+        ax.set_xlabel("mean answer length (characters)")
+        ax.set_ylabel("% (test half)")
+        ax.set_title(f"Win rate against answer length: {title}")
     return _save(fig, path)
 
 
