@@ -160,15 +160,20 @@ def build_judged_pool(source: str | Path, out_dir: str | Path, seed: int = 0,
         "router": {"kind": "knn", "k": 3, "neighbours": NEIGHBOURS, "profiles": "profiles.json"},
         "aggregator": {"kind": "vote"},
     }
-    yml = out / "experts.yaml"
-    yml.write_text(yaml.safe_dump(pool, sort_keys=False), encoding="utf-8")
-    config = load_config(yml)
-    write_profiles(config, [data["questions"][i] for i in train],
-                   (p > 0.5).astype(np.int8), out / "profiles.json")
-    jd = JudgedData.load(config, [data["questions"][i] for i in train], [])
-    threshold, scores = jd.choose_threshold(THRESHOLDS)
-    pool["aggregator"]["threshold"] = threshold
-    yml.write_text(yaml.safe_dump(pool, sort_keys=False), encoding="utf-8")
+    # experts.yaml last (under a temporary name until then): a failed build is never a pool
+    yml, partial = out / "experts.yaml", out / ".experts.yaml.partial"
+    try:
+        partial.write_text(yaml.safe_dump(pool, sort_keys=False), encoding="utf-8")
+        config = load_config(partial)
+        write_profiles(config, [data["questions"][i] for i in train],
+                       (p > 0.5).astype(np.int8), out / "profiles.json")
+        jd = JudgedData.load(config, [data["questions"][i] for i in train], [])
+        threshold, scores = jd.choose_threshold(THRESHOLDS)
+        pool["aggregator"]["threshold"] = threshold
+        partial.write_text(yaml.safe_dump(pool, sort_keys=False), encoding="utf-8")
+        partial.replace(yml)
+    finally:
+        partial.unlink(missing_ok=True)
     if log:
         log("consensus threshold on the training half (LC win rate): " + ", ".join(
             f"{t:g}: {s:.1f}" for t, s in scores.items()) + f" -> {threshold:g}")
