@@ -170,7 +170,7 @@ def eval_cmd(
 ):
     """Compare strategies (single experts, best single, routers x aggregators, random-k,
     oracle) on questions with gold answers; each generation is made once and shared."""
-    from coe.apps.eval.job import check_eval_outputs, parse_budgets, run_eval_job
+    from coe.apps.eval.job import check_eval_outputs, parse_budgets, run_eval_job, run_judged_eval
     from coe.apps.eval.report import comparison_table, strategy_table, summary_lines
     from coe.pipeline.preflight import files_read
 
@@ -178,6 +178,9 @@ def eval_cmd(
     cfg = _config(config, executor)
     if k is not None:  # as coe run -k: the yaml's router.k, so recommended.yaml keeps it
         cfg = cfg.model_copy(update={"router": cfg.router.model_copy(update={"k": k})})
+    if run_judged_eval(questions, cfg, validation=validation, out_dir=out, seed=seed, plots=plots,
+                       strategies=strategies, log=None if quiet else err, echo=typer.echo):
+        return  # a pairwise-judged pool (coe.apps.eval.judged): its table and report printed
     check_eval_outputs(cfg, out, record, [("question file", questions),
                                            ("validation file", validation),
                                            *files_read(cfg, cache)])
@@ -230,7 +233,7 @@ def pool(
     summary = build_pool(source, out, seed=seed, top_per_category=top_per_category,
                          experts=experts, params=parse_params(params), fmt=fmt,
                          log=None if quiet else err)
-    typer.echo(f"{'expert':<28} {'train acc':>9} {'params':>7}")
+    typer.echo(f"{'expert':<28} {'train ' + ('WR' if summary['format'] == 'judged' else 'acc'):>9} {'params':>7}")
     for name, s in sorted(summary["accuracy"].items(), key=lambda kv: -kv[1]):
         b = summary["params"][name]  # the unrounded accuracy, rounded once, here
         typer.echo(f"{name:<28} {s:>9.1%} {(f'{b:g}B' if b is not None else '-'):>7}")

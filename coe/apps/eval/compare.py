@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy.stats import bootstrap
+from scipy.stats import bootstrap, ttest_rel
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
@@ -57,6 +57,7 @@ class Comparison:
     only_strategy: int  # questions only the strategy gets right
     only_reference: int  # questions only the reference gets right
     p_holm: float | None = None  # p after Holm's correction across the family
+    test: str = "mcnemar"  # the test behind ``p``: mcnemar, or ttest (``compare_scores``)
 
     @property
     def significant(self) -> bool:
@@ -72,7 +73,7 @@ class Comparison:
     def to_json(self) -> dict:
         return {"n": self.n, "left_out": self.left_out, "accuracy": self.accuracy,
                 "reference": self.reference, "diff": self.diff,
-                "ci95": list(self.ci) if self.ci else None, "p_mcnemar": self.p,
+                "ci95": list(self.ci) if self.ci else None, f"p_{self.test}": self.p,
                 "p_holm": self.p_holm, "only_strategy": self.only_strategy,
                 "only_reference": self.only_reference, "verdict": self.verdict}
 
@@ -106,6 +107,30 @@ def compare(right: np.ndarray, graded: np.ndarray, ref_right: np.ndarray,
                         method="percentile", rng=np.random.default_rng(seed))
         ci = (float(res.confidence_interval.low), float(res.confidence_interval.high))
     return Comparison(n, left_out, float(a.mean()), float(b.mean()), diff, ci, p, only_a, only_b)
+
+
+def compare_scores(score: np.ndarray, ref_score: np.ndarray, seed: int = 0) -> Comparison:
+    """A strategy's per-question *scores* in [0, 1] (a judged win probability) against the
+    reference's, on the same questions: the mean difference with its paired bootstrap
+    interval (as ``compare``), and a paired t-test's p-value (``test = "ttest"``);
+    ``only_strategy``/``only_reference``: questions where one scores higher."""
+    a, b = np.asarray(score, float), np.asarray(ref_score, float)
+    n = len(a)
+    if n == 0:
+        return Comparison(0, 0, None, None, None, None, None, 0, 0, test="ttest")
+    diff = float(a.mean() - b.mean())
+    d = a - b
+    if n < 2 or np.ptp(d) == 0:
+        ci, p = (diff, diff), (1.0 if diff == 0 else 0.0)
+    else:
+        res = bootstrap((a, b), _diff_of_means, paired=True, vectorized=True,
+                        n_resamples=RESAMPLES, batch=max(1, BATCH_CELLS // n),
+                        confidence_level=CONFIDENCE, method="percentile",
+                        rng=np.random.default_rng(seed))
+        ci = (float(res.confidence_interval.low), float(res.confidence_interval.high))
+        p = float(ttest_rel(a, b).pvalue)
+    return Comparison(n, 0, float(a.mean()), float(b.mean()), diff, ci, p,
+                      int((d > 0).sum()), int((d < 0).sum()), test="ttest")
 
 
 def holm(comparisons: dict[str, Comparison]) -> dict[str, Comparison]:

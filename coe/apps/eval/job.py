@@ -63,3 +63,39 @@ def run_eval_job(questions: str | Path, config: str | Path | PoolConfig, *,
         recorded = write_replay(record_dir, cfg, [(result.questions, result.responses),
                                                   (result.validation, result.val_responses)])
     return result, files, recorded
+
+
+def run_judged_eval(questions: str | Path, cfg: PoolConfig, *, validation: str | Path | None,
+                    out_dir: str | Path, seed: int = 0, plots: bool = True,
+                    strategies: str | list[str] | None = None,
+                    log: Callable[[str], None] | None = None,
+                    echo: Callable[[str], None] | None = None):
+    """``coe eval`` on a pairwise-judged pool (``coe.apps.eval.judged``) when every test
+    question is ``kind: free``; None otherwise (the ordinary evaluation then runs). The
+    training half is ``--validation``, else the pool's ``train.jsonl``; ``strategies``: names or
+    patterns to keep (best-single always is: the reference). ``echo`` prints the
+    test table, ``log`` the report's files."""
+    from coe.apps.eval.judged import JudgedEvaluation
+    from coe.apps.eval.judged_report import FILES, table, write_judged_report
+
+    test = load_questions(questions).questions
+    if not test or any(q.kind != "free" for q in test):
+        return None
+    val_path = Path(validation) if validation else cfg.base_dir / "train.jsonl"
+    if not val_path.is_file():
+        raise ConfigError(f"{val_path}: a judged pool is evaluated against its training half: "
+                          "give --validation TRAIN.jsonl")
+    for name in FILES:
+        check_output(Path(out_dir) / name, [("question file", questions),
+                                            ("validation file", val_path)], what="report")
+    if log:
+        log(f"pairwise-judged pool: {len(test)} test instructions; choosing on {val_path}")
+    ev = JudgedEvaluation(cfg, load_questions(val_path).questions, test, seed=seed, log=log,
+                          strategies=strategies).run()
+    files = write_judged_report(ev, out_dir, cfg.source, plots=plots)
+    if echo:
+        echo(table(ev, "test"))
+    if log:
+        log(f"recommendation: {ev.recommendation.strategy}")
+        log(f"report: {', '.join(str(f) for f in files)}")
+    return ev, files

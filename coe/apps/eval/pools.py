@@ -40,6 +40,7 @@ import numpy as np
 import yaml
 from pydantic import ValidationError
 
+from coe.apps.eval.judged_pool import build_judged_pool, is_judged
 from coe.apps.eval.recorded import (
     GENERIC_QUESTIONS,
     KNOWN_MODELS,
@@ -176,6 +177,8 @@ def build_pool(source: str | Path, out_dir: str | Path, seed: int = 0,
     """Write the pool of ``source``'s recorded outputs to ``out_dir``; returns a summary:
     question counts, each expert's training-half ``strength`` and its ``params``."""
     src, out = Path(source), Path(out_dir)
+    if fmt == "auto" and is_judged(src):  # answers judged against a reference (AlpacaEval)
+        return build_judged_pool(src, out, seed=seed, experts=experts, log=log)
     kind, found = find_recordings(src, fmt)
     chosen = select(found, experts)
     names = [expert_name(r.model) for r in chosen]
