@@ -14,14 +14,14 @@ from typing import Optional
 import typer
 
 from coe.core import progress
+from coe.core.config import load_config
 from coe.core.errors import CoeError, StorageError
 from coe.core.registry import AGGREGATORS, EXECUTORS, ROUTERS
 from coe.core.secrets import redact
 from coe.core.wording import counted
 
-# click's plain help: rich's panels cut option help to fit 80 columns ("'single:*,best-si…")
-# when stdout is not a terminal; plain help wraps every word instead, as wide as the terminal
-# (at most 120 columns, 80 when it is not one)
+# click's plain help: rich's panels cut option help at 80 columns when stdout is not a terminal;
+# plain help wraps every word, as wide as the terminal (at most 120 columns, else 80)
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   context_settings={"max_content_width": 120},
                   help="Composition of Experts: route questions to a team of LLMs and aggregate.")
@@ -38,8 +38,6 @@ def err(msg: str) -> None:
 
 
 def _config(path: Path, executor: Optional[str]):
-    from coe.core.config import load_config
-
     return load_config(path).with_executor(executor)
 
 
@@ -123,7 +121,6 @@ def experts(config: Path = ConfigOpt,
             check: bool = typer.Option(False, "--check", help="also resolve every model file "
                                        "and API key env var (loads nothing)")):
     """List and validate the expert pool."""
-    from coe.core.config import load_config
     from coe.pipeline.preflight import check_pool
 
     cfg = load_config(config)
@@ -167,19 +164,34 @@ def eval_cmd(
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="report bad lines and go on"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no plan or progress bars"),
     executor: Optional[str] = ExecutorOpt,
+    judge: Optional[str] = typer.Option(None, "--judge", help="judged pool: an expert judging "
+                                        "answers against the reference (README)"),
+    judge_sample: int = typer.Option(40, "--judge-sample", min=1, help="its trust sample"),
+    judge_limit: int = typer.Option(40, "--judge-limit", min=1, help="knn3+fuse instructions"),
 ):
     """Compare strategies (single experts, best single, routers x aggregators, random-k,
     oracle) on questions with gold answers; each generation is made once and shared."""
-    from coe.apps.eval.job import check_eval_outputs, parse_budgets, run_eval_job, run_judged_eval
-    from coe.apps.eval.report import comparison_table, strategy_table, summary_lines
+    from coe.apps.eval.job import (
+        check_eval_outputs,
+        judged_options,
+        parse_budgets,
+        print_eval,
+        run_eval_job,
+        run_judged_eval,
+    )
     from coe.pipeline.preflight import files_read
 
     progress.enable(not quiet)
     cfg = _config(config, executor)
+    live = judged_options(cfg, judge, judge_sample, judge_limit, aggregator_expert, cache, {
+        "--val-fraction": val_fraction != 0.5, "--random-k": random_k != 3, "-k": k is not None,
+        "--budgets": budgets != "2,3", "--record": record, "--resume": resume,
+        "--skip-invalid": skip_invalid})
     if k is not None:  # as coe run -k: the yaml's router.k, so recommended.yaml keeps it
         cfg = cfg.model_copy(update={"router": cfg.router.model_copy(update={"k": k})})
     if run_judged_eval(questions, cfg, validation=validation, out_dir=out, seed=seed, plots=plots,
-                       strategies=strategies, log=None if quiet else err, echo=typer.echo):
+                       strategies=strategies, log=None if quiet else err, echo=typer.echo,
+                       live=live):
         return  # a pairwise-judged pool (coe.apps.eval.judged): its table and report printed
     check_eval_outputs(cfg, out, record, [("question file", questions),
                                            ("validation file", validation),
@@ -189,19 +201,7 @@ def eval_cmd(
         skip_invalid=skip_invalid, log=None if quiet else err, strategies=strategies,
         val_fraction=val_fraction, seed=seed, random_k=random_k, budgets=parse_budgets(budgets),
         aggregator_expert=aggregator_expert, cache=cache, resume=resume, progress=not quiet)
-    typer.echo(strategy_table(result))
-    table = comparison_table(result)
-    if table:
-        typer.echo("\npaired comparison with best-single (validation chooses; test checks):")
-        typer.echo(table)
-    for line in summary_lines(result):
-        err(line)
-    err(f"report: {', '.join(str(f) for f in files)}")
-    if recorded:
-        err(f"recorded replay pool: {recorded['dir']}/experts.yaml "
-            f"({counted(sum(recorded['records'].values()), 'record')})")
-    for name, msg in result.stats.failures.items():
-        err(f"expert {name!r} failed: {msg}")
+    print_eval(result, files, recorded, typer.echo, err)
     if result.stats.failures:  # like `coe run`; the report is written
         raise typer.Exit(4)
 
@@ -300,7 +300,7 @@ def train_router(
 ):
     """Train the category classifier of Composition-of-Experts routing; prints held-out
     accuracy and a confusion matrix. Use it with `router: {kind: category, model_file: ...}`."""
-    from coe.core.config import EmbeddingConfig, load_config
+    from coe.core.config import EmbeddingConfig
     from coe.io.output import check_output
     from coe.learned.classifier import train_category_router
     from coe.pipeline.preflight import ROUTER_FILE, files_read

@@ -69,12 +69,13 @@ def run_judged_eval(questions: str | Path, cfg: PoolConfig, *, validation: str |
                     out_dir: str | Path, seed: int = 0, plots: bool = True,
                     strategies: str | list[str] | None = None,
                     log: Callable[[str], None] | None = None,
-                    echo: Callable[[str], None] | None = None):
+                    echo: Callable[[str], None] | None = None, live=None):
     """``coe eval`` on a pairwise-judged pool (``coe.apps.eval.judged``) when every test
     question is ``kind: free``; None otherwise (the ordinary evaluation then runs). The
     training half is ``--validation``, else the pool's ``train.jsonl``; ``strategies``: names or
     patterns to keep (best-single always is: the reference). ``echo`` prints the
-    test table, ``log`` the report's files."""
+    test table, ``log`` the report's files. ``live`` (``judged_live.LiveJudging``,
+    ``--judge``): a judge's trust and what it judges beside."""
     from coe.apps.eval.judged import JudgedEvaluation
     from coe.apps.eval.judged_report import FILES, table, write_judged_report
 
@@ -90,8 +91,14 @@ def run_judged_eval(questions: str | Path, cfg: PoolConfig, *, validation: str |
                                             ("validation file", val_path)], what="report")
     if log:
         log(f"pairwise-judged pool: {len(test)} test instructions; choosing on {val_path}")
-    ev = JudgedEvaluation(cfg, load_questions(val_path).questions, test, seed=seed, log=log,
-                          strategies=strategies).run()
+    if live is not None:
+        from coe.apps.eval.judged_live import check, run_live
+
+        check(cfg, live)  # before anything is computed
+    ev = JudgedEvaluation(recorded_only(cfg), load_questions(val_path).questions, test,
+                          seed=seed, log=log, strategies=strategies).run()
+    if live is not None:
+        ev.judge = run_live(ev, cfg, live, log=log or echo)
     files = write_judged_report(ev, out_dir, cfg.source, plots=plots)
     if echo:
         echo(table(ev, "test"))
@@ -99,3 +106,56 @@ def run_judged_eval(questions: str | Path, cfg: PoolConfig, *, validation: str |
         log(f"recommendation: {ev.recommendation.strategy}")
         log(f"report: {', '.join(str(f) for f in files)}")
     return ev, files
+
+
+def print_eval(result: EvalResult, files, recorded, echo: Callable[[str], None],
+               err: Callable[[str], None]) -> None:
+    """What ``coe eval`` prints: the tables (``echo``), the summary and files (``err``)."""
+    from coe.apps.eval.report import comparison_table, strategy_table, summary_lines
+    from coe.core.wording import counted
+
+    echo(strategy_table(result))
+    table = comparison_table(result)
+    if table:
+        echo("\npaired comparison with best-single (validation chooses; test checks):")
+        echo(table)
+    for line in summary_lines(result):
+        err(line)
+    err(f"report: {', '.join(str(f) for f in files)}")
+    if recorded:
+        err(f"recorded replay pool: {recorded['dir']}/experts.yaml "
+            f"({counted(sum(recorded['records'].values()), 'record')})")
+    for name, msg in result.stats.failures.items():
+        err(f"expert {name!r} failed: {msg}")
+
+
+def judged_options(cfg: PoolConfig, judge: str | None, sample: int, limit: int,
+                   aggregator: str | None, cache: bool, given: dict[str, bool]):
+    """``--judge`` as a ``LiveJudging`` (None without it). On a pairwise-judged pool
+    (``cfg``'s questions are free text: its ``train.jsonl`` says so), an option that only the
+    ordinary evaluation honours is refused in one line rather than ignored."""
+    from coe.apps.eval.judged_live import LiveJudging
+
+    train = cfg.base_dir / "train.jsonl"
+    judged = train.is_file() and all(q.kind == "free" for q in load_questions(train).questions)
+    if judged:
+        bad = [name for name, on in given.items() if on]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)}: not used on a pairwise-judged pool (it scores "
+                              "recorded answers, every strategy fixed; see README, Open-ended "
+                              "evaluation)")
+    if judge is None:
+        return None
+    if not judged:
+        raise ConfigError(f"--judge: only on a pairwise-judged pool (coe pool on an "
+                          f"AlpacaEval-style folder); {train} holds no free-text questions")
+    return LiveJudging(judge, sample, limit, aggregator or cfg.aggregator.expert, cache=cache)
+
+
+def recorded_only(cfg: PoolConfig) -> PoolConfig:
+    """The pool without its generating experts (a judge, an aggregator added to a judged
+    pool's yaml): the judged strategies choose among recorded answers only."""
+    from coe.core.registry import BACKENDS
+
+    keep = [e for e in cfg.experts if BACKENDS.get(e.backend).capabilities_for(e).replay_only]
+    return cfg if len(keep) == len(cfg.experts) else cfg.model_copy(update={"experts": keep})

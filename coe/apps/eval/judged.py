@@ -103,6 +103,8 @@ class JudgedEvaluation:
         self.recommendation: Recommendation | None = None
         self.notes: list[str] = []
         self.router_local: dict[str, np.ndarray] = {}  # set -> experts' local win rates
+        self.routes: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # set -> knn ranking
+        self.judge: dict | None = None  # --judge: coe.apps.eval.judged_live's report entry
 
     @property
     def sets(self) -> dict[str, JudgedSet]:
@@ -150,7 +152,7 @@ class JudgedEvaluation:
                   {w: self.data.vote(s, every[w], strength[w], self.threshold)
                    for w, s in sets.items()}, e)
         routes, local = self._knn_routes()
-        self.router_local = local
+        self.router_local, self.routes = local, routes
         self._add("knn@1", "vote", "the knn router's first expert",
                   {w: routes[w][0][:, 0] for w in sets}, 1)
         for k in KS:

@@ -13,7 +13,8 @@ Every record is checked with pydantic (a bad one is a one-line error naming file
 model must answer and be judged on exactly the questions of ``questions.jsonl``.
 
 The pool has the layout of every pool: ``train.jsonl`` / ``test.jsonl`` (the questions as
-``kind: free`` requests, the seeded ``split_ids`` split), ``replay/<expert>.jsonl`` (the
+``kind: free`` requests with the reference as their ``answer``, for a judge; the seeded
+``split_ids`` split), ``replay/<expert>.jsonl`` (the
 recorded text, and the judgement: ``p_win``, ``chars``, ``ref_chars``; the replay backend
 ignores the extra fields) and ``experts.yaml``: each expert's ``strength`` its win rate on the
 training half, the ``knn`` router over ``profiles.json`` (the training half's validation
@@ -111,8 +112,11 @@ def read_judged(source: str | Path) -> dict:
             rows[qid] = {"id": qid, "text": text, "p_win": j.p_win, "chars": len(text),
                          "ref_chars": len(ref[qid][1].output)}
         answers[m] = rows
+    # the reference is the question's answer: a free-text answer is never graded by
+    # matching it, but a judge (coe eval --judge) compares answers with it
     questions = {qid: {"id": qid, "question": q.instruction,
-                       **({"category": q.dataset} if q.dataset else {}), "kind": "free"}
+                       **({"category": q.dataset} if q.dataset else {}), "kind": "free",
+                       "answer": ref[qid][1].output}
                  for qid, (_, q) in qs.items()}
     return {"ids": ids, "questions": questions, "models": models, "answers": answers}
 

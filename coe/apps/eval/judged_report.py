@@ -64,6 +64,7 @@ def to_json(ev: JudgedEvaluation, source: str | None = None) -> dict:
         "strategies": [{"name": s.name, "kind": s.kind, "description": s.description,
                         **s.scores["test"].to_json()} for s in ev.strategies],
         "notes": ev.notes,
+        **({"judge": ev.judge} if ev.judge is not None else {}),
     }
 
 
@@ -89,6 +90,18 @@ def markdown(ev: JudgedEvaluation, source: str | None = None) -> str:
               "## Strategies (training half: where everything is chosen)", "",
               table(ev, "validation"), "", f"Comparisons: {METHOD}.", ""]
     parts += [f"- **{s.name}**: {s.description}" for s in ev.strategies]
+    if ev.judge is not None:
+        parts += ["", f"## Judged by {ev.judge['expert']} (`--judge`)", "",
+                  f"- trust, on {ev.judge['sample']} recorded answers of the training half: "
+                  f"{ev.judge['trust']['sentence']}"]
+        f = ev.judge.get("fuse")
+        if f:
+            name = f["strategy"]
+            parts.append(f"- {name} (written by {f['aggregator']}) vs best-single on "
+                         f"{f['instructions']} test instructions, both judged by "
+                         f"{ev.judge['expert']}: win rate {f[name]['win_rate']} vs "
+                         f"{f['best-single']['win_rate']}, mean chars "
+                         f"{f[name]['mean_chars']:.0f} vs {f['best-single']['mean_chars']:.0f}")
     return "\n".join(parts) + "\n"
 
 

@@ -63,7 +63,7 @@ def test_coe_pool_detects_a_judged_folder_and_writes_the_pool_layout(tmp_path):
     assert summary["format"] == "judged" and (summary["train"], summary["test"]) == (24, 24)
     train = [json.loads(line) for line in open(pool / "train.jsonl")]
     assert [q["id"] for q in train] == split_ids([f"q{i:03d}" for i in range(48)], 0)[0]
-    assert all(q["kind"] == "free" and "answer" not in q for q in train)
+    assert all(q["kind"] == "free" and q["answer"] == "r" * 400 for q in train)  # reference
     rec = json.loads(open(pool / "replay" / "long.jsonl").readline())
     assert {"id", "text", "p_win", "chars", "ref_chars"} <= rec.keys()
     assert rec["chars"] == len(rec["text"]) and rec["ref_chars"] == 400
