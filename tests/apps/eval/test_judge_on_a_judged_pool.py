@@ -50,15 +50,15 @@ def test_a_local_judge_is_measured_and_judges_fused_answers_beside_best_single(p
                            "sampling": {"max_tokens": 48, "temperature": 0.0}})
     (pool / "experts.yaml").write_text(yaml.safe_dump(cfg))
     out = coe_eval(pool, "-o", str(tmp_path / "eval"), "--judge", "smol",
-                   "--aggregator-expert", "smol", "--judge-sample", "4", "--judge-limit", "2")
+                   "--aggregator-expert", "smol", "--judge-sample", "2", "--judge-limit", "1")
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     judge = report["judge"]
-    assert judge["expert"] == "smol" and judge["sample"] == 4
+    assert judge["expert"] == "smol" and judge["sample"] == 2
     assert judge["trust"]["sentence"].startswith(("usable with care:", "weak:", "do not trust "
-                                                  "it:", "the judge decided none of 4"))
+                                                  "it:", "the judge decided none of 2"))
     fuse = judge["fuse"]
-    assert fuse["strategy"] == "knn3+fuse" and fuse["instructions"] == 2
+    assert fuse["strategy"] == "knn3+fuse" and fuse["instructions"] == 1
     assert fuse["best-single"]["expert"] == "good" and fuse["knn3+fuse"]["mean_chars"] > 0
     # the judge and the aggregator are not among the recorded strategies
     assert not any(s["name"] == "single:smol" for s in report["strategies"])
