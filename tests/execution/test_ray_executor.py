@@ -248,7 +248,7 @@ def test_ctrl_c_kills_the_actors(ray_cluster, proxy, tmp_path):
             time.sleep(0.02)
         seen.extend(live_actors())
         _thread.interrupt_main()
-    proxy.on_request(2, interrupt)
+    proxy.on_request(2, interrupt, then=Fault.hang())  # the second never finishes
     with Orchestrator(cfg, executor="ray") as orch:
         with pytest.raises(KeyboardInterrupt):
             orch.run(arithmetic_questions(6))
