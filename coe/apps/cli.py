@@ -171,37 +171,33 @@ def eval_cmd(
 ):
     """Compare strategies (single experts, best single, routers x aggregators, random-k,
     oracle) on questions with gold answers; each generation is made once and shared."""
-    from coe.apps.eval.job import (
-        check_eval_outputs,
-        judged_options,
-        parse_budgets,
-        print_eval,
-        run_eval_job,
-        run_judged_eval,
-    )
+    from coe.apps.eval import job
     from coe.pipeline.preflight import files_read
 
     progress.enable(not quiet)
     cfg = _config(config, executor)
-    live = judged_options(cfg, judge, judge_sample, judge_limit, aggregator_expert, cache, {
-        "--val-fraction": val_fraction != 0.5, "--random-k": random_k != 3, "-k": k is not None,
-        "--budgets": budgets != "2,3", "--record": record, "--resume": resume,
-        "--skip-invalid": skip_invalid})
+    live = job.live_judging(cfg, judge, judge_sample, judge_limit, aggregator_expert, cache)
+    test = job.load_test(questions, skip_invalid, None if quiet else err)
     if k is not None:  # as coe run -k: the yaml's router.k, so recommended.yaml keeps it
         cfg = cfg.model_copy(update={"router": cfg.router.model_copy(update={"k": k})})
-    if run_judged_eval(questions, cfg, validation=validation, out_dir=out, seed=seed, plots=plots,
-                       strategies=strategies, log=None if quiet else err, echo=typer.echo,
-                       live=live):
+    if job.run_judged_eval(questions, cfg, validation=validation, out_dir=out, seed=seed,
+                           plots=plots, strategies=strategies, log=None if quiet else err,
+                           echo=typer.echo, live=live, test=test, unused={
+        "--val-fraction": val_fraction != 0.5, "--random-k": random_k != 3, "-k": k is not None,
+        "--budgets": budgets != "2,3", "--record": record is not None, "--resume": resume,
+        "--skip-invalid": skip_invalid,
+        "--aggregator-expert": aggregator_expert is not None and live is None}):
         return  # a pairwise-judged pool (coe.apps.eval.judged): its table and report printed
-    check_eval_outputs(cfg, out, record, [("question file", questions),
-                                           ("validation file", validation),
-                                           *files_read(cfg, cache)])
-    result, files, recorded = run_eval_job(
-        questions, cfg, out_dir=out, validation=validation, record_dir=record, plots=plots,
+    job.check_eval_outputs(cfg, out, record, [("question file", questions),
+                                              ("validation file", validation),
+                                              *files_read(cfg, cache)])
+    result, files, recorded = job.run_eval_job(
+        test, cfg, out_dir=out, validation=validation, record_dir=record, plots=plots,
         skip_invalid=skip_invalid, log=None if quiet else err, strategies=strategies,
-        val_fraction=val_fraction, seed=seed, random_k=random_k, budgets=parse_budgets(budgets),
+        val_fraction=val_fraction, seed=seed, random_k=random_k,
+        budgets=job.parse_budgets(budgets),
         aggregator_expert=aggregator_expert, cache=cache, resume=resume, progress=not quiet)
-    print_eval(result, files, recorded, typer.echo, err)
+    job.print_eval(result, files, recorded, typer.echo, err)
     if result.stats.failures:  # like `coe run`; the report is written
         raise typer.Exit(4)
 

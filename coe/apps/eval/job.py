@@ -12,6 +12,7 @@ from coe.apps.eval.runner import EvalOptions, EvalResult, evaluate
 from coe.apps.eval.strategies import parse_budget
 from coe.core.config import PoolConfig, load_config
 from coe.core.errors import ConfigError
+from coe.core.types import Question
 from coe.io.output import check_output
 from coe.io.questions import load_questions
 
@@ -39,24 +40,22 @@ def check_eval_outputs(cfg: PoolConfig, out: Path, record: Path | None, inputs: 
             check_output(record / "replay" / f"{e.name}.jsonl", inputs, what="recorded replay file")
 
 
-def run_eval_job(questions: str | Path, config: str | Path | PoolConfig, *,
+def run_eval_job(questions: str | Path | list[Question], config: str | Path | PoolConfig, *,
                  out_dir: str | Path | None,
                  validation: str | Path | None = None, record_dir: str | Path | None = None,
                  plots: bool = True, skip_invalid: bool = False,
                  log: Callable[[str], None] | None = None,
                  **options) -> tuple[EvalResult, list[Path], dict | None]:
-    """Returns (result, report files written, record summary or None)."""
+    """Returns (result, report files written, record summary or None). ``questions``: a
+    file, or its questions already loaded (``load_test``)."""
     cfg = config if isinstance(config, PoolConfig) else load_config(config)
-    report = load_questions(questions, skip_invalid=skip_invalid)
-    for line in report.skipped:
-        if log:
-            log(f"skipped {line}")
+    test = questions if isinstance(questions, list) else load_test(questions, skip_invalid, log)
     val = None
     if validation is not None:
         val = load_questions(validation, skip_invalid=skip_invalid).questions
     opts = EvalOptions(validation=val, validation_source=str(validation) if validation else "",
                        log=log, keep_texts=record_dir is not None, **options)
-    result = evaluate(cfg, report.questions, opts)
+    result = evaluate(cfg, test, opts)
     files = write_report(result, out_dir, plots=plots) if out_dir is not None else []
     recorded = None
     if record_dir is not None:
@@ -69,19 +68,31 @@ def run_judged_eval(questions: str | Path, cfg: PoolConfig, *, validation: str |
                     out_dir: str | Path, seed: int = 0, plots: bool = True,
                     strategies: str | list[str] | None = None,
                     log: Callable[[str], None] | None = None,
-                    echo: Callable[[str], None] | None = None, live=None):
+                    echo: Callable[[str], None] | None = None, live=None,
+                    test: list[Question] | None = None, unused: dict[str, bool] | None = None):
     """``coe eval`` on a pairwise-judged pool (``coe.apps.eval.judged``) when every test
     question is ``kind: free``; None otherwise (the ordinary evaluation then runs). The
     training half is ``--validation``, else the pool's ``train.jsonl``; ``strategies``: names or
     patterns to keep (best-single always is: the reference). ``echo`` prints the
     test table, ``log`` the report's files. ``live`` (``judged_live.LiveJudging``,
-    ``--judge``): a judge's trust and what it judges beside."""
+    ``--judge``): a judge's trust and what it judges beside; refused unless the pool is
+    judged. ``test``: the questions of ``questions`` already loaded. ``unused``: options of
+    the ordinary evaluation (name -> given), each refused in one line on a judged pool."""
     from coe.apps.eval.judged import JudgedEvaluation
     from coe.apps.eval.judged_report import FILES, table, write_judged_report
 
-    test = load_questions(questions).questions
+    test = load_questions(questions).questions if test is None else test
     if not test or any(q.kind != "free" for q in test):
+        if live is not None:
+            raise ConfigError(f"--judge: only on a pairwise-judged pool (coe pool on an "
+                              f"AlpacaEval-style folder); {questions} holds questions that "
+                              "are not free text")
         return None
+    bad = [name for name, given in (unused or {}).items() if given]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: not used on a pairwise-judged pool (it scores "
+                          "recorded answers, every strategy fixed; see README, Open-ended "
+                          "evaluation)")
     val_path = Path(validation) if validation else cfg.base_dir / "train.jsonl"
     if not val_path.is_file():
         raise ConfigError(f"{val_path}: a judged pool is evaluated against its training half: "
@@ -129,27 +140,33 @@ def print_eval(result: EvalResult, files, recorded, echo: Callable[[str], None],
         err(f"expert {name!r} failed: {msg}")
 
 
-def judged_options(cfg: PoolConfig, judge: str | None, sample: int, limit: int,
-                   aggregator: str | None, cache: bool, given: dict[str, bool]):
-    """``--judge`` as a ``LiveJudging`` (None without it). On a pairwise-judged pool
-    (``cfg``'s questions are free text: its ``train.jsonl`` says so), an option that only the
-    ordinary evaluation honours is refused in one line rather than ignored."""
+def load_test(questions: str | Path, skip_invalid: bool,
+              log: Callable[[str], None] | None) -> list[Question]:
+    """The test questions of ``coe eval``, loaded once; each skipped line logged."""
+    report = load_questions(questions, skip_invalid=skip_invalid)
+    for line in report.skipped:
+        if log:
+            log(f"skipped {line}")
+    return report.questions
+
+
+def live_judging(cfg: PoolConfig, judge: str | None, sample: int, limit: int,
+                 aggregator: str | None, cache: bool):
+    """``--judge`` and its options as a ``LiveJudging`` (None without ``--judge``); an option
+    of it given without what it needs is refused in one line, not ignored."""
     from coe.apps.eval.judged_live import LiveJudging
 
-    train = cfg.base_dir / "train.jsonl"
-    judged = train.is_file() and all(q.kind == "free" for q in load_questions(train).questions)
-    if judged:
-        bad = [name for name, on in given.items() if on]
-        if bad:
-            raise ConfigError(f"{', '.join(bad)}: not used on a pairwise-judged pool (it scores "
-                              "recorded answers, every strategy fixed; see README, Open-ended "
-                              "evaluation)")
     if judge is None:
+        bad = [n for n, on in (("--judge-sample", sample != LiveJudging.sample),
+                               ("--judge-limit", limit != LiveJudging.limit)) if on]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)}: only with --judge EXPERT")
         return None
-    if not judged:
-        raise ConfigError(f"--judge: only on a pairwise-judged pool (coe pool on an "
-                          f"AlpacaEval-style folder); {train} holds no free-text questions")
-    return LiveJudging(judge, sample, limit, aggregator or cfg.aggregator.expert, cache=cache)
+    aggregator = aggregator or cfg.aggregator.expert
+    if aggregator is None and limit != LiveJudging.limit:
+        raise ConfigError("--judge-limit: the instructions of knn3+fuse, which needs the expert "
+                          "that fuses (--aggregator-expert, or the yaml's aggregator.expert)")
+    return LiveJudging(judge, sample, limit, aggregator, cache=cache)
 
 
 def recorded_only(cfg: PoolConfig) -> PoolConfig:

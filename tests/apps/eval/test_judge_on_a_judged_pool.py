@@ -27,10 +27,21 @@ def coe_eval(pool, *args):
 
 
 @pytest.mark.parametrize("option", [["--budgets", "2"], ["--random-k", "2"], ["-k", "2"],
-                                    ["--record", "rec"], ["--resume"]])
+                                    ["--record", "rec"], ["--resume"],
+                                    ["--aggregator-expert", "good"]])
 def test_an_option_a_judged_evaluation_does_not_use_is_refused(pool, tmp_path, option):
     out = coe_eval(pool, "-o", str(tmp_path / "eval"), *option)
     one_line_error(out, ConfigError.exit_code, option[0], "not used on a pairwise-judged pool")
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("option", [["--judge-sample", "5"], ["--judge-limit", "5"]])
+def test_an_option_of_the_judge_without_the_judge_is_refused(pool, tmp_path, option):
+    out = coe_eval(pool, "-o", str(tmp_path / "eval"), *option)
+    one_line_error(out, ConfigError.exit_code, option[0], "only with --judge")
+    # --judge-limit needs the expert that fuses (none in this pool's yaml)
+    out = coe_eval(pool, "-o", str(tmp_path / "eval"), "--judge", "good", "--judge-limit", "5")
+    one_line_error(out, ConfigError.exit_code, "--judge-limit", "--aggregator-expert")
     assert not (tmp_path / "eval").exists()
 
 
