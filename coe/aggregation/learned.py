@@ -12,7 +12,7 @@ each answer's note (``fallback``).
 from __future__ import annotations
 
 from coe.aggregation.base import Aggregator
-from coe.aggregation.vote import VoteAggregator
+from coe.aggregation.vote import TextConsensus, VoteAggregator
 from coe.core.types import ExpertResponse, FinalAnswer, Generation, Question, Route
 from coe.learned.profiles import Profiles
 from coe.learned.selector import Selector
@@ -23,9 +23,9 @@ class LearnedAggregator(Aggregator):
     cross_fitted = True
 
     def __init__(self, selector: Selector | None, strength: dict[str, float] | None = None,
-                 fallback: str = ""):
+                 fallback: str = "", text: TextConsensus | None = None):
         self.selector = selector
-        self.vote = VoteAggregator(strength)
+        self.vote = VoteAggregator(strength, text)  # (free text: the yaml's threshold)
         #: why there is no selector (the aggregator then votes); "" with one
         self.unavailable = fallback
 
@@ -37,14 +37,16 @@ class LearnedAggregator(Aggregator):
     @classmethod
     def from_config(cls, config, *, strength=None, expert=None) -> "LearnedAggregator":
         ref = config.aggregator.profiles or config.router.profiles
+        text = TextConsensus.from_config(config)
         if not ref:
-            return cls(None, strength, "no profiles (aggregator.profiles or router.profiles)")
+            return cls(None, strength, "no profiles (aggregator.profiles or router.profiles)",
+                       text)
         path = config.resolve_path(ref)
         profiles = Profiles.load(path)
         if profiles.selector is None:
             return cls(None, strength, f"{path} holds no answer selector (rebuild it with "
-                                       "coe profile)")
-        return cls(profiles.selector_for(config), strength)
+                                       "coe profile)", text)
+        return cls(profiles.selector_for(config), strength, text=text)
 
     def aggregate(self, questions: list[Question], routes: list[Route],
                   responses: list[list[ExpertResponse]],

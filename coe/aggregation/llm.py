@@ -31,7 +31,7 @@ import re
 from collections import Counter
 
 from coe.aggregation.base import Aggregator
-from coe.aggregation.vote import TextConsensus, vote
+from coe.aggregation.vote import TextConsensus, VoteAggregator, vote
 from coe.core.types import ExpertResponse, FinalAnswer, Generation, GenRequest, Question, Route
 from coe.text.answers import free_text, response_from
 from coe.text.prompts import build_request, format_question
@@ -127,7 +127,7 @@ class LLMAggregator(Aggregator):
             config.expert(self.expert)  # unknown name: one-line ConfigError
         self.strength = strength or {}
         self.mode = mode or config.aggregator.mode
-        self.text = TextConsensus.from_config(config)
+        self.fallback = VoteAggregator(self.strength, TextConsensus.from_config(config))
 
     @classmethod
     def from_config(cls, config, *, strength=None, expert=None) -> "LLMAggregator":
@@ -174,15 +174,12 @@ class LLMAggregator(Aggregator):
         return [self._one(q, route, resp, gen)
                 for q, route, resp, gen in zip(questions, routes, responses, generations)]
 
-    def _fallback(self, q: Question, route: Route, resp: list[ExpertResponse], free: bool,
-                  why: str) -> FinalAnswer:
-        weights = {r.name: r.weight for r in route.experts}
-        if free:
-            f = self.text.final(self.name, resp, weights)
-            return f.model_copy(update={"note": f"{why}; expert vote used ({f.note})"})
-        answer, conf, votes = vote(resp, self.strength, weights)
-        return FinalAnswer(answer=answer, aggregator=self.name, confidence=conf, votes=votes,
-                           note=f"{why}; expert vote used")
+    def _fallback(self, q: Question, route: Route, resp: list[ExpertResponse], why: str,
+                  name: str, mine: ExpertResponse) -> FinalAnswer:
+        """The experts' vote (by meaning for free text) standing in, saying why."""
+        f = self.fallback.one(q, route, resp)
+        note = f"{why}; expert vote used" + (f" ({f.note})" if f.note else "")
+        return f.model_copy(update={"aggregator": name, "response": mine, "note": note})
 
     def _one(self, q: Question, route: Route, resp: list[ExpertResponse],
              gen: Generation) -> FinalAnswer:
@@ -196,9 +193,8 @@ class LLMAggregator(Aggregator):
             order = shuffled(q, len(ok))
             picked = [int(m) for m in _NUMBER.findall(mine.text) if 1 <= int(m) <= len(ok)]
             if failed or not picked:
-                f = self._fallback(q, route, resp, free, failed or "aggregator named no "
-                                   f"candidate from 1 to {len(ok)}")
-                return f.model_copy(update={"aggregator": name, "response": mine})
+                return self._fallback(q, route, resp, failed or "aggregator named no candidate "
+                                      f"from 1 to {len(ok)}", name, mine)
             chosen = ok[order[picked[0] - 1]]
             answer = chosen.text.strip() if free else chosen.answer
             return FinalAnswer(answer=answer, aggregator=name, response=mine,
@@ -207,8 +203,8 @@ class LLMAggregator(Aggregator):
                                     f"{chosen.expert}'s answer")
         if mode == "fuse" and free:
             if failed or not mine.text.strip():
-                f = self._fallback(q, route, resp, free, failed or "aggregator wrote nothing")
-                return f.model_copy(update={"aggregator": name, "response": mine})
+                return self._fallback(q, route, resp, failed or "aggregator wrote nothing",
+                                      name, mine)
             text = mine.text.strip()
             return FinalAnswer(answer=text, aggregator=name, confidence=0.0,
                                response=mine.model_copy(update={"answer": text}),

@@ -89,16 +89,15 @@ class VoteAggregator(Aggregator):
     def from_config(cls, config, *, strength=None, expert=None) -> "VoteAggregator":
         return cls(strength, TextConsensus.from_config(config))
 
+    def one(self, q: Question, route: Route, resp: list[ExpertResponse]) -> FinalAnswer:
+        """The vote on one question: by meaning for free text, else on extracted answers."""
+        weights = {r.name: r.weight for r in route.experts}
+        if free_text(q, [r.text for r in resp if r.error is None]):
+            return self.text.final(self.name, resp, weights)
+        answer, conf, votes = vote(resp, self.strength, weights)
+        return FinalAnswer(answer=answer, aggregator=self.name, confidence=conf, votes=votes)
+
     def aggregate(self, questions: list[Question], routes: list[Route],
                   responses: list[list[ExpertResponse]],
                   generations: list[Generation] | None = None) -> list[FinalAnswer]:
-        out = []
-        for q, route, resp in zip(questions, routes, responses):
-            weights = {r.name: r.weight for r in route.experts}
-            if free_text(q, [r.text for r in resp if r.error is None]):
-                out.append(self.text.final(self.name, resp, weights))
-                continue
-            answer, conf, votes = vote(resp, self.strength, weights)
-            out.append(FinalAnswer(answer=answer, aggregator=self.name, confidence=conf,
-                                   votes=votes))
-        return out
+        return [self.one(q, route, resp) for q, route, resp in zip(questions, routes, responses)]

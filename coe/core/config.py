@@ -190,6 +190,17 @@ class AggregatorConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict,
                                     description="a plugin aggregator's own options")
 
+    @model_validator(mode="after")
+    def _fields_of_its_kind(self) -> "AggregatorConfig":
+        """``mode`` is the llm aggregator's, ``threshold`` the vote's (the llm and learned
+        aggregators vote when they fall back): given to another kind, it would be ignored."""
+        if self.mode is not None and self.kind != "llm":
+            raise ValueError(f"mode is the llm aggregator's; kind {self.kind!r} has none")
+        if self.threshold is not None and self.kind not in ("vote", "llm", "learned"):
+            raise ValueError(f"threshold is the vote's on free text (vote, llm, learned); "
+                             f"kind {self.kind!r} does not use it")
+        return self
+
 
 class ExecutorConfig(_Strict):
     """Where and how generations run: ``local`` (this process, one model resident at a time)

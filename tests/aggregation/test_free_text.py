@@ -176,3 +176,24 @@ def test_threshold_comes_from_the_yaml():
     cfg = parse_config({"experts": [{"name": "a", "backend": "replay", "model": "a.jsonl"}],
                         "aggregator": {"kind": "vote", "threshold": 0.6}})
     assert TextConsensus.from_config(cfg).threshold == 0.6
+
+
+@pytest.mark.parametrize("aggregator, words", [
+    ({"kind": "vote", "mode": "fuse"}, "mode is the llm aggregator's"),
+    ({"kind": "single", "threshold": 0.5}, "threshold is the vote's"),
+])
+def test_a_field_another_aggregator_kind_would_ignore_is_refused(aggregator, words):
+    from coe.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        parse_config({"experts": [{"name": "a", "backend": "replay", "model": "a.jsonl"}],
+                      "aggregator": aggregator})
+
+
+def test_the_learned_aggregators_fallback_votes_at_the_yamls_threshold():
+    from coe.aggregation.learned import LearnedAggregator
+
+    cfg = parse_config({"experts": [{"name": "a", "backend": "replay", "model": "a.jsonl"}],
+                        "aggregator": {"kind": "learned", "threshold": 0.6}})
+    agg = LearnedAggregator.from_config(cfg)
+    assert agg.unavailable and agg.vote.text.threshold == 0.6

@@ -139,6 +139,10 @@ def recommended_pool(config: PoolConfig, spec: StrategySpec, *, k: int | None,
     aggregator.update({n: v for n, v in extra.items() if n in AggregatorConfig.model_fields})
     if aggregator.get("expert") not in (None, *keep):
         aggregator.pop("expert")
+    if aggregator["kind"] != "llm":  # the yaml's llm mode is not the recommended kind's
+        aggregator.pop("mode", None)
+    if aggregator["kind"] not in ("vote", "llm", "learned"):
+        aggregator.pop("threshold", None)
     if aggregator.get("profiles") and _is_relative(aggregator["profiles"]):
         aggregator["profiles"] = _absolute(config, aggregator["profiles"])
     out = {"experts": pool, **({"categories": categories} if categories else {}),
