@@ -63,17 +63,18 @@ class TextConsensus:
     def final(self, name: str, responses: list[ExpertResponse],
               weights: dict[str, float]) -> FinalAnswer:
         # (an evaluation may have dropped the texts: a free-text answer is the whole text)
-        said = [r for r in responses if r.error is None and (r.text or r.answer or "").strip()]
+        said = [(r.expert, r.text or r.answer or "") for r in responses if r.error is None]
+        said = [(e, t) for e, t in said if t.strip()]
         if not said:
             return FinalAnswer(answer=None, aggregator=name, note="free text: no expert answered")
         vectors = shared_embedder(self.model, self.batch_size, self.base_dir).encode(
-            [r.text or r.answer for r in said])
-        c = consensus(vectors, [weights.get(r.expert, 1.0) for r in said], self.threshold)
-        clusters = [[said[i].expert for i in members] for members in c.clusters]
-        return FinalAnswer(answer=(said[c.winner].text or said[c.winner].answer).strip(),
-                           aggregator=name,
+            [t for _, t in said])
+        c = consensus(vectors, [weights.get(e, 1.0) for e, _ in said], self.threshold)
+        clusters = [[said[i][0] for i in members] for members in c.clusters]
+        winner, text = said[c.winner]
+        return FinalAnswer(answer=text.strip(), aggregator=name,
                            confidence=round(c.agreement, 4), clusters=clusters,
-                           note=f"free text: {said[c.winner].expert}'s answer, the most central "
+                           note=f"free text: {winner}'s answer, the most central "
                                 f"of {len(clusters[0])} of {len(said)} that agree")
 
 

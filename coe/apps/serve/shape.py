@@ -3,10 +3,9 @@ usage, the ``coe`` field, and the errors a result is (every expert failed: 502, 
 every failure was a timeout; JSON asked for and none given: 502).
 
 Each choice holds the response behind its final answer: the llm aggregator's response, else
-the response of the highest-weighted expert that gave the final answer (for free text: whose
-whole text it is) (a pass-through: its
-expert's, as the backend returned it: text, tool calls, finish reason, logprobs), else the
-first expert that answered. A request that asked for JSON gets that response's text when it
+the response of the highest-weighted expert that gave the final answer, or whose whole text it
+is (free text) (a pass-through: its expert's, as the backend returned it: text, tool calls,
+finish reason, logprobs), else the first expert that answered. A request that asked for JSON gets that response's text when it
 is JSON as it stands, else the canonical JSON of the final answer.
 """
 
